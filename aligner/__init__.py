@@ -1,0 +1,1 @@
+"""specialize.aligner: align teacher top-k distributions onto student tokens."""

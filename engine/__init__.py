@@ -1,0 +1,1 @@
+"""specialize.engine: data, teacher, DeepSpeed trainer, evaluation and the `specialize` CLI."""

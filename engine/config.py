@@ -1,0 +1,331 @@
+"""Recipe configuration: one YAML file -> typed dataclasses.
+
+A recipe has the sections model, data, teacher, aligner, loss, deepspeed, train, eval
+and plot. Loading is strict: an unknown key or a value of the wrong type raises
+`ConfigError` naming the full key path (`train.lr: expected float, got 'fast'`).
+`--set key.path=value` overrides are parsed as YAML scalars/lists and go through the
+same checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe value is missing, unknown or of the wrong type; the message names the key path."""
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local directory of a pretrained T5/FlanT5; None builds a random-init model from `config`.
+    name_or_path: Optional[str] = None
+    # Named shape (t5-v1_1-small/base/large/xl/xxl, flan-t5-*, tiny) or a path to a config.json.
+    config: str = "t5-v1_1-small"
+    # T5Config fields to override when building from `config` (e.g. {num_layers: 2}).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Student tokenizer: hub id or local directory / tokenizer.json.
+    tokenizer: Optional[str] = None
+    # Recompute activations in backward: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # gsm8k | synthetic
+    dataset: str = "gsm8k"
+    # Local folder holding the benchmark files (offline); None loads from the hub.
+    data_dir: Optional[str] = None
+    # GSM8K train questions held out as in-distribution dev (the paper used a few hundred).
+    dev_size: int = 300
+    # Output of the aligner (shards the engine trains on).
+    aligned_dir: Optional[str] = None
+    # Mixture of prompt formats and their sampling ratios.
+    formats: dict[str, float] = field(default_factory=lambda: {"in_context_cot": 1.0})
+    # per_batch: one format per micro-batch (the paper); mixed: formats mixed inside a batch.
+    format_mixing: Literal["per_batch", "mixed"] = "per_batch"
+    # Exemplars prepended by the in-context formats, drawn from train by seed.
+    shots: int = 4
+    max_source_len: int = 512
+    max_target_len: int = 256
+    # Synthetic mini-world only: how many questions per split.
+    synthetic_sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    backend: Literal["openai", "hf"] = "openai"
+    model: Optional[str] = None
+    base_url: Optional[str] = None
+    # Name of the environment variable holding the API key (the key itself never enters a file).
+    api_key_env: str = "OPENAI_API_KEY"
+    api: Literal["completions", "chat"] = "completions"
+    dataset: str = "gsm8k"
+    split: str = "train"
+    samples: int = 40
+    temperature: float = 0.5
+    max_tokens: int = 256
+    top_logprobs: int = 5
+    format: str = "in_context_cot"
+    shots: int = 8
+    limit: Optional[int] = None
+    concurrency: int = 16
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+    timeout: float = 60.0
+    max_retries: int = 6
+    # Optional USD per 1k tokens, for the running cost and the usage ledger.
+    price_prompt_per_1k: Optional[float] = None
+    price_completion_per_1k: Optional[float] = None
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class AlignerConfig:
+    # tiktoken name (p50k_base), a .tiktoken file, or a Hugging Face tokenizer path.
+    teacher_tokenizer: str = "p50k_base"
+    student_tokenizer: Optional[str] = None
+    workers: int = 1
+    # Half-width of the DP band for long sequences; 0 aligns the full N x M table.
+    band: int = 0
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class LossConfig:
+    # dm: distribution matching (sparse top-k KL + CE); sm: sample matching (CE only).
+    kind: Literal["dm", "sm"] = "dm"
+    # Weight of the CE on the sampled tokens; (1 - alpha) weighs the KL.
+    alpha: float = 0.5
+    temperature: float = 1.0
+    # Teacher mass outside the top-k: none (paper), renorm, or tail (one extra bucket).
+    tail: Literal["none", "renorm", "tail"] = "none"
+    # Fuse lm_head + loss so the [tokens, vocab] logits never exist.
+    fused_linear: bool = True
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class DeepSpeedConfig:
+    # Path to a DeepSpeed JSON, or the config inline; batch fields are derived from `train`.
+    config: Union[str, dict[str, Any], None] = None
+    zero_stage: int = 2
+    # Any of: optimizer, param.
+    offload: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/specialize"
+    seed: int = 42
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    grad_clip: float = 1.0
+    # bf16 is the default: T5 overflows in fp16.
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2
+    # Which dev signal picks the best checkpoint: in_dist, ood, or mean of the two.
+    selection: Literal["in_dist", "ood", "mean"] = "in_dist"
+    # Dev sets evaluated during training: one in-distribution, the rest OOD.
+    dev_in_dist: str = "gsm8k_dev"
+    dev_ood: list[str] = field(default_factory=lambda: ["multiarith"])
+    dev_limit: Optional[int] = 200
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k", "multiarith", "asdiv", "svamp", "bbh"])
+    format: str = "zero_shot_cot"
+    limit: Optional[int] = None
+    batch_size: int = 32
+    max_new_tokens: int = 256
+    num_beams: int = 1
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class PlotConfig:
+    # Any of: scaling, tradeoff, in_dist_vs_ood, training_curves.
+    plots: list[str] = field(default_factory=list)
+    out_dir: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    description: str = ""
+    # Stages `specialize run` executes, in order; a stage whose outputs exist is skipped.
+    stages: list[str] = field(default_factory=lambda: ["teacher", "filter", "align", "train", "eval", "plot"])
+    output_dir: str = "runs/recipe"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plot: PlotConfig = field(default_factory=PlotConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{path}.<key>"): _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-4` as a string: accept text that is a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected float, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp!r}")
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    try:
+        return _build(Recipe, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {text!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({err})") from None
+    return keys, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set` strings to the raw recipe mapping (before type checks)."""
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"--set {text!r}: {k} is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML, apply `--set` overrides, and type-check every key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    import hashlib
+    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

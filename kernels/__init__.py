@@ -1,0 +1,1 @@
+"""specialize.kernels: Triton kernels for the distillation loss."""

@@ -1,0 +1,58 @@
+"""Recipe loading: typed sections, strict keys with their path in the error, --set overrides."""
+import pytest
+
+from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_from_dict
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_types(tmp_path):
+    r = load_recipe(write(tmp_path, "name: x\ntrain:\n  lr: 1\n  max_steps: 5\nloss:\n  tail: renorm\n"))
+    assert isinstance(r, Recipe) and r.name == "x"
+    assert r.train.lr == 1.0 and isinstance(r.train.lr, float)
+    assert r.train.max_steps == 5 and r.loss.tail == "renorm"
+    assert r.model.config == "t5-v1_1-small"  # default kept
+
+
+@pytest.mark.parametrize("text, path", [
+    ("train:\n  lrr: 1\n", "train.lrr"),
+    ("bogus: 1\n", "bogus"),
+    ("train:\n  lr: fast\n", "train.lr"),
+    ("train:\n  max_steps: 1.5\n", "train.max_steps"),
+    ("loss:\n  tail: everything\n", "loss.tail"),
+    ("data:\n  formats: {in_context_cot: high}\n", "data.formats.in_context_cot"),
+    ("eval:\n  datasets: gsm8k\n", "eval.datasets"),
+    ("train: 3\n", "train"),
+])
+def test_rejects_with_key_path(tmp_path, text, path):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, text))
+    assert path in str(err.value) and "r.yaml" in str(err.value)
+
+
+def test_set_overrides_are_type_checked(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\n")
+    r = load_recipe(path, ["train.lr=1e-4", "loss.kind=sm", "eval.datasets=[gsm8k, svamp]",
+                           "deepspeed.config={zero_optimization: {stage: 3}}"])
+    assert r.train.lr == 1e-4 and r.loss.kind == "sm" and r.eval.datasets == ["gsm8k", "svamp"]
+    assert r.deepspeed.config == {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_recipe(path, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_recipe(path, ["train.lr"])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.yaml:\d+: invalid YAML"):
+        load_recipe(write(tmp_path, "train:\n  lr: [1,\n"))
+
+
+def test_optional_and_union():
+    r = recipe_from_dict({"model": {"name_or_path": None}, "deepspeed": {"config": "ds.json"}})
+    assert r.model.name_or_path is None and r.deepspeed.config == "ds.json"
+    with pytest.raises(ConfigError, match="deepspeed.config"):
+        recipe_from_dict({"deepspeed": {"config": 3}})

@@ -1,0 +1,66 @@
+"""The installed package: one `specialize.*` namespace, no top-level `kernels`, a working CLI."""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_namespace_maps_the_folders():
+    for name, folder in [("specialize.engine", "engine"), ("specialize.kernels", "kernels"),
+                         ("specialize.aligner", "aligner"), ("specialize.benchmarks", "benchmarks")]:
+        module = importlib.import_module(name)
+        assert Path(module.__file__).resolve().parent == (REPO / folder).resolve()
+
+
+def test_top_level_kernels_is_not_this_project():
+    # Run from a neutral directory so the repo root is not on sys.path.
+    code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s and s.origin else (list(s.submodule_search_locations) if s else None))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    assert str(REPO / "kernels") not in out.stdout, out.stdout
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "specialize.engine.cli", *args], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+def test_help_lists_every_command():
+    from specialize.engine.cli import COMMANDS
+    out = _cli("--help")
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert f"  {name} " in out.stdout
+
+
+def test_env_reports_versions_and_interpreter():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "specialize.engine.cli", "env", "--json"],
+                         capture_output=True, text=True, env=env, check=True)
+    import json
+    info = json.loads(out.stdout)
+    import torch
+    assert info["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert info["versions"]["deepspeed"] and info["versions"]["triton"] and info["versions"]["transformers"]
+    assert info["cuda_available"] == torch.cuda.is_available()
+    assert info["triton_interpreter"] is True
+
+
+def test_unknown_command_fails():
+    out = _cli("frobnicate")
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_console_script_installed():
+    script = Path(sys.executable).parent / "specialize"
+    if not script.exists():
+        pytest.skip("console script not on this interpreter's bin/ (not installed with pip)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "specialize" in out.stdout
