@@ -64,3 +64,24 @@ def test_console_script_installed():
         pytest.skip("console script not on this interpreter's bin/ (not installed with pip)")
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "specialize" in out.stdout
+
+
+@pytest.mark.slow
+def test_non_editable_install_ships_every_subpackage(tmp_path):
+    """`pip install .` (not -e) lays out specialize.* with every sub-package of the mapped folders."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+    expected = []
+    for folder, name in [("engine", "specialize.engine"), ("kernels", "specialize.kernels"),
+                         ("aligner", "specialize.aligner"), ("benchmarks", "specialize.benchmarks")]:
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            expected.append(".".join([name, *rel.parts]))
+    code = ("import importlib, sys; mods = sys.argv[1:]; "
+            "[print(importlib.import_module(m).__file__) for m in mods]")
+    env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code, *expected], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert all(line.startswith(str(target)) for line in out.stdout.split()), out.stdout
