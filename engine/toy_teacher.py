@@ -1,0 +1,185 @@
+"""The demo's two starting models, trained from random init on a CPU in minutes.
+
+- `train_toy_teacher`: a GPT-2-style causal LM (transformers `GPT2LMHeadModel`) trained on
+  "prompt + CoT target" text until it solves most in-distribution problems. It stands in for
+  code-davinci-002: larger than the student, and the only model that has *seen* the CoT task.
+- `train_toy_student`: a small T5 "instruction-tuned" on generic tasks plus a little math,
+  the stand-in for FlanT5's start (broad but shallow: it knows the formats, not the skill).
+
+Both loops are plain PyTorch on purpose: they are set-up for the demo, not the engine under
+test, and must stay fast on 2 cores. The loss is taken on the target tokens only (prompt
+tokens masked) because on a model this small, fitting the prompt wastes most of the steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class ToyTrainConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    # Stop early once a held-out greedy accuracy reaches this (checked every `check_every` steps).
+    target_accuracy: float = 0.9
+    check_every: int = 250
+
+
+def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
+    # Linear warm-up then cosine to 10%: the small models are sensitive to a high final lr.
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _causal_batch(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int):
+    """Right-padded ids with labels = -100 on the prompt and padding (loss on the target only)."""
+    eos = tokenizer.eos_token_id
+    rows, labels = [], []
+    for prompt, target in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        ids = (p + t)[:max_len]
+        lab = ([-100] * len(p) + t)[:max_len]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), eos, dtype=torch.long)
+    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        label_t[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return input_ids, mask, label_t
+
+
+def build_toy_teacher(tokenizer, n_layer: int = 4, n_embd: int = 192, n_head: int = 6, n_positions: int = 320):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+@torch.no_grad()
+def greedy_accuracy_causal(model, tokenizer, prompts: Sequence[str], golds: Sequence[str],
+                           is_correct: Callable[[str, str], bool], max_new_tokens: int = 160,
+                           batch_size: int = 32) -> float:
+    """Share of prompts whose greedy continuation `is_correct` (left-padded batched generation)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    hits = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits += sum(is_correct(t, g) for t, g in zip(texts, golds[start:start + batch_size]))
+    tokenizer.padding_side = "right"
+    model.train()
+    return hits / max(1, len(prompts))
+
+
+def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str | Path, cfg: ToyTrainConfig,
+                      check: tuple[Sequence[str], Sequence[str], Callable[[str, str], bool]] | None = None,
+                      model_kwargs: dict | None = None, max_len: int = 320) -> dict:
+    """Train the GPT-style teacher on (prompt, CoT target) pairs; save it with its tokenizer to out_dir.
+
+    `check` = (prompts, golds, is_correct) held out for the early stop; returns a summary dict
+    (also written to out_dir/toy_train.json) with the final held-out accuracy.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = build_toy_teacher(tokenizer, **(model_kwargs or {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    model.train()
+    log, acc, t0 = [], None, time.time()
+    bar = tqdm(range(cfg.steps), desc="toy teacher", leave=False)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
+        ids, mask, labels = _causal_batch(batch, tokenizer, max_len)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if check is not None and ((step + 1) % cfg.check_every == 0 or step + 1 == cfg.steps):
+            acc = greedy_accuracy_causal(model, tokenizer, *check)
+            log.append({"step": step + 1, "loss": loss.item(), "heldout_acc": acc, "seconds": time.time() - t0})
+            if acc >= cfg.target_accuracy:
+                break
+    summary = _save(model, tokenizer, out_dir, cfg, log, acc, params=sum(p.numel() for p in model.parameters()))
+    return summary
+
+
+def build_toy_student(tokenizer, config_name: str = "tiny", **overrides):
+    """A random-init T5 of a named shape (specialize.engine.models) sized to the student tokenizer."""
+    from specialize.engine.models import t5_config
+    from transformers import T5ForConditionalGeneration
+    cfg = t5_config(config_name, vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0, **overrides)
+    return T5ForConditionalGeneration(cfg)
+
+
+def _seq2seq_batch(pairs: Sequence[tuple[str, str]], tokenizer, max_source: int, max_target: int):
+    src = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_source)
+    tgt = tokenizer([t for _, t in pairs], return_tensors="pt", padding=True, truncation=True,
+                    max_length=max_target)["input_ids"]
+    tgt[tgt == tokenizer.pad_token_id] = -100
+    return src["input_ids"], src["attention_mask"], tgt
+
+
+def train_toy_student(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str | Path, cfg: ToyTrainConfig,
+                      config_name: str = "tiny", overrides: dict | None = None,
+                      max_source: int = 256, max_target: int = 192) -> dict:
+    """"Instruction-tune" a random-init T5 on (input, target) pairs; save_pretrained to out_dir."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = build_toy_student(tokenizer, config_name, **(overrides or {}))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    log, t0 = [], time.time()
+    bar = tqdm(range(cfg.steps), desc="toy student", leave=False)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        ids, mask, labels = _seq2seq_batch(rng.sample(list(pairs), min(cfg.batch_size, len(pairs))), tokenizer,
+                                           max_source, max_target)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.check_every == 0:
+            log.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - t0})
+    return _save(model, tokenizer, out_dir, cfg, log, None, params=sum(p.numel() for p in model.parameters()))
+
+
+def _save(model, tokenizer, out_dir, cfg: ToyTrainConfig, log: list, acc, params: int) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {"config": asdict(cfg), "params": params, "heldout_acc": acc, "log": log}
+    (out / "toy_train.json").write_text(json.dumps(summary, indent=1))
+    return summary
