@@ -183,3 +183,71 @@ def _save(model, tokenizer, out_dir, cfg: ToyTrainConfig, log: list, acc, params
     summary = {"config": asdict(cfg), "params": params, "heldout_acc": acc, "log": log}
     (out / "toy_train.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+# ----------------------------------------------------------------------------- the demo's starting point
+
+@dataclass
+class ToyScale:
+    """How much of everything the toy stage builds (the demo's default vs --tiny for tests)."""
+    teacher_steps: int = 1500
+    teacher_layers: int = 4
+    teacher_width: int = 192
+    student_steps: int = 600
+    student_config: str = "tiny"
+    teacher_vocab: int = 800
+    student_vocab: int = 800
+    math_for_student: int = 150     # "a little math" in the instruction-tuning mix
+    heldout_check: int = 100
+
+
+GENERIC = ("generic_sort", "generic_count", "generic_bool")
+
+
+def _pairs(examples, fmt: str) -> list[tuple[str, str]]:
+    from specialize.engine.data import build_prompt, build_target
+    return [(build_prompt(e.question, fmt), build_target(e, e.answer, fmt)) for e in examples]
+
+
+def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = None,
+                       scale: ToyScale | None = None) -> dict:
+    """Tokenizers, the GPT-style teacher and the "instruction-tuned" T5 start, under toy_dir.
+
+    Both models learn from a *second* draw of the synthetic world (seed + 1): the teacher has
+    seen the task's distribution but not the questions it will later answer, as code-davinci-002
+    had not seen GSM8K's, and the student's generic tasks are not the instances it is evaluated on.
+    """
+    from specialize.engine.data import is_correct
+    from specialize.engine.data.synthetic import make_splits
+    from specialize.engine.tokenizers import train_byte_bpe, train_t5_unigram
+    scale = scale or ToyScale()
+    toy_dir = Path(toy_dir)
+    world = make_splits(seed=seed, sizes=sizes)
+    practice = make_splits(seed=seed + 1, sizes=sizes)
+    seen = {e.question for split in world.values() for e in split}
+
+    teacher_pairs = [(p, " " + t) for p, t in _pairs([e for e in practice["train"] if e.question not in seen],
+                                                     "zero_shot_cot")]
+    generic = [e for name in GENERIC for e in practice.get(name, []) if e.question not in seen]
+    student_pairs = (_pairs(generic, "zero_shot_answer_only")
+                     + _pairs(practice["train"][: scale.math_for_student], "zero_shot_cot"))
+    # Each tokenizer is trained on its own side's text only, so the vocabularies really differ.
+    t_tok = train_byte_bpe([p + t for p, t in teacher_pairs], scale.teacher_vocab)
+    s_tok = train_t5_unigram([p + " " + t for p, t in student_pairs + _pairs(world["train"], "zero_shot_cot")],
+                             scale.student_vocab)
+
+    dev = world["dev"][: scale.heldout_check]
+    from specialize.engine.data import build_prompt
+    check = ([build_prompt(e.question, "zero_shot_cot") for e in dev], [e.answer for e in dev],
+             lambda text, gold: is_correct(text, gold, "synthetic"))
+    teacher = train_toy_teacher(teacher_pairs, t_tok, toy_dir / "teacher",
+                                ToyTrainConfig(steps=scale.teacher_steps, seed=seed, check_every=max(1, scale.teacher_steps // 6)),
+                                check=check, model_kwargs=dict(n_layer=scale.teacher_layers, n_embd=scale.teacher_width,
+                                                               n_head=max(1, scale.teacher_width // 32)))
+    student = train_toy_student(student_pairs, s_tok, toy_dir / "student_start",
+                                ToyTrainConfig(steps=scale.student_steps, lr=1e-3, seed=seed,
+                                               check_every=max(1, scale.student_steps // 5)),
+                                config_name=scale.student_config)
+    return {"teacher_params": teacher["params"], "teacher_dev_acc": teacher["heldout_acc"],
+            "student_params": student["params"], "teacher_dir": str(toy_dir / "teacher"),
+            "student_dir": str(toy_dir / "student_start")}

@@ -1,0 +1,550 @@
+"""`specialize run`: a recipe's stages, toy -> teacher -> filter -> align -> train -> eval -> plot.
+
+    specialize run recipes/X.yaml [more.yaml ...] [--set k=v ...] [--sweep k=[a,b] ...]
+                   [--stages train eval] [--dry-run] [--launcher "deepspeed --hostfile hostfile"]
+
+Each stage calls the owning module's Python API (CONTRACTS.md) and, when it finishes, writes a
+done-marker `.done-<stage>.json` into its output directory holding a hash of the recipe fields the
+stage depends on. A rerun skips a stage whose marker matches, and refuses (names the directory) when
+the marker belongs to a different configuration, so stale outputs are never silently reused.
+
+`--sweep key=[v1, v2, ...]` expands one recipe into runs; several sweeps are *zipped* (run i takes
+value i of each), so one command can pair e.g. model size with its DeepSpeed config. Runs of one
+recipe share its teacher/filter/align outputs and get their own `<output_dir>/<tag>/` for train and
+eval; the plot stage draws across the runs of a recipe.
+
+`--dry-run` checks the wiring without training: DeepSpeed JSON and batch arithmetic, the student's
+true shapes built on the `meta` device (an 11B model costs no memory), the loss kernel on the true
+hidden size and vocabulary for a few rows, prompt/target formats tokenized at tiny data size, and
+aligned shards written and read back in the layout the engine trains on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from specialize.engine.config import ConfigError, Recipe, dump_recipe, load_recipe, parse_override, recipe_to_dict
+
+STAGES = ("toy", "teacher", "filter", "align", "train", "eval", "plot")
+
+
+# ----------------------------------------------------------------------------- runs and their paths
+
+@dataclass
+class Run:
+    recipe: Recipe
+    tag: str        # "" for a recipe that is not swept
+    source: str     # the YAML it came from
+
+    @property
+    def root(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / self.tag if self.tag else self.root
+
+    def dir(self, stage: str) -> Path:
+        r = self.recipe
+        teacher = Path(r.teacher.out_dir) if r.teacher.out_dir else self.root / "teacher"
+        return {
+            "toy": Path(r.teacher.model or self.root / "toy" / "teacher").parent,
+            "teacher": teacher,
+            "filter": teacher.with_name(teacher.name + "-correct"),
+            "align": Path(r.aligner.out_dir) if r.aligner.out_dir else self.root / "aligned",
+            "train": self.run_dir / "train",
+            "eval": (Path(r.eval.out_dir) / self.tag if r.eval.out_dir else self.run_dir / "eval"),
+            "plot": Path(r.plot.out_dir) if r.plot.out_dir else self.root / "plots",
+        }[stage]
+
+    @property
+    def name(self) -> str:
+        return f"{self.recipe.name}/{self.tag}" if self.tag else self.recipe.name
+
+
+def _slug(value: Any, key: str) -> str:
+    if isinstance(value, dict):
+        text = "+".join(str(k) for k in value)
+    elif isinstance(value, str):
+        text = Path(value).stem if "/" in value else value
+    else:
+        text = f"{key.split('.')[-1]}={value}"
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "-", text).strip("-") or "run"
+
+
+def expand_runs(paths: list[str], sets: list[str], sweeps: list[str]) -> list[Run]:
+    """Recipes x zipped sweeps -> runs, each recipe loaded strictly with its overrides."""
+    parsed = []
+    for text in sweeps:
+        keys, values = parse_override(text)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"--sweep {text!r}: expected key.path=[value, value, ...]")
+        parsed.append((".".join(keys), values))
+    lengths = {len(v) for _, v in parsed}
+    if len(lengths) > 1:
+        raise ConfigError(f"--sweep lists are zipped and must have one length; got {sorted(lengths)}")
+    n_variants = lengths.pop() if lengths else 0
+    runs = []
+    for path in paths:
+        if not n_variants:
+            runs.append(Run(load_recipe(path, sets), "", str(path)))
+            continue
+        tags: list[str] = []
+        for i in range(n_variants):
+            extra = [f"{key}={json.dumps(values[i])}" for key, values in parsed]
+            tag = _slug(parsed[0][1][i], parsed[0][0])
+            tag = tag if tag not in tags else f"{tag}-{i}"
+            tags.append(tag)
+            runs.append(Run(load_recipe(path, list(sets) + extra), tag, str(path)))
+    return runs
+
+
+# ----------------------------------------------------------------------------- done-markers
+
+def _hash(obj: Any) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_key(run: Run, stage: str) -> str:
+    """Hash of the recipe fields a stage's output depends on (what makes reuse safe)."""
+    d = recipe_to_dict(run.recipe)
+    data_src = {k: d["data"][k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
+    teacher = {k: v for k, v in d["teacher"].items() if k not in ("concurrency", "out_dir", "timeout", "max_retries")}
+    if stage == "toy":
+        return _hash([data_src, run.recipe.teacher.model, run.recipe.model.name_or_path, run.recipe.model.config])
+    if stage in ("teacher", "filter"):
+        return _hash([stage, data_src, teacher])
+    if stage == "align":
+        aligner = {k: v for k, v in d["aligner"].items() if k not in ("workers", "out_dir")}
+        return _hash([data_src, teacher, aligner, d["model"]["tokenizer"]])
+    if stage == "train":
+        return _hash({k: d[k] for k in ("model", "data", "teacher", "aligner", "loss", "deepspeed", "train")})
+    return _hash({k: v for k, v in d.items() if k not in ("plot", "stages", "description")})
+
+
+def _marker(path: Path, stage: str) -> Path:
+    return path / f".done-{stage}.json"
+
+
+def is_done(run: Run, stage: str) -> bool:
+    marker = _marker(run.dir(stage), stage)
+    if not marker.exists():
+        return False
+    found = json.loads(marker.read_text()).get("key")
+    if found != stage_key(run, stage):
+        raise ConfigError(f"{run.source}: {run.dir(stage)} holds '{stage}' outputs of a different configuration "
+                          f"(marker {marker.name}); delete that directory or point the recipe elsewhere")
+    return True
+
+
+def mark_done(run: Run, stage: str, seconds: float, info: dict | None = None) -> None:
+    out = run.dir(stage)
+    out.mkdir(parents=True, exist_ok=True)
+    _marker(out, stage).write_text(json.dumps({"stage": stage, "key": stage_key(run, stage), "seconds": round(seconds, 1),
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                               **(info or {})}, indent=1))
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+def load_examples(recipe: Recipe, name: str, split: str = "test") -> list:
+    """Examples of a named dataset; synthetic splits follow the recipe's seed and sizes."""
+    from specialize.engine.data import load_dataset_by_name
+    if name.startswith("synthetic/") or (name == "synthetic"):
+        from specialize.engine.data.synthetic import make_splits
+        part = name.split("/", 1)[1] if "/" in name else split
+        splits = make_splits(seed=recipe.train.seed, sizes=recipe.data.synthetic_sizes or None)
+        if part not in splits:
+            raise ConfigError(f"dataset {name!r}: synthetic splits are {sorted(splits)}")
+        return list(splits[part])
+    if name == "gsm8k" and split == "train":
+        # The dev questions are held out of everything the student or teacher trains on.
+        from specialize.engine.data import load_gsm8k, split_gsm8k_dev
+        train = load_gsm8k("train", path=_sub(recipe, "gsm8k"))
+        return split_gsm8k_dev(train, recipe.data.dev_size, recipe.train.seed)[0]
+    return list(load_dataset_by_name(name, data_dir=recipe.data.data_dir, split=split))
+
+
+def _sub(recipe: Recipe, folder: str) -> str | None:
+    return str(Path(recipe.data.data_dir) / folder) if recipe.data.data_dir else None
+
+
+def training_pool(recipe: Recipe) -> list:
+    return load_examples(recipe, "synthetic/train" if recipe.data.dataset == "synthetic" else recipe.data.dataset,
+                         split="train")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_toy(run: Run) -> dict:
+    from specialize.engine.toy_teacher import prepare_toy_models
+    r = run.recipe
+    return prepare_toy_models(run.dir("toy"), seed=r.train.seed, sizes=r.data.synthetic_sizes or None)
+
+
+def stage_teacher(run: Run) -> dict:
+    from specialize.engine.teacher import generate
+    r = run.recipe
+    examples = load_examples(r, r.teacher.dataset if r.teacher.dataset != "synthetic" else "synthetic/train",
+                             split=r.teacher.split)
+    if r.teacher.limit:
+        examples = examples[: r.teacher.limit]
+    generate(r.teacher, examples, str(run.dir("teacher")))
+    return {"questions": len(examples)}
+
+
+def stage_filter(run: Run) -> dict:
+    from specialize.engine.teacher import filter_samples
+    result = filter_samples(str(run.dir("teacher")), str(run.dir("filter")))
+    return result if isinstance(result, dict) else {}
+
+
+def stage_align(run: Run) -> dict:
+    from specialize.aligner import align_teacher_dir
+    from specialize.engine.tokenizers import load_tokenizer
+    r = run.recipe
+    student = load_tokenizer(r.aligner.student_tokenizer or r.model.tokenizer or r.model.name_or_path)
+    align_teacher_dir(str(run.dir("filter")), student, str(run.dir("align")), workers=r.aligner.workers,
+                      band=r.aligner.band, teacher_tokenizer=r.aligner.teacher_tokenizer)
+    from specialize.aligner.shards import AlignedShards
+    return {"aligned_samples": len(AlignedShards(str(run.dir("align"))))}
+
+
+def resolved_train_recipe(run: Run) -> Path:
+    """The recipe the engine reads: train.output_dir and data.aligned_dir point at this run's stages."""
+    import copy
+    recipe = copy.deepcopy(run.recipe)
+    recipe.train.output_dir = str(run.dir("train"))
+    recipe.data.aligned_dir = str(run.dir("align"))
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    path = run.run_dir / "recipe.resolved.yaml"
+    dump_recipe(recipe, path)
+    return path
+
+
+def train_command(recipe_path: Path, launcher: str | None, nproc: int) -> list[str]:
+    module = ["--module", "specialize.engine.train", "--recipe", str(recipe_path)]
+    if launcher:
+        return shlex.split(launcher) + module
+    import torch
+    if torch.cuda.is_available():
+        return ["deepspeed", "--num_gpus", str(torch.cuda.device_count())] + module
+    # CPU: torchrun starts the ranks; the engine picks gloo when no GPU is present.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "specialize.engine.train", "--recipe", str(recipe_path)]
+
+
+def stage_train(run: Run, launcher: str | None = None, nproc: int = 1) -> dict:
+    cmd = train_command(resolved_train_recipe(run), launcher, nproc)
+    print(f"[run] {run.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run.name}: training exited with status {proc.returncode} "
+                           f"(command: {' '.join(cmd)})")
+    return {"command": cmd}
+
+
+def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str) -> dict:
+    """Score one saved model on every eval dataset; writes <out_dir>/<label>.json and returns accuracies."""
+    import torch
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from specialize.engine.data import draw_exemplars
+    from specialize.engine.evaluate import evaluate_model
+    tok = AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir)
+    model = T5ForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    shots = recipe.data.shots if recipe.eval.format.startswith("in_context") else 0
+    exemplars = draw_exemplars(training_pool(recipe), shots, recipe.train.seed) if shots else ()
+    results = {}
+    for name in recipe.eval.datasets:
+        examples = load_examples(recipe, name, split="test")[: recipe.eval.limit or None]
+        res = evaluate_model(model, tok, examples, name, fmt=recipe.eval.format, exemplars=exemplars,
+                             batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                             num_beams=recipe.eval.num_beams, progress=True)
+        results[name] = res.to_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{label}.json").write_text(json.dumps(results, indent=1))
+    return {name: r["accuracy"] for name, r in results.items()}
+
+
+def selected_checkpoints(run: Run) -> dict[str, str]:
+    """label -> HF model dir: the engine's best/ plus one per dev signal when select can export them."""
+    train_dir = run.dir("train")
+    found = {"best": str(train_dir / "best")}
+    try:
+        from specialize.engine import select
+    except ModuleNotFoundError:
+        return found
+    export = getattr(select, "export_selected", None)
+    if export is not None:
+        for signal in ("in_dist", "ood"):
+            path = export(str(train_dir), signal, str(run.dir("eval") / f"selected-{signal}"))
+            if path:
+                found[f"selected_{signal}"] = str(path)
+    return found
+
+
+def stage_eval(run: Run) -> dict:
+    r = run.recipe
+    scores = {}
+    start = r.model.name_or_path
+    if start:
+        scores["start"] = evaluate_checkpoint(r, start, run.dir("eval"), "start")
+    for label, model_dir in selected_checkpoints(run).items():
+        scores[label] = evaluate_checkpoint(r, model_dir, run.dir("eval"), label)
+    (run.dir("eval") / "scores.json").write_text(json.dumps(scores, indent=1))
+    return {"scores": scores}
+
+
+def stage_plot(runs: list[Run]) -> dict:
+    """One plot directory per recipe, drawing across its runs (sizes, formats, losses)."""
+    from specialize.engine import plots
+    first = runs[0]
+    out = first.dir("plot")
+    out.mkdir(parents=True, exist_ok=True)
+    written = plots.plot_runs([str(run.run_dir) for run in runs], first.recipe.plot.plots, str(out),
+                              labels=[run.tag or run.recipe.name for run in runs])
+    return {"plots": [str(p) for p in written or []]}
+
+
+STAGE_FUNCS: dict[str, Callable] = {"toy": stage_toy, "teacher": stage_teacher, "filter": stage_filter,
+                                    "align": stage_align, "train": stage_train, "eval": stage_eval}
+
+
+def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str | None = None,
+               nproc: int = 1, log: Callable[[str], None] = print) -> list[dict]:
+    """Execute every run's stages in order, skipping finished ones; returns one row per (run, stage)."""
+    rows = []
+    for run in runs:
+        wanted = [s for s in run.recipe.stages if not stages or s in stages]
+        unknown = [s for s in run.recipe.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"{run.source}: stages: unknown stage {unknown[0]!r} (known: {', '.join(STAGES)})")
+        for stage in wanted:
+            if stage == "plot":
+                continue
+            if is_done(run, stage):
+                log(f"[run] {run.name}: {stage} done, reusing {run.dir(stage)}")
+                rows.append({"run": run.name, "stage": stage, "status": "reused"})
+                continue
+            log(f"[run] {run.name}: {stage} -> {run.dir(stage)}")
+            t0 = time.time()
+            kwargs = {"launcher": launcher, "nproc": nproc} if stage == "train" else {}
+            info = STAGE_FUNCS[stage](run, **kwargs) or {}
+            mark_done(run, stage, time.time() - t0, {k: v for k, v in info.items() if k != "command"})
+            rows.append({"run": run.name, "stage": stage, "status": "ran", "seconds": round(time.time() - t0, 1)})
+    by_recipe: dict[str, list[Run]] = {}
+    for run in runs:
+        if "plot" in run.recipe.stages and (not stages or "plot" in stages) and run.recipe.plot.plots:
+            by_recipe.setdefault(run.source, []).append(run)
+    for group in by_recipe.values():
+        info = stage_plot(group)
+        rows.append({"run": group[0].recipe.name, "stage": "plot", "status": "ran", **info})
+    return rows
+
+
+# ----------------------------------------------------------------------------- dry run
+
+def _ds_json(run: Run) -> dict:
+    cfg = run.recipe.deepspeed.config
+    if cfg is None or isinstance(cfg, dict):
+        return dict(cfg or {})
+    path = Path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"{run.source}: deepspeed.config: file {cfg!r} not found (paths are relative to the "
+                          f"directory `specialize run` is started from)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{cfg}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def _check_deepspeed(run: Run, world_size: int) -> str:
+    r, ds = run.recipe, _ds_json(run)
+    where = f"{run.source}: deepspeed"
+    stage = ds.get("zero_optimization", {}).get("stage", r.deepspeed.zero_stage)
+    if stage != r.deepspeed.zero_stage:
+        raise ConfigError(f"{where}.zero_stage={r.deepspeed.zero_stage} but {r.deepspeed.config} sets stage {stage}")
+    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    if precision != r.train.precision:
+        raise ConfigError(f"{where}.config enables {precision} but train.precision is {r.train.precision}")
+    batch = r.train.micro_batch_size * r.train.grad_accum * world_size
+    for key, want in (("train_batch_size", batch), ("train_micro_batch_size_per_gpu", r.train.micro_batch_size),
+                      ("gradient_accumulation_steps", r.train.grad_accum)):
+        if isinstance(ds.get(key), int) and ds[key] != want:
+            raise ConfigError(f"{r.deepspeed.config}: {key}={ds[key]} disagrees with the recipe's {want}")
+    return (f"ZeRO-{stage} {precision}, offload={r.deepspeed.offload or 'none'}, train_batch_size={batch} "
+            f"= {r.train.micro_batch_size} x {r.train.grad_accum} x {world_size} ranks")
+
+
+def _meta_model(run: Run):
+    """The student's true shapes, random-init on the meta device (no memory is allocated)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    from specialize.engine.models import t5_config
+    cfg = t5_config(run.recipe.model.config, **run.recipe.model.overrides)
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(cfg)
+    return cfg, model
+
+
+def _tiny_examples(run: Run, n: int = 6) -> tuple[list, str]:
+    """A few training examples: the recipe's own data when it is on disk, else the synthetic stand-in."""
+    r = run.recipe
+    if r.data.dataset == "synthetic" or r.data.data_dir:
+        try:
+            return training_pool(r)[:n], r.data.dataset
+        except (OSError, FileNotFoundError):
+            pass
+    from specialize.engine.data.synthetic import make_splits
+    return list(make_splits(seed=0)["train"][:n]), "synthetic stand-in (recipe data not on disk)"
+
+
+def _tiny_tokenizer(run: Run, texts: list[str]):
+    """The recipe's student tokenizer when it loads offline, else a small T5-style one trained here."""
+    from specialize.engine.tokenizers import load_tokenizer, train_t5_unigram
+    name = run.recipe.aligner.student_tokenizer or run.recipe.model.tokenizer
+    if name:
+        try:
+            return load_tokenizer(name), name
+        except (OSError, ValueError):
+            pass
+    return train_t5_unigram(texts * 4, vocab_size=200), f"stand-in ({name} not available offline)"
+
+
+def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
+    """Check that the stages wire together; returns (check, detail) rows, raises on the first mismatch."""
+    import numpy as np
+    import torch
+    from specialize.engine.data import FORMATS, build_prompt, build_target, draw_exemplars, extract_answer
+    r, rows = run.recipe, []
+    bad = [s for s in r.stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"{run.source}: stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
+    if "toy" in r.stages and r.teacher.backend != "hf":
+        raise ConfigError(f"{run.source}: the toy stage trains a local teacher, so teacher.backend must be hf")
+    rows.append(("stages", " -> ".join(r.stages) + f"  (run dir {run.run_dir})"))
+    rows.append(("deepspeed", _check_deepspeed(run, world_size)))
+
+    cfg, model = _meta_model(run)
+    params = sum(p.numel() for p in model.parameters())
+    rows.append(("model", f"{r.model.config}: {params / 1e6:,.0f}M params, d_model={cfg.d_model}, "
+                          f"layers={cfg.num_layers}+{cfg.num_decoder_layers}, vocab={cfg.vocab_size} (meta device)"))
+
+    examples, data_note = _tiny_examples(run)
+    for fmt in list(r.data.formats) + [r.teacher.format, r.eval.format]:
+        if fmt not in FORMATS:
+            raise ConfigError(f"{run.source}: prompt format {fmt!r} unknown (known: {', '.join(FORMATS)})")
+    tok, tok_note = _tiny_tokenizer(run, [e.question + " " + (e.rationale or "") for e in examples])
+    if len(tok) > cfg.vocab_size:
+        raise ConfigError(f"{run.source}: tokenizer has {len(tok)} ids but model vocab_size is {cfg.vocab_size}")
+    lengths = []
+    for fmt in r.data.formats:
+        ex = examples[0]
+        shots = draw_exemplars(examples, r.data.shots, r.train.seed, exclude_id=ex.id) if fmt.startswith("in_context") else ()
+        source, target = build_prompt(ex.question, fmt, shots), build_target(ex, ex.answer, fmt)
+        if extract_answer(target, "gsm8k" if r.data.dataset == "gsm8k" else r.data.dataset) is None:
+            raise ValueError(f"{run.source}: data format {fmt}: no answer can be read back from target {target!r}")
+        lengths.append(f"{fmt} src={len(tok(source)['input_ids'])} tgt={len(tok(target)['input_ids'])}")
+    rows.append(("data", f"{data_note}; tokenizer {tok_note}; " + ", ".join(lengths)))
+    rows.append(("teacher", f"{r.teacher.backend}:{r.teacher.model} {r.teacher.format} {r.teacher.shots}-shot, "
+                            f"{r.teacher.samples} samples, T={r.teacher.temperature}, top-{r.teacher.top_logprobs}"))
+
+    # Aligned shards in the layout the engine reads, ids drawn from the true vocabulary.
+    import tempfile
+    from specialize.aligner.shards import AlignedShards, write_shards
+    k, rng = r.teacher.top_logprobs, np.random.default_rng(0)
+    records = []
+    for i, ex in enumerate(examples[:3]):
+        labels = np.asarray(tok(build_target(ex, ex.answer, "zero_shot_cot"))["input_ids"], dtype=np.int32)
+        ids = rng.integers(3, cfg.vocab_size, size=(len(labels), k)).astype(np.int32)
+        ids[:, 0] = labels
+        logp = np.log(np.full((len(labels), k), 1.0 / k, dtype=np.float32))
+        records.append({"qid": ex.id, "sample_index": 0, "answer": ex.answer, "question": ex.question,
+                        "input_ids": np.asarray(tok(ex.question)["input_ids"], dtype=np.int32), "labels": labels,
+                        "topk_ids": ids, "topk_logprobs": logp})
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(records, tmp)
+        shards = AlignedShards(tmp)
+        item = shards[0]
+        if item["topk_ids"].shape != (len(item["labels"]), k):
+            raise ValueError(f"aligned shards: topk_ids {item['topk_ids'].shape} vs labels {item['labels'].shape}, K={k}")
+        rows.append(("aligned", f"{len(shards)} records read back, K={k}, labels {item['labels'].shape}"))
+        topk_ids = torch.as_tensor(np.asarray(item["topk_ids"]), dtype=torch.long)
+        topk_lp = torch.as_tensor(np.asarray(item["topk_logprobs"]))
+        target = torch.as_tensor(np.asarray(item["labels"]), dtype=torch.long)
+
+    # Loss kernel on the true hidden size and vocabulary, a few rows only.
+    from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
+    n = min(4, len(target))
+    h = torch.randn(n, cfg.d_model)
+    weight = torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5
+    alpha = 1.0 if r.loss.kind == "sm" else r.loss.alpha
+    kw = dict(alpha=alpha, temperature=r.loss.temperature, tail=r.loss.tail)
+    if r.loss.fused_linear:
+        loss = fused_linear_sparse_kl_ce(h, weight, topk_ids[:n], topk_lp[:n], target[:n],
+                                         chunk_size=r.loss.chunk_size, **kw)
+    else:
+        loss = sparse_kl_ce(h @ weight.T, topk_ids[:n], topk_lp[:n], target[:n], **kw)
+    if not torch.isfinite(loss):
+        raise ValueError(f"{run.source}: loss kernel returned {loss.item()} on true shapes")
+    kernel = "fused_linear_sparse_kl_ce" if r.loss.fused_linear else "sparse_kl_ce"
+    rows.append(("loss", f"{r.loss.kind}: {kernel} h[{n},{cfg.d_model}] W[{cfg.vocab_size},{cfg.d_model}] "
+                         f"K={k} alpha={alpha} -> {loss.item():.3f}"))
+    rows.append(("eval", f"{', '.join(r.eval.datasets)} ({r.eval.format}); plots: {', '.join(r.plot.plots) or 'none'}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specialize run", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipes", nargs="+", help="recipe YAML files")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (repeatable), e.g. train.max_steps=10")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=[A,B]",
+                   help="one run per list element; several sweeps are zipped")
+    p.add_argument("--stages", nargs="+", choices=STAGES, help="run only these stages (default: the recipe's)")
+    p.add_argument("--dry-run", action="store_true", help="check the wiring with true shapes on tiny data; no training")
+    p.add_argument("--launcher", help='training launcher, e.g. "deepspeed --hostfile hostfile" (default: deepspeed '
+                                      'on all local GPUs, or torchrun with --nproc CPU ranks)')
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks when no GPU is present (default 2)")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs assumed by --dry-run's batch arithmetic")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = expand_runs(args.recipes, args.sets, args.sweeps)
+        if args.dry_run:
+            failed = 0
+            for run in runs:
+                try:
+                    rows = dry_run(run, args.world_size)
+                except (ConfigError, ValueError, RuntimeError, ImportError) as err:
+                    failed += 1
+                    print(f"[dry-run] {run.name}: FAILED: {err}", file=sys.stderr)
+                    continue
+                print(f"[dry-run] {run.name} ({run.source})")
+                for check, detail in rows:
+                    print(f"  {check:<14} {detail}")
+            return 1 if failed else 0
+        rows = run_stages(runs, args.stages, args.launcher, args.nproc)
+    except ConfigError as err:
+        print(f"specialize run: {err}", file=sys.stderr)
+        return 2
+    for row in rows:
+        print(f"[run] {row['run']:<32} {row['stage']:<8} {row['status']}")
+    return 0
