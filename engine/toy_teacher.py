@@ -199,6 +199,9 @@ class ToyScale:
     student_vocab: int = 800
     math_for_student: int = 150     # "a little math" in the instruction-tuning mix
     heldout_check: int = 100
+    # Tests only: the teacher trains on the very questions it will answer, so that a few seconds of
+    # training still yield correct samples for the filter (a memorising teacher, not a reasoning one).
+    teacher_sees_questions: bool = False
 
 
 GENERIC = ("generic_sort", "generic_count", "generic_bool")
@@ -226,8 +229,8 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     practice = make_splits(seed=seed + 1, sizes=sizes)
     seen = {e.question for split in world.values() for e in split}
 
-    teacher_pairs = [(p, " " + t) for p, t in _pairs([e for e in practice["train"] if e.question not in seen],
-                                                     "zero_shot_cot")]
+    source = world["train"] if scale.teacher_sees_questions else [e for e in practice["train"] if e.question not in seen]
+    teacher_pairs = [(p, " " + t) for p, t in _pairs(source, "zero_shot_cot")]
     generic = [e for name in GENERIC for e in practice.get(name, []) if e.question not in seen]
     student_pairs = (_pairs(generic, "zero_shot_answer_only")
                      + _pairs(practice["train"][: scale.math_for_student], "zero_shot_cot"))
@@ -236,7 +239,7 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     s_tok = train_t5_unigram([p + " " + t for p, t in student_pairs + _pairs(world["train"], "zero_shot_cot")],
                              scale.student_vocab)
 
-    dev = world["dev"][: scale.heldout_check]
+    dev = (world["train"] if scale.teacher_sees_questions else world["dev"])[: scale.heldout_check]
     from specialize.engine.data import build_prompt
     check = ([build_prompt(e.question, "zero_shot_cot") for e in dev], [e.answer for e in dev],
              lambda text, gold: is_correct(text, gold, "synthetic"))

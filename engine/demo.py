@@ -1,0 +1,244 @@
+"""`specialize demo --out DIR [--tiny]`: the whole paper in miniature, offline, on a CPU.
+
+1. the toy stage: a byte-level BPE + GPT-2-style teacher and a T5 Unigram + "instruction-tuned"
+   tiny T5 student, trained here on the synthetic world (engine/toy_teacher.py);
+2. teacher CoT samples with top-k logprobs through the `hf` teacher backend, filtered by correctness;
+3. Numba alignment onto the student's tokens;
+4. specialization with the DeepSpeed engine (2 CPU ranks), by distribution and by sample matching;
+5. evaluation before/after on in-distribution, OOD and generic splits, checkpoint selection by the
+   in-distribution vs the OOD dev signal;
+6. a results table, REPORT.md and PNG plots, all under DIR. A rerun reuses finished stages.
+
+The demo is `specialize run` on an embedded recipe (the same stage functions as recipes/mini/):
+this module only adds the toy scale, the comparison across the two runs and the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from specialize.engine.config import recipe_from_dict
+from specialize.engine.pipeline import Run, run_stages
+from specialize.engine.toy_teacher import ToyScale, prepare_toy_models
+
+IN_DIST = "synthetic/test"
+OOD = ["synthetic/ood_steps", "synthetic/ood_templates", "synthetic/ood_numbers"]
+GENERIC = ["synthetic/generic_sort", "synthetic/generic_count", "synthetic/generic_bool"]
+
+# The full demo (<= 15 min on 2 cores) and the --tiny one the tests run (about a minute).
+SCALES = {
+    "full": dict(
+        toy=ToyScale(),
+        sizes={},
+        teacher=dict(samples=4, limit=400, max_tokens=128),
+        train=dict(micro_batch_size=16, max_steps=300, eval_every=50, save_every=50, keep_last=6, dev_limit=64),
+        eval_limit=100),
+    "tiny": dict(
+        toy=ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20,
+                     teacher_vocab=300, student_vocab=300, math_for_student=20, heldout_check=8,
+                     teacher_sees_questions=True),
+        sizes={"train": 24, "dev": 8, "test": 8, "ood_steps": 8, "ood_templates": 8, "ood_numbers": 8,
+               "generic_sort": 8, "generic_count": 8, "generic_bool": 8},
+        teacher=dict(samples=2, limit=24, max_tokens=96),
+        train=dict(micro_batch_size=4, max_steps=6, eval_every=3, save_every=3, keep_last=2, dev_limit=8),
+        eval_limit=8),
+}
+
+
+def demo_recipe(out: Path, scale: dict, kind: str) -> dict:
+    """The embedded recipe: recipes/mini/dm_vs_sm.yaml with every path under `out`."""
+    toy = out / "toy"
+    return {
+        "name": f"demo_{kind}", "description": f"demo, {kind}",
+        "stages": ["toy", "teacher", "filter", "align", "train", "eval"],
+        "output_dir": str(out),
+        "model": {"name_or_path": str(toy / "student_start"), "config": scale["toy"].student_config,
+                  "tokenizer": str(toy / "student_start")},
+        "data": {"dataset": "synthetic", "dev_size": 64, "formats": {"zero_shot_cot": 1.0}, "shots": 2,
+                 "max_source_len": 256, "max_target_len": 128, "synthetic_sizes": scale["sizes"]},
+        "teacher": {"backend": "hf", "model": str(toy / "teacher"), "dataset": "synthetic", "split": "train",
+                    "format": "zero_shot_cot", "shots": 0, "temperature": 0.7, "top_logprobs": 5,
+                    "concurrency": 1, "out_dir": str(out / "teacher"), **scale["teacher"]},
+        "aligner": {"teacher_tokenizer": str(toy / "teacher"), "student_tokenizer": str(toy / "student_start"),
+                    "out_dir": str(out / "aligned")},
+        "loss": {"kind": kind, "alpha": 0.5, "fused_linear": True},
+        "deepspeed": {"config": {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
+                                 "steps_per_print": 100000}, "zero_stage": 0},
+        "train": {"seed": 0, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 20, "precision": "fp32",
+                  "log_every": 5, "selection": "in_dist", "dev_in_dist": "synthetic/dev",
+                  "dev_ood": ["synthetic/ood_steps", "synthetic/ood_templates"], **scale["train"]},
+        "eval": {"datasets": [IN_DIST] + OOD + GENERIC, "format": "zero_shot_cot", "limit": scale["eval_limit"],
+                 "batch_size": 32, "max_new_tokens": scale["teacher"]["max_tokens"]},
+        "plot": {"plots": ["training_curves", "tradeoff", "in_dist_vs_ood"], "out_dir": str(out / "plots")},
+    }
+
+
+def build_runs(out: Path, tiny: bool) -> list[Run]:
+    scale = SCALES["tiny" if tiny else "full"]
+    return [Run(recipe_from_dict(demo_recipe(out, scale, kind), source=f"demo ({kind})"), kind, f"demo-{kind}")
+            for kind in ("dm", "sm")]
+
+
+# ----------------------------------------------------------------------------- reading the runs back
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def dev_curve(run: Run) -> list[dict]:
+    """The engine's dev_scores.jsonl: one row per evaluation, {"step", "dev/<name>_acc", ...}."""
+    return _jsonl(run.dir("train") / "dev_scores.jsonl")
+
+
+def _key(name: str) -> str:
+    return f"dev/{name}_acc"
+
+
+def selection(run: Run) -> dict:
+    """The step each dev signal would select: in-distribution vs the mean of the OOD dev sets."""
+    rows = dev_curve(run)
+    if not rows:
+        return {}
+    r = run.recipe.train
+    ood = lambda row: sum(row.get(_key(n), 0.0) for n in r.dev_ood) / max(1, len(r.dev_ood))
+    by_in = max(rows, key=lambda row: (row.get(_key(r.dev_in_dist), 0.0), -row["step"]))
+    by_ood = max(rows, key=lambda row: (ood(row), -row["step"]))
+    return {"in_dist": {"step": by_in["step"], "in_dist": by_in.get(_key(r.dev_in_dist)), "ood": ood(by_in)},
+            "ood": {"step": by_ood["step"], "in_dist": by_ood.get(_key(r.dev_in_dist)), "ood": ood(by_ood)}}
+
+
+def scores(run: Run) -> dict:
+    path = run.dir("eval") / "scores.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _mean(d: dict, names: list[str]) -> float | None:
+    vals = [d[n] for n in names if n in d]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _pct(x) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}"
+
+
+# ----------------------------------------------------------------------------- report
+
+def results_table(runs: list[Run]) -> tuple[str, list[dict]]:
+    """Rows: start checkpoint, then each run's selected model; columns in-dist / OOD / generic."""
+    rows = []
+    first = scores(runs[0]).get("start")
+    if first:
+        rows.append({"model": "student start (instruction-tuned)", **_summary(first)})
+    for run in runs:
+        for label, accs in scores(run).items():
+            if label != "start":
+                rows.append({"model": f"{run.tag.upper()} {label}", **_summary(accs)})
+    head = f"{'model':<36} {'in-dist':>7} {'OOD':>7} {'generic':>7}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['model']:<36} {_pct(r['in_dist']):>7} {_pct(r['ood']):>7} {_pct(r['generic']):>7}" for r in rows]
+    return "\n".join(lines), rows
+
+
+def _summary(accs: dict) -> dict:
+    return {"in_dist": accs.get(IN_DIST), "ood": _mean(accs, OOD), "generic": _mean(accs, GENERIC), "all": accs}
+
+
+def findings(runs: list[Run]) -> list[str]:
+    """Each paper finding checked against what came out, stated either way."""
+    by = {run.tag: run for run in runs}
+    dm, sm = scores(by["dm"]), scores(by["sm"])
+    start = _summary(dm.get("start", {}))
+    dm_best, sm_best = _summary(dm.get("best", {})), _summary(sm.get("best", {}))
+    out = []
+
+    def verdict(ok) -> str:
+        return "n/a (missing numbers)" if ok is None else ("reproduced" if ok else "**not reproduced at this scale**")
+
+    def gt(a, b):
+        return None if a is None or b is None else a > b
+
+    out.append(f"- Specialization raises in-distribution accuracy (paper: FlanT5 gains on GSM8K): "
+               f"{_pct(start['in_dist'])}% -> {_pct(dm_best['in_dist'])}% (DM) — {verdict(gt(dm_best['in_dist'], start['in_dist']))}.")
+    out.append(f"- It carries over to OOD math (paper: MultiArith/ASDiv/SVAMP improve too): "
+               f"{_pct(start['ood'])}% -> {_pct(dm_best['ood'])}% — {verdict(gt(dm_best['ood'], start['ood']))}.")
+    out.append(f"- Generic ability is traded away (paper RQ4: BBH drops): "
+               f"{_pct(start['generic'])}% -> {_pct(dm_best['generic'])}% — {verdict(gt(start['generic'], dm_best['generic']))}.")
+    c_dm, c_sm = dev_curve(by["dm"]), dev_curve(by["sm"])
+    key = _key(by["dm"].recipe.train.dev_in_dist)
+    auc = lambda rows: sum(r.get(key, 0.0) for r in rows) / len(rows) if rows else None
+    out.append(f"- Distribution matching converges faster than sample matching (paper Sec. 4): mean in-dist dev "
+               f"accuracy over training {_pct(auc(c_dm))}% (DM) vs {_pct(auc(c_sm))}% (SM) — {verdict(gt(auc(c_dm), auc(c_sm)))}; "
+               f"final test in-dist {_pct(dm_best['in_dist'])}% vs {_pct(sm_best['in_dist'])}%.")
+    sel = selection(by["dm"])
+    if sel:
+        differ = sel["in_dist"]["step"] != sel["ood"]["step"]
+        out.append(f"- In-distribution and OOD dev signals pick different checkpoints (paper RQ5): in-dist picks "
+                   f"step {sel['in_dist']['step']} (OOD dev {_pct(sel['in_dist']['ood'])}%), OOD picks step "
+                   f"{sel['ood']['step']} (OOD dev {_pct(sel['ood']['ood'])}%) — {verdict(differ)}.")
+    return out
+
+
+def draw_plots(out: Path, runs: list[Run]) -> list[str]:
+    """The eval teammate's plot functions over the two runs; returns the PNG paths written."""
+    from specialize.engine.pipeline import stage_plot
+    info = stage_plot(runs)
+    return info.get("plots", [])
+
+
+def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, tiny: bool) -> dict:
+    table, table_rows = results_table(runs)
+    plots = draw_plots(out, runs)
+    toy = json.loads((runs[0].dir("toy") / ".done-toy.json").read_text()) if (runs[0].dir("toy") / ".done-toy.json").exists() else {}
+    filt = runs[0].dir("filter") / ".done-filter.json"
+    kept = json.loads(filt.read_text()) if filt.exists() else {}
+    stage_lines = [f"| {r['run']} | {r['stage']} | {r['status']} | {r.get('seconds', '')} |" for r in rows]
+    text = "\n".join([
+        f"# specialize demo{' (--tiny)' if tiny else ''}: the paper in miniature",
+        "",
+        f"Wall time {seconds / 60:.1f} min on this machine (stages reused from an earlier run count as 0). "
+        "Synthetic math world from `specialize.engine.data.synthetic`; toy GPT-2 teacher "
+        f"({toy.get('teacher_params', '?')} params, greedy dev accuracy {_pct(toy.get('teacher_dev_acc'))}%) and "
+        f"tiny T5 student ({toy.get('student_params', '?')} params).",
+        "",
+        "## Results (test accuracy, %)",
+        "", "```", table, "```", "",
+        "In-dist = synthetic/test; OOD = mean of " + ", ".join(OOD) + "; generic = mean of " + ", ".join(GENERIC) + ".",
+        "",
+        "## Paper findings, checked",
+        "", *findings(runs), "",
+        "## Teacher data",
+        "", f"Filter stage: {json.dumps({k: v for k, v in kept.items() if k not in ('key', 'stage')})}", "",
+        "## Plots", "", *[f"![{Path(p).stem}]({Path(p).relative_to(out) if Path(p).is_relative_to(out) else p})" for p in plots], "",
+        "## Stages", "", "| run | stage | status | seconds |", "|---|---|---|---|", *stage_lines, "",
+    ])
+    report = out / "REPORT.md"
+    report.write_text(text)
+    (out / "results.json").write_text(json.dumps({"rows": table_rows, "seconds": seconds}, indent=1, default=str))
+    return {"table": table, "report": str(report), "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="specialize demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory (everything the demo writes goes here)")
+    p.add_argument("--tiny", action="store_true", help="shrunken configuration for tests (about a minute)")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the DeepSpeed engine")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    scale = SCALES["tiny" if args.tiny else "full"]
+    runs = build_runs(out, args.tiny)
+
+    def toy_stage(run: Run) -> dict:
+        return prepare_toy_models(run.dir("toy"), seed=run.recipe.train.seed, sizes=scale["sizes"] or None,
+                                  scale=scale["toy"])
+
+    rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage})
+    report = write_report(out, runs, rows, seconds=time.time() - t0, tiny=args.tiny)
+    print(report["table"])
+    print(f"\n[demo] report: {report['report']}\n[demo] plots:  {', '.join(report['plots'])}\n[demo] output: {out}")
+    return 0
