@@ -1,0 +1,17 @@
+"""Data layer: benchmark loaders, answer extraction, prompt formats and the synthetic mini-world."""
+from .records import Example
+from .loaders import (
+    BBH_TASKS, DATASET_NAMES, DataError, load_asdiv, load_bbh, load_bbh_cot_prompt,
+    load_dataset_by_name, load_gsm8k, load_multiarith, load_svamp, split_gsm8k_dev,
+)
+from .answers import answers_match, extract_answer, is_correct
+from .prompts import (
+    COT_FORMATS, FORMATS, build_bbh_prompt, build_prompt, build_target, draw_exemplars,
+)
+
+__all__ = [
+    "Example", "BBH_TASKS", "DATASET_NAMES", "DataError", "load_asdiv", "load_bbh",
+    "load_bbh_cot_prompt", "load_dataset_by_name", "load_gsm8k", "load_multiarith", "load_svamp",
+    "split_gsm8k_dev", "answers_match", "extract_answer", "is_correct", "COT_FORMATS", "FORMATS",
+    "build_bbh_prompt", "build_prompt", "build_target", "draw_exemplars",
+]

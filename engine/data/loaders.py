@@ -1,0 +1,346 @@
+"""Benchmark loaders: GSM8K, MultiArith, ASDiv, SVAMP and BIG-Bench Hard into `Example` records.
+
+Every loader reads a local copy when given `path` (offline runs, tests: the folder laid out like
+/work/shared/data) and otherwise fetches the same data from the Hugging Face hub. Malformed input
+raises `DataError` naming the file and the line (JSONL) or the record index / ID (JSON, XML):
+nothing is skipped silently, because a silently shorter test set changes every reported accuracy.
+
+Hub ids (normal use):
+  gsm8k       openai/gsm8k, config "main", splits train/test
+  multiarith  ChilleD/MultiArith, splits train+test concatenated (600), fields question/final_ans
+  asdiv       EleutherAI/asdiv, split validation (2305), fields body/question/answer
+  svamp       ChilleD/SVAMP, splits train+test concatenated (1000), fields ID/Body/Question/Answer
+  bbh         lukaemon/bbh, one config per task, split test, fields input/target
+  bbh prompts the official BIG-Bench-Hard repository on GitHub (cot-prompts/<task>.txt)
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .records import Example
+
+GSM8K_HUB = "openai/gsm8k"
+MULTIARITH_HUB = "ChilleD/MultiArith"
+ASDIV_HUB = "EleutherAI/asdiv"
+SVAMP_HUB = "ChilleD/SVAMP"
+BBH_HUB = "lukaemon/bbh"
+BBH_PROMPTS_URL = "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main/cot-prompts/{task}.txt"
+
+BBH_TASKS = (
+    "boolean_expressions", "causal_judgement", "date_understanding", "disambiguation_qa",
+    "dyck_languages", "formal_fallacies", "geometric_shapes", "hyperbaton",
+    "logical_deduction_five_objects", "logical_deduction_seven_objects",
+    "logical_deduction_three_objects", "movie_recommendation", "multistep_arithmetic_two",
+    "navigate", "object_counting", "penguins_in_a_table", "reasoning_about_colored_objects",
+    "ruin_names", "salient_translation_error_detection", "snarks", "sports_understanding",
+    "temporal_sequences", "tracking_shuffled_objects_five_objects",
+    "tracking_shuffled_objects_seven_objects", "tracking_shuffled_objects_three_objects",
+    "web_of_lies", "word_sorting",
+)
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
+
+
+class DataError(ValueError):
+    """A data file (or hub row) does not have the documented shape."""
+
+
+# ---------------------------------------------------------------- small shared helpers
+
+def _number_text(value, where: str) -> str:
+    """Gold numbers as canonical text: 39.0 -> "39", 2.50 -> "2.5", "1,000" -> "1000"."""
+    try:
+        x = float(str(value).replace(",", ""))
+    except ValueError:
+        raise DataError(f"{where}: answer {value!r} is not a number") from None
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line, so later field errors can name the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append((lineno, row))
+    return rows
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _field(row: dict, names: Sequence[str], where: str, kind=str):
+    """The first of `names` present in `row` (hub copies differ in capitalisation), type-checked."""
+    for name in names:
+        if name in row:
+            value = row[name]
+            if kind is not None and not isinstance(value, kind):
+                raise DataError(f"{where}: field {name!r} should be {kind}, got {type(value).__name__}")
+            return value
+    raise DataError(f"{where}: missing field {names[0]!r}")
+
+
+def _hub_rows(hub_id: str, config: Optional[str], splits: Iterable[str]) -> list[tuple[str, dict]]:
+    import datasets  # imported lazily: loading from a local path must not need the hub stack
+
+    rows = []
+    for split in splits:
+        ds = datasets.load_dataset(hub_id, config, split=split) if config else \
+            datasets.load_dataset(hub_id, split=split)
+        rows.extend((f"{hub_id}[{split}] row {i}", dict(r)) for i, r in enumerate(ds))
+    return rows
+
+
+def _resolve(path, *candidates: str) -> Path:
+    """Accept the dataset's own folder/file or the data root that holds it (/work/shared/data)."""
+    p = Path(path)
+    for c in candidates:
+        if (p / c).exists():
+            return p / c
+    if p.exists():
+        return p
+    raise FileNotFoundError(f"{p}: not found (expected one of {', '.join(candidates)} inside)")
+
+
+# ---------------------------------------------------------------- GSM8K
+
+def parse_gsm8k_solution(solution: str, where: str) -> tuple[str, str]:
+    """Split a GSM8K solution into (rationale without calculator notes, final answer)."""
+    m = _GSM8K_FINAL.search(solution)
+    if not m:
+        raise DataError(f"{where}: answer has no '#### N' final line")
+    answer = _number_text(m.group(1), where)
+    rationale = _CALCULATOR_NOTE.sub("", solution[: m.start()]).strip()
+    return rationale, answer
+
+
+def load_gsm8k(split: str, path=None, hub_id: str = GSM8K_HUB) -> list[Example]:
+    if split not in ("train", "test"):
+        raise ValueError(f"gsm8k split must be 'train' or 'test', got {split!r}")
+    if path is not None:
+        file = _resolve(path, f"{split}.jsonl", f"gsm8k/{split}.jsonl")
+        rows = [(f"{file}:{lineno}", r) for lineno, r in _read_jsonl(file)]
+    else:
+        rows = _hub_rows(hub_id, "main", [split])
+    out = []
+    for i, (where, row) in enumerate(rows):
+        question = _field(row, ["question"], where)
+        rationale, answer = parse_gsm8k_solution(_field(row, ["answer"], where), where)
+        out.append(Example(f"gsm8k/{split}/{i}", question.strip(), answer, rationale, "gsm8k"))
+    return out
+
+
+def split_gsm8k_dev(train: Sequence[Example], dev_size: int = 300, seed: int = 0
+                    ) -> tuple[list[Example], list[Example]]:
+    """Hold `dev_size` train questions out as dev, chosen by seed; both parts keep file order."""
+    if not 0 < dev_size < len(train):
+        raise ValueError(f"dev_size must be in 1..{len(train) - 1}, got {dev_size}")
+    dev_idx = set(random.Random(seed).sample(range(len(train)), dev_size))
+    rest = [e for i, e in enumerate(train) if i not in dev_idx]
+    dev = [e for i, e in enumerate(train) if i in dev_idx]
+    return rest, dev
+
+
+# ---------------------------------------------------------------- MultiArith, SVAMP, ASDiv
+
+def load_multiarith(path=None, hub_id: str = MULTIARITH_HUB) -> list[Example]:
+    if path is not None:
+        file = _resolve(path, "MultiArith.json", "multiarith/MultiArith.json")
+        data = _read_json(file)
+        if not isinstance(data, list):
+            raise DataError(f"{file}: expected a JSON list of problems")
+        out = []
+        for i, row in enumerate(data):
+            where = f"{file}: record {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object")
+            idx = _field(row, ["iIndex"], where, int)
+            where = f"{file}: record {i} (iIndex {idx})"
+            solutions = _field(row, ["lSolutions"], where, list)
+            if len(solutions) != 1:
+                raise DataError(f"{where}: expected one solution, got {len(solutions)}")
+            out.append(Example(f"multiarith/{idx}", _field(row, ["sQuestion"], where).strip(),
+                               _number_text(solutions[0], where), None, "multiarith"))
+        return out
+    out = []
+    for i, (where, row) in enumerate(_hub_rows(hub_id, None, ["train", "test"])):
+        out.append(Example(f"multiarith/{i}", _field(row, ["question", "sQuestion"], where).strip(),
+                           _number_text(_field(row, ["final_ans", "answer"], where, None), where),
+                           None, "multiarith"))
+    return out
+
+
+def load_svamp(path=None, hub_id: str = SVAMP_HUB) -> list[Example]:
+    if path is not None:
+        file = _resolve(path, "SVAMP.json", "svamp/SVAMP.json")
+        data = _read_json(file)
+        if not isinstance(data, list):
+            raise DataError(f"{file}: expected a JSON list of problems")
+        rows = [(f"{file}: record {i}", r) for i, r in enumerate(data)]
+    else:
+        rows = _hub_rows(hub_id, None, ["train", "test"])
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object")
+        pid = str(_field(row, ["ID", "id"], where, None))
+        where = f"{where} (ID {pid})"
+        body = _field(row, ["Body", "body"], where).strip()
+        question = _field(row, ["Question", "question"], where).strip()
+        answer = _number_text(_field(row, ["Answer", "answer"], where, (int, float, str)), where)
+        out.append(Example(f"svamp/{pid}", f"{body} {question}", answer, None, "svamp"))
+    return out
+
+
+_UNIT = re.compile(r"\s*\((?=[^()]*[A-Za-z])[^()]*\)")
+
+
+def normalise_asdiv_answer(raw: str) -> str:
+    """"9 (apples)" -> "9"; "5 (years old); 15 (years old)" -> "5; 15"; text answers unchanged."""
+    return re.sub(r"\s+", " ", _UNIT.sub("", raw)).strip()
+
+
+def load_asdiv(path=None, hub_id: str = ASDIV_HUB) -> list[Example]:
+    if path is not None:
+        file = _resolve(path, "ASDiv.xml", "asdiv/ASDiv.xml")
+        try:
+            root = ET.parse(file).getroot()
+        except ET.ParseError as e:
+            raise DataError(f"{file}:{e.position[0]}: invalid XML ({e})") from None
+        rows = []
+        for i, problem in enumerate(root.iter("Problem")):
+            row = {"ID": problem.get("ID")}
+            for tag in ("Body", "Question", "Answer"):
+                node = problem.find(tag)
+                if node is not None:
+                    row[tag] = node.text or ""
+            rows.append((f"{file}: Problem {i} (ID {row['ID']})", row))
+        if not rows:
+            raise DataError(f"{file}: no <Problem> elements")
+    else:
+        rows = [(w, dict(r, ID=f"{i}")) for i, (w, r) in enumerate(_hub_rows(hub_id, None, ["validation"]))]
+    out = []
+    for where, row in rows:
+        pid = row.get("ID")
+        if not pid:
+            raise DataError(f"{where}: missing ID attribute")
+        body = _field(row, ["Body", "body"], where)
+        question = _field(row, ["Question", "question"], where)
+        answer = normalise_asdiv_answer(_field(row, ["Answer", "answer"], where))
+        if not answer:
+            raise DataError(f"{where}: empty answer")
+        out.append(Example(f"asdiv/{pid}", f"{body.strip()} {question.strip()}", answer, None, "asdiv"))
+    return out
+
+
+# ---------------------------------------------------------------- BIG-Bench Hard
+
+def _check_tasks(tasks) -> list[str]:
+    tasks = list(BBH_TASKS if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in BBH_TASKS]
+    if unknown:
+        raise ValueError(f"unknown BBH task(s) {unknown}; known: {', '.join(BBH_TASKS)}")
+    return tasks
+
+
+def load_bbh(path=None, tasks: Optional[Sequence[str]] = None, hub_id: str = BBH_HUB) -> list[Example]:
+    """All 27 tasks (or `tasks`) in BBH_TASKS order; ids "bbh/<task>/<i>", source "bbh/<task>"."""
+    out = []
+    for task in _check_tasks(tasks):
+        if path is not None:
+            file = _resolve(path, f"tasks/{task}.json", f"bbh/tasks/{task}.json", f"{task}.json")
+            data = _read_json(file)
+            if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+                raise DataError(f"{file}: expected an object with an 'examples' list")
+            rows = [(f"{file}: example {i}", r) for i, r in enumerate(data["examples"])]
+        else:
+            rows = _hub_rows(hub_id, task, ["test"])
+        for i, (where, row) in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object")
+            target = _field(row, ["target"], where).strip()
+            if not target:
+                raise DataError(f"{where}: empty target")
+            out.append(Example(f"bbh/{task}/{i}", _field(row, ["input"], where), target, None, f"bbh/{task}"))
+    return out
+
+
+def load_bbh_cot_prompt(task: str, path=None) -> str:
+    """The official 3-shot CoT prompt of `task`, without the canary header (line + "-----")."""
+    _check_tasks([task])
+    if path is not None:
+        file = _resolve(path, f"cot-prompts/{task}.txt", f"bbh/cot-prompts/{task}.txt", f"{task}.txt")
+        text = file.read_text(encoding="utf-8")
+    else:
+        import urllib.request
+        with urllib.request.urlopen(BBH_PROMPTS_URL.format(task=task), timeout=30) as r:
+            text = r.read().decode("utf-8")
+    lines = text.splitlines()
+    if lines and "canary" in lines[0].lower():
+        lines = lines[1:]
+        if lines and set(lines[0].strip()) == {"-"}:
+            lines = lines[1:]
+    prompt = "\n".join(lines).strip()
+    if "Q:" not in prompt:
+        raise DataError(f"BBH prompt for {task}: no 'Q:' exemplar found")
+    return prompt
+
+
+# ---------------------------------------------------------------- one entry point by name
+
+DATASET_NAMES = ("gsm8k", "gsm8k_train", "gsm8k_dev", "multiarith", "asdiv", "svamp", "bbh")
+
+
+def load_dataset_by_name(name: str, data_dir=None, split: str = "test",
+                         dev_size: int = 300, seed: int = 0) -> list[Example]:
+    """name: gsm8k (split train/test, the full files), gsm8k_train (train minus dev), gsm8k_dev,
+    multiarith, asdiv, svamp, bbh, bbh/<task>, synthetic/<split>. data_dir: folder holding gsm8k/, ...
+    (e.g. /work/shared/data); None = the hub. `split` only matters for gsm8k."""
+    root = Path(data_dir) if data_dir is not None else None
+
+    def sub(folder):
+        return root / folder if root is not None else None
+
+    if name == "gsm8k":
+        return load_gsm8k(split, sub("gsm8k"))
+    if name in ("gsm8k_train", "gsm8k_dev"):
+        rest, dev = split_gsm8k_dev(load_gsm8k("train", sub("gsm8k")), dev_size, seed)
+        return rest if name == "gsm8k_train" else dev
+    if name == "multiarith":
+        return load_multiarith(sub("multiarith"))
+    if name == "asdiv":
+        return load_asdiv(sub("asdiv"))
+    if name == "svamp":
+        return load_svamp(sub("svamp"))
+    if name == "bbh":
+        return load_bbh(sub("bbh"))
+    if name.startswith("bbh/"):
+        return load_bbh(sub("bbh"), tasks=[name[4:]])
+    if name.startswith("synthetic/"):
+        from . import synthetic
+        splits = synthetic.make_splits(seed=seed)
+        part = name.split("/", 1)[1]
+        if part not in splits:
+            raise ValueError(f"unknown synthetic split {part!r}; known: {', '.join(splits)}")
+        return splits[part]
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}, bbh/<task>, synthetic/<split>")
