@@ -158,30 +158,26 @@ def mark_done(run: Run, stage: str, seconds: float, info: dict | None = None) ->
 # ----------------------------------------------------------------------------- data helpers
 
 def load_examples(recipe: Recipe, name: str, split: str = "test") -> list:
-    """Examples of a named dataset; synthetic splits follow the recipe's seed and sizes."""
+    """Examples of a named dataset (the data layer's names); GSM8K train excludes the dev questions."""
     from specialize.engine.data import load_dataset_by_name
-    if name.startswith("synthetic/") or (name == "synthetic"):
+    if name == "synthetic":
+        name = f"synthetic/{split}"
+    if name.startswith("synthetic/") and recipe.data.synthetic_sizes:
         from specialize.engine.data.synthetic import make_splits
-        part = name.split("/", 1)[1] if "/" in name else split
-        splits = make_splits(seed=recipe.train.seed, sizes=recipe.data.synthetic_sizes or None)
+        splits = make_splits(seed=recipe.train.seed, sizes=recipe.data.synthetic_sizes)
+        part = name.split("/", 1)[1]
         if part not in splits:
             raise ConfigError(f"dataset {name!r}: synthetic splits are {sorted(splits)}")
         return list(splits[part])
     if name == "gsm8k" and split == "train":
-        # The dev questions are held out of everything the student or teacher trains on.
-        from specialize.engine.data import load_gsm8k, split_gsm8k_dev
-        train = load_gsm8k("train", path=_sub(recipe, "gsm8k"))
-        return split_gsm8k_dev(train, recipe.data.dev_size, recipe.train.seed)[0]
-    return list(load_dataset_by_name(name, data_dir=recipe.data.data_dir, split=split))
-
-
-def _sub(recipe: Recipe, folder: str) -> str | None:
-    return str(Path(recipe.data.data_dir) / folder) if recipe.data.data_dir else None
+        # The dev questions are held out of everything the teacher answers or the student trains on.
+        name = "gsm8k_train"
+    return list(load_dataset_by_name(name, data_dir=recipe.data.data_dir, split=split,
+                                     dev_size=recipe.data.dev_size, seed=recipe.train.seed))
 
 
 def training_pool(recipe: Recipe) -> list:
-    return load_examples(recipe, "synthetic/train" if recipe.data.dataset == "synthetic" else recipe.data.dataset,
-                         split="train")
+    return load_examples(recipe, recipe.data.dataset, split="train")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -195,8 +191,7 @@ def stage_toy(run: Run) -> dict:
 def stage_teacher(run: Run) -> dict:
     from specialize.engine.teacher import generate
     r = run.recipe
-    examples = load_examples(r, r.teacher.dataset if r.teacher.dataset != "synthetic" else "synthetic/train",
-                             split=r.teacher.split)
+    examples = load_examples(r, r.teacher.dataset, split=r.teacher.split)
     if r.teacher.limit:
         examples = examples[: r.teacher.limit]
     generate(r.teacher, examples, str(run.dir("teacher")))

@@ -199,6 +199,9 @@ class ToyScale:
     student_vocab: int = 800
     math_for_student: int = 150     # "a little math" in the instruction-tuning mix
     heldout_check: int = 100
+    # None: every practice question; a number caps the teacher's / the student's training sets.
+    teacher_examples: int | None = None
+    student_examples: int | None = None
     # Tests only: the teacher trains on the very questions it will answer, so that a few seconds of
     # training still yield correct samples for the filter (a memorising teacher, not a reasoning one).
     teacher_sees_questions: bool = False
@@ -230,9 +233,9 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     seen = {e.question for split in world.values() for e in split}
 
     source = world["train"] if scale.teacher_sees_questions else [e for e in practice["train"] if e.question not in seen]
-    teacher_pairs = [(p, " " + t) for p, t in _pairs(source, "zero_shot_cot")]
+    teacher_pairs = [(p, " " + t) for p, t in _pairs(source[: scale.teacher_examples], "zero_shot_cot")]
     generic = [e for name in GENERIC for e in practice.get(name, []) if e.question not in seen]
-    student_pairs = (_pairs(generic, "zero_shot_answer_only")
+    student_pairs = (_pairs(generic[: scale.student_examples], "zero_shot_answer_only")
                      + _pairs(practice["train"][: scale.math_for_student], "zero_shot_cot"))
     # Each tokenizer is trained on its own side's text only, so the vocabularies really differ.
     t_tok = train_byte_bpe([p + t for p, t in teacher_pairs], scale.teacher_vocab)
@@ -242,7 +245,7 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     dev = (world["train"] if scale.teacher_sees_questions else world["dev"])[: scale.heldout_check]
     from specialize.engine.data import build_prompt
     check = ([build_prompt(e.question, "zero_shot_cot") for e in dev], [e.answer for e in dev],
-             lambda text, gold: is_correct(text, gold, "synthetic"))
+             lambda text, gold: is_correct(text, gold, "synthetic/dev"))
     teacher = train_toy_teacher(teacher_pairs, t_tok, toy_dir / "teacher",
                                 ToyTrainConfig(steps=scale.teacher_steps, seed=seed, check_every=max(1, scale.teacher_steps // 6)),
                                 check=check, model_kwargs=dict(n_layer=scale.teacher_layers, n_embd=scale.teacher_width,

@@ -1,0 +1,91 @@
+"""Every recipe loads strictly and its header command passes `specialize run --dry-run`.
+
+The command is read from the recipe's own header comment (the first `specialize run` line), so a
+header that drifts from what actually runs fails here.
+"""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from specialize.engine import pipeline
+from specialize.engine.config import ConfigError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def header_command(path: Path) -> list[str]:
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text.startswith("specialize run "):
+            return shlex.split(text)[2:]
+    raise AssertionError(f"{path}: no `specialize run` command in the header comment")
+
+
+def test_recipes_exist_with_mini_variants():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    for experiment in ("formats", "start_checkpoint", "dm_vs_sm", "scaling", "tradeoff", "model_selection"):
+        assert f"{experiment}.yaml" in names and f"mini/{experiment}.yaml" in names
+    assert {f"headline_flan_t5_{s}.yaml" for s in ("base", "large", "xl", "xxl")} <= names
+    assert "mini/headline.yaml" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_recipe_header_command_dry_runs(path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # recipe paths (DeepSpeed JSONs) are relative to the repository root
+    argv = header_command(path)
+    assert argv[0] == path.relative_to(REPO).as_posix()
+    load_recipe(path)  # strict: unknown keys / wrong types raise
+    assert pipeline.main(argv + ["--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for check in ("deepspeed", "model", "data", "aligned", "loss"):
+        assert f"  {check}" in out
+
+
+def test_ds_json_files_are_valid_and_referenced():
+    configs = sorted((REPO / "recipes").glob("*.json"))
+    assert configs
+    text = "".join(p.read_text() for p in RECIPES)
+    for cfg in configs:
+        json.loads(cfg.read_text())
+        assert f"recipes/{cfg.name}" in text, f"{cfg.name} is used by no recipe"
+
+
+def test_sweeps_zip_and_tag_runs(tmp_path):
+    runs = pipeline.expand_runs([str(REPO / "recipes/dm_vs_sm.yaml")], ["train.max_steps=7"],
+                                ["loss.kind=[dm, sm]", "train.lr=[0.1, 0.2]"])
+    assert [(r.tag, r.recipe.loss.kind, r.recipe.train.lr, r.recipe.train.max_steps) for r in runs] == \
+        [("dm", "dm", 0.1, 7), ("sm", "sm", 0.2, 7)]
+    assert runs[0].dir("teacher") == runs[1].dir("teacher")          # teacher data shared
+    assert runs[0].dir("train") != runs[1].dir("train")              # training is per run
+    with pytest.raises(ConfigError, match="zipped"):
+        pipeline.expand_runs([str(REPO / "recipes/dm_vs_sm.yaml")], [], ["loss.kind=[dm, sm]", "train.lr=[0.1]"])
+    with pytest.raises(ConfigError, match="loss.kind"):
+        pipeline.expand_runs([str(REPO / "recipes/dm_vs_sm.yaml")], [], ["loss.kind=[dm, fancy]"])
+
+
+def test_dry_run_reports_mismatched_deepspeed_config(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code = pipeline.main(["recipes/headline_flan_t5_base.yaml", "--set", "deepspeed.zero_stage=3", "--dry-run"])
+    assert code == 1
+    assert "zero_stage=3" in capsys.readouterr().err
+
+
+def test_done_markers_skip_and_refuse_stale(tmp_path):
+    calls = []
+    runs = pipeline.expand_runs([str(REPO / "recipes/mini/headline.yaml")],
+                                [f"output_dir={tmp_path}", f"teacher.out_dir={tmp_path}/t",
+                                 "stages=[teacher, filter]"], [])
+    fake = {"teacher": lambda run: calls.append("teacher") or {}, "filter": lambda run: calls.append("filter") or {}}
+    pipeline.run_stages(runs, stage_funcs=fake, log=lambda s: None)
+    pipeline.run_stages(runs, stage_funcs=fake, log=lambda s: None)
+    assert calls == ["teacher", "filter"]  # the second pass reused both
+    changed = pipeline.expand_runs([str(REPO / "recipes/mini/headline.yaml")],
+                                   [f"output_dir={tmp_path}", f"teacher.out_dir={tmp_path}/t",
+                                    "stages=[teacher, filter]", "teacher.samples=9"], [])
+    with pytest.raises(ConfigError, match="different configuration"):
+        pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None)
