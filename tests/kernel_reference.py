@@ -1,5 +1,9 @@
 """Naive float64 reference for the sparse KL + CE loss: materialised log_softmax + gather, autograd
-for the gradients. Written from the math in the issue, independent of the kernels' code."""
+for the gradients. Written from the math in the issue, independent of the kernels' code. Also the
+input generator and the comparison helper shared by the kernel tests.
+
+Run in another dtype (pass bf16 logits) the same code is "the same torch computation done in that
+dtype", the yardstick of the flash-attention tolerance rule used for bf16/fp16."""
 import torch
 
 TAIL_EPS = 1e-6  # must match specialize.kernels.utils.TAIL_EPS (the documented clamp)
@@ -23,7 +27,7 @@ def reference_rows(logits, topk_ids, topk_logprobs, target, alpha, temperature, 
         if ids.numel() == 0:
             losses.append(ce), ces.append(ce.detach()), kls.append(torch.zeros((), dtype=z.dtype))
             continue
-        lp = topk_logprobs[i][keep].double()
+        lp = topk_logprobs[i][keep].to(z.dtype)
         p = lp.exp()
         logq = logq_all[i, ids]
         if tail == "renorm":
@@ -61,3 +65,46 @@ def reference_loss(logits, topk_ids, topk_logprobs, target, alpha=0.5, temperatu
 def reference_linear(h, weight, hidden_scale, *args, **kwargs):
     """Reference for the fused version: logits = (h·s) @ Wᵀ in float64, then `reference_loss`."""
     return reference_loss((h * hidden_scale) @ weight.T, *args, **kwargs)
+
+
+def make_inputs(N, V, K, dtype=torch.float32, ignore_rows=(), no_teacher_rows=(), padded_rows=(),
+                one_hot_rows=(), logit_scale=3.0, device="cpu"):
+    """Fresh random inputs: student logits [N, V]; teacher ids distinct per row with a top-k of a
+    random distribution (sum p < 1, so the tail matters); some rows padded with -1, some without a
+    teacher, some one-hot [label, logprob 0] like the aligner's unaligned positions; targets hit a
+    teacher id half the time; -100 on `ignore_rows`."""
+    logits = (torch.randn(N, V) * logit_scale).to(dtype)
+    ids = torch.rand(N, V).argsort(dim=1)[:, :K].clone()
+    teacher = torch.log_softmax(torch.randn(N, K + 4) * 2.0, dim=1)
+    lp = teacher.sort(dim=1, descending=True).values[:, :K].contiguous()
+    target = torch.randint(0, V, (N,))
+    hit = torch.rand(N) < 0.5
+    target[hit] = ids[hit, 0]
+    for r in padded_rows:
+        if K > 1:
+            ids[r, K // 2 + 1:] = -1
+            lp[r, K // 2 + 1:] = 0.0
+    for r in no_teacher_rows:
+        ids[r] = -1
+    for r in one_hot_rows:
+        ids[r] = -1
+        ids[r, 0] = target[r]
+        lp[r] = 0.0
+    for r in ignore_rows:
+        target[r] = -100
+    return logits.to(device), ids.to(device), lp.to(device), target.to(device)
+
+
+def assert_close(actual, expected, atol, rtol, name):
+    """allclose that names the tensor and prints the first mismatching indices and values."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values at {(~torch.isfinite(actual)).nonzero()[:5].tolist()}"
+    bad = (actual - expected).abs() > atol + rtol * expected.abs()
+    if bad.any():
+        idx = bad.nonzero()[:5]
+        rows = [(tuple(i.tolist()), float(actual[tuple(i)]), float(expected[tuple(i)])) for i in idx]
+        err = float((actual - expected).abs().max())
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (max abs err "
+                             f"{err:.3g}, atol {atol}, rtol {rtol}); first (index, got, want): {rows}")
