@@ -312,10 +312,11 @@ DATASET_NAMES = ("gsm8k", "gsm8k_train", "gsm8k_dev", "multiarith", "asdiv", "sv
 
 
 def load_dataset_by_name(name: str, data_dir=None, split: str = "test",
-                         dev_size: int = 300, seed: int = 0) -> list[Example]:
+                         dev_size: int = 300, seed: int = 0, sizes: Optional[dict] = None) -> list[Example]:
     """name: gsm8k (split train/test, the full files), gsm8k_train (train minus dev), gsm8k_dev,
     multiarith, asdiv, svamp, bbh, bbh/<task>, synthetic/<split>. data_dir: folder holding gsm8k/, ...
-    (e.g. /work/shared/data); None = the hub. `split` only matters for gsm8k."""
+    (e.g. /work/shared/data); None = the hub. `split` only matters for gsm8k; `dev_size`/`seed` pick
+    the GSM8K dev part (and the synthetic world's seed); `sizes` overrides synthetic split sizes."""
     root = Path(data_dir) if data_dir is not None else None
 
     def sub(folder):
@@ -338,7 +339,7 @@ def load_dataset_by_name(name: str, data_dir=None, split: str = "test",
         return load_bbh(sub("bbh"), tasks=[name[4:]])
     if name.startswith("synthetic/"):
         from . import synthetic
-        splits = synthetic.make_splits(seed=seed)
+        splits = synthetic.make_splits(seed=seed, sizes=sizes)
         part = name.split("/", 1)[1]
         if part not in splits:
             raise ValueError(f"unknown synthetic split {part!r}; known: {', '.join(splits)}")

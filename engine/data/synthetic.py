@@ -1,0 +1,243 @@
+"""The synthetic mini-world: short multi-step arithmetic word problems with gold chain of thought,
+plus three generic task families standing in for BIG-Bench Hard.
+
+Small on purpose: a tiny T5 has to learn the in-distribution task on 2 CPU cores in minutes, so
+questions stay under ~40 words and CoTs under ~60. The out-of-distribution splits each move one
+knob: `ood_steps` (more operations), `ood_templates` (phrasings never seen in train) and
+`ood_numbers` (larger numbers), mirroring the paper's in-distribution vs. generalisation split.
+
+Gold CoT: one line "a + b = c." per operation, the last line "The answer is N.".
+Every split is a pure function of (seed, sizes); no question appears twice in the whole world.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .records import Example
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jack", "Kim", "Leo",
+         "Mia", "Ned", "Omar", "Pia", "Ravi", "Sara", "Tom", "Uma", "Vic", "Wen", "Zoe")
+ITEMS = ("apples", "pens", "cards", "shells", "books", "stamps", "coins", "eggs", "cups", "kites",
+         "beads", "rocks", "toys", "plums", "socks", "hats")
+
+# Template sets: {name}/{other} people, {item} the counted things, {n} the operand.
+# Set A (train and in-distribution test): one person's possessions.
+TEMPLATES_A = {
+    "start": ("{name} has {n} {item}.", "{name} owns {n} {item}."),
+    "add": ("{name} buys {n} more.", "{other} gives {name} {n} more.", "{name} finds {n} more."),
+    "sub": ("{name} gives {n} to {other}.", "{name} loses {n}.", "{name} sells {n}."),
+    "mul": ("Then {name} has {n} times as many.",),
+    "div": ("{name} keeps one of {n} equal shares.",),
+    "question": ("How many {item} does {name} have now?", "How many {item} does {name} have in the end?"),
+}
+# Set B (ood_templates only): a shared box, phrasings never used by set A.
+TEMPLATES_B = {
+    "start": ("A box holds {n} {item}.", "There are {n} {item} in a box."),
+    "add": ("{name} puts {n} more into the box.", "Later, {n} extra are added."),
+    "sub": ("{name} takes {n} out of the box.", "Then {n} are removed."),
+    "mul": ("The contents of the box grow {n} times.",),
+    "div": ("Only one of {n} equal parts stays in the box.",),
+    "question": ("How many {item} are in the box at the end?", "How many {item} does the box hold now?"),
+}
+
+
+@dataclass(frozen=True)
+class ArithmeticSpec:
+    """One distribution of arithmetic problems."""
+    steps: tuple[int, int]          # inclusive range of operations after the starting amount
+    start: tuple[int, int]          # starting amount
+    operand: tuple[int, int]        # operand of + and -
+    factor: tuple[int, int]         # operand of * and /
+    cap: int                        # no intermediate value above this
+    templates: dict
+
+
+SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99)
+LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999)
+
+ARITHMETIC_SPECS = {
+    "train": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),
+    "dev": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),
+    "test": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),
+    "ood_steps": ArithmeticSpec(steps=(4, 5), templates=TEMPLATES_A, **SMALL),
+    "ood_templates": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_B, **SMALL),
+    "ood_numbers": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **LARGE),
+}
+GENERIC_FAMILIES = ("generic_sort", "generic_count", "generic_bool")
+SPLITS = tuple(ARITHMETIC_SPECS) + GENERIC_FAMILIES
+DEFAULT_SIZES = {"train": 2000, "dev": 200, "test": 200, "ood_steps": 200, "ood_templates": 200,
+                 "ood_numbers": 200, "generic_sort": 300, "generic_count": 300, "generic_bool": 300}
+
+
+def _final(answer) -> str:
+    return f"The answer is {answer}."
+
+
+# ---------------------------------------------------------------- arithmetic word problems
+
+def _step(rng: random.Random, spec: ArithmeticSpec, value: int) -> Optional[tuple[str, int, int]]:
+    """One operation applicable to `value` (op, operand, result), or None if none fits."""
+    options = []
+    lo, hi = spec.operand
+    if value + lo <= spec.cap:
+        options.append("add")
+    if value - lo >= 1:
+        options.append("sub")
+    if value * spec.factor[0] <= spec.cap:
+        options.append("mul")
+    divisors = [d for d in range(spec.factor[0], spec.factor[1] + 1) if value % d == 0]
+    if divisors:
+        options.append("div")
+    if not options:
+        return None
+    op = rng.choice(options)
+    if op == "add":
+        n = rng.randint(lo, min(hi, spec.cap - value))
+        return op, n, value + n
+    if op == "sub":
+        n = rng.randint(lo, min(hi, value - 1))  # keep something left: a zero ends the story
+        return op, n, value - n
+    if op == "mul":
+        n = rng.randint(spec.factor[0], min(spec.factor[1], spec.cap // value))
+        return op, n, value * n
+    n = rng.choice(divisors)
+    return op, n, value // n
+
+
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def arithmetic_problem(rng: random.Random, spec: ArithmeticSpec) -> tuple[str, str, str]:
+    """(question, rationale ending in "The answer is N.", answer) drawn from `spec`."""
+    name, other = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    value = rng.randint(*spec.start)
+    t = spec.templates
+    sentences = [rng.choice(t["start"]).format(name=name, other=other, item=item, n=value)]
+    lines = []
+    for _ in range(rng.randint(*spec.steps)):
+        step = _step(rng, spec, value)
+        if step is None:
+            break
+        op, n, new = step
+        sentences.append(rng.choice(t[op]).format(name=name, other=other, item=item, n=n))
+        lines.append(f"{value} {_SYMBOL[op]} {n} = {new}.")
+        value = new
+    sentences.append(rng.choice(t["question"]).format(name=name, item=item))
+    lines.append(_final(value))
+    return " ".join(sentences), "\n".join(lines), str(value)
+
+
+# ---------------------------------------------------------------- generic families (BBH stand-ins)
+
+SORT_WORDS = ("apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house", "igloo", "jelly",
+              "kite", "lemon", "mango", "night", "olive", "piano", "queen", "river", "stone", "tiger",
+              "umbra", "vivid", "whale", "xenon", "yacht", "zebra", "amber", "brick", "candle", "daisy",
+              "ember", "frost", "globe", "honey", "ivory", "jewel", "koala", "lunar", "maple", "noble")
+COUNT_WORDS = ("banana", "carrot", "letter", "puppy", "mirror", "pepper", "rabbit", "coffee", "balloon",
+               "button", "kitten", "hammer", "bubble", "cherry", "summer", "yellow", "window", "paddle",
+               "giraffe", "tomato", "sister", "ladder", "cotton", "garden", "parrot", "pillow", "dinner",
+               "assess", "teeth", "needle")
+
+
+def sort_problem(rng: random.Random) -> tuple[str, str, str]:
+    words = rng.sample(SORT_WORDS, rng.randint(3, 5))
+    answer = " ".join(sorted(words))
+    question = "Sort these words alphabetically: " + " ".join(words)
+    rationale = "First letters: " + ", ".join(w[0] for w in words) + ".\n" + _final(answer)
+    return question, rationale, answer
+
+
+def count_problem(rng: random.Random) -> tuple[str, str, str]:
+    phrase = " ".join(rng.sample(COUNT_WORDS, rng.randint(1, 2)))
+    letter = rng.choice(sorted(set(phrase.replace(" ", ""))))
+    spelled = " ".join(phrase.replace(" ", ""))
+    count = phrase.count(letter)
+    question = f'How many times does the letter "{letter}" appear in "{phrase}"?'
+    # spell the word out, then copy each match: counting a short list is learnable by a tiny model
+    rationale = f"{spelled}: {', '.join([letter] * count)}.\n{_final(count)}"
+    return question, rationale, str(count)
+
+
+def _bool_expr(rng: random.Random, leaves: int, lines: list[str]) -> tuple[str, bool]:
+    """A random expression with `leaves` literals; appends one evaluation line per operator."""
+    if leaves == 1:
+        value = rng.random() < 0.5
+        text = str(value)
+        if rng.random() < 0.35:
+            lines.append(f"not {value} = {not value}.")
+            text, value = f"not {value}", not value
+        return text, value
+    left_n = rng.randint(1, leaves - 1)
+    left, lv = _bool_expr(rng, left_n, lines)
+    right, rv = _bool_expr(rng, leaves - left_n, lines)
+    op = rng.choice(("and", "or"))
+    value = (lv and rv) if op == "and" else (lv or rv)
+    lines.append(f"{lv} {op} {rv} = {value}.")
+    # brackets around compound sides, so Python's and-before-or precedence never matters
+    wrap = lambda s, n: f"( {s} )" if n > 1 else s  # noqa: E731
+    return f"{wrap(left, left_n)} {op} {wrap(right, leaves - left_n)}", value
+
+
+def bool_problem(rng: random.Random) -> tuple[str, str, str]:
+    lines: list[str] = []
+    expr, value = _bool_expr(rng, rng.randint(2, 4), lines)
+    lines.append(_final(value))
+    return f"What is {expr}?", "\n".join(lines), str(value)
+
+
+GENERIC_MAKERS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "generic_sort": sort_problem, "generic_count": count_problem, "generic_bool": bool_problem,
+}
+
+
+# ---------------------------------------------------------------- the splits
+
+def make_split(name: str, n: int, seed: int, seen: set) -> list[Example]:
+    """`n` new problems of split `name`; questions already in `seen` are redrawn (and `seen` grows)."""
+    if name in ARITHMETIC_SPECS:
+        spec = ARITHMETIC_SPECS[name]
+        draw = lambda rng: arithmetic_problem(rng, spec)  # noqa: E731
+    elif name in GENERIC_MAKERS:
+        draw = GENERIC_MAKERS[name]
+    else:
+        raise ValueError(f"unknown synthetic split {name!r}; known: {', '.join(SPLITS)}")
+    rng = random.Random(f"specialize-synthetic/{seed}/{name}")  # str seeds are stable across runs
+    out = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise RuntimeError(f"synthetic/{name}: only {len(out)} distinct questions after {attempts} draws; "
+                               f"ask for fewer than {n}")
+        question, rationale, answer = draw(rng)
+        if question in seen:
+            continue
+        seen.add(question)
+        out.append(Example(f"synthetic/{name}/{len(out)}", question, answer, rationale, f"synthetic/{name}"))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _make_splits(seed: int, sizes: tuple) -> dict:
+    seen: set = set()
+    return {name: tuple(make_split(name, n, seed, seen)) for name, n in sizes}
+
+
+def make_splits(seed: int = 0, sizes: Optional[dict] = None) -> dict[str, list[Example]]:
+    """All splits of the mini-world: train, dev, test, ood_steps, ood_templates, ood_numbers,
+    generic_sort, generic_count, generic_bool. `sizes` overrides DEFAULT_SIZES per split."""
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown synthetic split(s) {sorted(unknown)}; known: {', '.join(SPLITS)}")
+    merged = {**DEFAULT_SIZES, **sizes}
+    bad = {k: v for k, v in merged.items() if not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"synthetic sizes must be non-negative integers, got {bad}")
+    # Fixed generation order (train first): a duplicate is always redrawn in the later split.
+    splits = _make_splits(seed, tuple((name, merged[name]) for name in SPLITS))
+    return {name: list(examples) for name, examples in splits.items()}
