@@ -97,6 +97,13 @@ def test_other_math_golds_match_themselves(shared_data):
         assert all(is_correct(t, e.answer, name) for t, e in zip(texts, examples)), name
 
 
+def test_synthetic_kinds():
+    assert extract_answer("2 + 3 = 5.\nThe answer is 5.", "synthetic") == "5"
+    assert is_correct("The answer is bread jewel.", "bread jewel", "synthetic/generic_sort")
+    assert is_correct("not False = True.\nThe answer is True.", "True", "synthetic/generic_bool")
+    assert not is_correct("The answer is 4.", "3", "synthetic/generic_count")
+
+
 def test_unknown_dataset_is_an_error():
     with pytest.raises(ValueError, match="unknown dataset"):
         extract_answer("The answer is 3", "mnist")

@@ -174,3 +174,5 @@ def test_broken_xml_names_line_or_problem(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         loaders.load_multiarith(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"looked for train\.jsonl"):
+        load_gsm8k("train", tmp_path)  # a folder without the file

@@ -41,6 +41,8 @@ def _kind(dataset: str, gold: Optional[str] = None) -> str:
         if kind == "option" and gold is not None and not re.fullmatch(r"\([A-Z]\)", gold.strip()):
             return "text"  # three choice-task targets are the option text ("Monsters, Inc")
         return kind
+    if dataset == "synthetic":  # the arithmetic world as a whole (recipes say data.dataset: synthetic)
+        return "number"
     if dataset.startswith("synthetic/"):
         return _NON_NUMERIC_SYNTHETIC.get(dataset.split("/", 1)[1], "number")
     if dataset == "bbh":

@@ -117,9 +117,9 @@ def _resolve(path, *candidates: str) -> Path:
     for c in candidates:
         if (p / c).exists():
             return p / c
-    if p.exists():
+    if p.is_file():
         return p
-    raise FileNotFoundError(f"{p}: not found (expected one of {', '.join(candidates)} inside)")
+    raise FileNotFoundError(f"{p}: no data file there (looked for {', '.join(candidates)} inside)")
 
 
 # ---------------------------------------------------------------- GSM8K
