@@ -142,6 +142,9 @@ def test_broken_json_names_record(tmp_path):
         {"ID": "chal-2", "Body": "b", "Answer": 1.0}]))
     with pytest.raises(DataError, match=r"SVAMP\.json: record 1 \(ID chal-2\): missing field 'Question'"):
         load_svamp(tmp_path)
+    (tmp_path / "SVAMP.json").write_text(json.dumps([{"ID": "x", "Body": "b", "Question": "q", "Answer": None}]))
+    with pytest.raises(DataError, match=r"record 0 \(ID x\): field 'Answer' should be int or float or str"):
+        load_svamp(tmp_path)
     (tmp_path / "SVAMP.json").write_text('[{"ID": "a",\n "Body": }]')
     with pytest.raises(DataError, match=r"SVAMP\.json:2: invalid JSON"):
         load_svamp(tmp_path)

@@ -16,6 +16,7 @@ Hub ids (normal use):
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import xml.etree.ElementTree as ET
@@ -59,13 +60,16 @@ def _number_text(value, where: str) -> str:
         x = float(str(value).replace(",", ""))
     except ValueError:
         raise DataError(f"{where}: answer {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise DataError(f"{where}: answer {value!r} is not a finite number")
     if x == int(x) and abs(x) < 1e15:
         return str(int(x))
     return repr(x)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) per non-blank line, so later field errors can name the line."""
+    """(line number, object) per non-blank line, so later field errors can name the line.
+    Blank lines hold no record (a trailing newline is common); anything else must parse."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -95,7 +99,8 @@ def _field(row: dict, names: Sequence[str], where: str, kind=str):
         if name in row:
             value = row[name]
             if kind is not None and not isinstance(value, kind):
-                raise DataError(f"{where}: field {name!r} should be {kind}, got {type(value).__name__}")
+                want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"{where}: field {name!r} should be {want}, got {type(value).__name__}")
             return value
     raise DataError(f"{where}: missing field {names[0]!r}")
 
