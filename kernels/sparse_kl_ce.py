@@ -75,8 +75,10 @@ def _sparse_kl_ce_fwd_kernel(
         s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         st = st * tl.exp((m - m_new) * inv_tau) + tl.sum(tl.exp((z - m_new) * inv_tau), axis=0)
         m = m_new
-    lse = m + tl.log(s1)
-    lse_t = m * inv_tau + tl.log(st)
+    # Work relative to the max: (z − m) is exact near the max and log(s) is small, so log q and
+    # 1 − Σq keep their precision even when m/τ is large.
+    log_s1 = tl.log(s1)
+    log_st = tl.log(st)
 
     # gather: target and teacher ids
     z_t = tl.load(logits_ptr + target).to(tl.float32)
@@ -86,14 +88,14 @@ def _sparse_kl_ce_fwd_kernel(
     lp = tl.load(logprobs_ptr + row * stride_logprobs + offs_k, mask=has, other=0.0).to(tl.float32)
     p = tl.where(has, tl.exp(lp), 0.0)
     z_k = tl.load(logits_ptr + ids, mask=has, other=0.0).to(tl.float32)
-    log_q = z_k * inv_tau - lse_t
+    log_q = (z_k - m) * inv_tau - log_st
     q = tl.where(has, tl.exp(log_q), 0.0)
     n_teacher = tl.sum(has.to(tl.int32), axis=0)
     a = tl.where(n_teacher > 0, alpha, 1.0)
     p_sum = tl.sum(p, axis=0)
     q_sum = tl.sum(q, axis=0)
 
-    ce = lse - z_t
+    ce = (m - z_t) + log_s1
     # p·(l − log q) with 0·log 0 = 0 so −inf teacher logprobs and padding add nothing
     kl_terms = tl.where(p > 0.0, p * (lp - log_q), 0.0)
     r = 0.0
@@ -127,16 +129,17 @@ def _sparse_kl_ce_fwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             z = tl.load(logits_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-            g = coef_soft * tl.exp(z - lse) + coef_q * tl.exp(z * inv_tau - lse_t)
+            g = coef_soft * tl.exp(z - m - log_s1) + coef_q * tl.exp((z - m) * inv_tau - log_st)
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
         # The sparse positions are rewritten from the values gathered before sweep 2 (so an in-place
         # grad buffer is safe); barriers order the dense, target and top-k stores of this program.
         tl.debug_barrier()
-        g_t = coef_soft * (tl.exp(z_t - lse) - 1.0) + coef_q * tl.exp(z_t * inv_tau - lse_t)
+        g_t = (coef_soft * (tl.exp(z_t - m - log_s1) - 1.0)
+               + coef_q * tl.exp((z_t - m) * inv_tau - log_st))
         tl.store(grad_ptr + target, g_t.to(grad_ptr.dtype.element_ty))
         tl.debug_barrier()
         is_t = tl.where(ids == target, 1.0, 0.0)
-        g_k = (coef_soft * (tl.exp(z_k - lse) - is_t) + coef_q * q
+        g_k = (coef_soft * (tl.exp(z_k - m - log_s1) - is_t) + coef_q * q
                + coef_sparse * (r * q - p_w))
         tl.store(grad_ptr + ids, g_k.to(grad_ptr.dtype.element_ty), mask=has)
 
@@ -180,11 +183,13 @@ def rows_torch(logits, topk_ids, topk_logprobs, target, grad, scale, alpha, temp
     ids = torch.where(has, topk_ids, torch.zeros_like(topk_ids)).long()
     lp = torch.where(has, topk_logprobs.float(), torch.zeros((), dtype=torch.float32))
     p = torch.where(has, lp.exp(), torch.zeros(()))
-    lse = torch.logsumexp(z, dim=1)
-    zt = z / tau if tau != 1.0 else z
-    lse_t = torch.logsumexp(zt, dim=1)
-    ce = lse - z.gather(1, t[:, None])[:, 0]
-    log_q = zt.gather(1, ids) - lse_t[:, None]
+    # relative to the row max, as in the kernel (keeps log q precise when max/τ is large)
+    zs = z - z.max(dim=1, keepdim=True).values
+    log_s1 = torch.logsumexp(zs, dim=1)
+    zt = zs / tau if tau != 1.0 else zs
+    log_st = torch.logsumexp(zt, dim=1)
+    ce = log_s1 - zs.gather(1, t[:, None])[:, 0]
+    log_q = zt.gather(1, ids) - log_st[:, None]
     q = torch.where(has, log_q.exp(), torch.zeros(()))
     p_sum, q_sum = p.sum(1), q.sum(1)
     kl_terms = torch.where(p > 0, p * (lp - log_q), torch.zeros(()))
@@ -216,7 +221,7 @@ def rows_torch(logits, topk_ids, topk_logprobs, target, grad, scale, alpha, temp
     kl = torch.where(valid, kl, zero)
     if grad is not None:
         w = scale.float().expand(z.shape[0]) * valid.float()
-        g = torch.softmax(z, dim=1).mul_((w * a)[:, None])
+        g = torch.softmax(zs, dim=1).mul_((w * a)[:, None])
         g.add_(torch.softmax(zt, dim=1).mul_((w * (1 - a) * tau * c)[:, None]))
         g.scatter_add_(1, t[:, None], -(w * a)[:, None])
         sparse = torch.where(has, (w * (1 - a) * tau)[:, None] * (r[:, None] * q - p_w), torch.zeros(()))

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_reference import assert_close, make_inputs, reference_loss
+from kernel_reference import TAIL_EPS, assert_close, make_inputs, reference_loss
 from specialize.kernels import SparseKLCELoss, sparse_kl_ce
 from specialize.kernels.sparse_kl_ce import sparse_kl_ce_rows
 
@@ -188,8 +188,21 @@ def test_property_torch_path(N, V, K, alpha, temperature, tail, reduction, seed)
                                           padded_rows=[N - 1])
     got, want = run_both(logits, ids, lp, target, "torch", alpha=alpha, temperature=temperature,
                          tail=tail, reduction=reduction)
-    assert_close(got[0], want[0], 1e-4, 1e-4, "loss")
-    assert_close(got[3], want[3], 1e-6, 1e-4, "grad_logits")
+    extra = tail_error_bound(logits, ids, lp, temperature) * N if tail == "tail" else 0.0
+    assert_close(got[0], want[0], 1e-4 + extra, 1e-4, "loss")
+    assert_close(got[3], want[3], 1e-6 + 2 * extra / temperature, 1e-4, "grad_logits")
+
+
+def tail_error_bound(logits, ids, lp, temperature, delta=1e-6):
+    """In tail mode the student's tail mass q_r = 1 − Σ_S q is a difference computed in fp32, with an
+    absolute error of a few 1e-8 (delta = 1e-6 is generous), so the tail term τ²·p_r·log q_r and its
+    gradient carry a relative error ~ delta / q_r: large only when the student puts nearly all its
+    mass on the teacher's ids (q_r is clamped at TAIL_EPS)."""
+    has = ids >= 0
+    q = torch.log_softmax(logits.double() / temperature, dim=1).exp()
+    q_r = (1 - torch.where(has, q.gather(1, ids.clamp_min(0)), 0).sum(1)).clamp_min(TAIL_EPS)
+    p_r = (1 - torch.where(has, lp.double().exp(), 0).sum(1)).clamp_min(0)
+    return float((temperature ** 2 * p_r * delta / q_r).max())
 
 
 # --- input validation -------------------------------------------------------------------------
