@@ -1,0 +1,398 @@
+"""The evaluator: generate, extract the final answer, score with a bootstrap interval.
+
+One implementation serves `specialize eval`, the pipeline's eval stage and the engine's dev
+evaluation during training (`evaluate_model`). Scoring alone (`score_predictions`) serves
+existing generations, e.g. the teacher's samples.
+
+Generation is batched with length bucketing: prompts are sorted by token length so a batch pads
+to similar lengths (BBH's 3-shot prompts are ~10x longer than a GSM8K question), generated, and
+put back in the original order. BBH items always get the official 3-shot CoT prompt of their
+task, whatever `fmt` says, because that is how BBH is reported (Suzgun et al.; the paper's RQ4).
+
+Files written by `specialize eval --out DIR`:
+  DIR/results.json              {"model", "format", "datasets": {name: EvalResult.to_dict() without predictions}}
+  DIR/results.md                markdown table: dataset, accuracy, 95% CI, n (BBH: one row per task too)
+  DIR/predictions-<name>.jsonl  one {"id", "prediction", "extracted", "gold", "correct"} per example
+With `--run RUN` every HF-loadable checkpoint in RUN/checkpoints/step-*/ is scored and one line per
+step is appended to RUN/test_scores.jsonl: {"step": int, "<dataset>_acc": float, ...} (read by
+`specialize select` and `specialize plot`); steps already there are skipped, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from specialize.engine.data import (
+    FORMATS, Example, build_bbh_prompt, build_prompt, draw_exemplars, extract_answer, is_correct,
+    load_dataset_by_name,
+)
+
+BOOTSTRAP_SAMPLES = 2000
+CI_LEVEL = 0.95
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class EvalResult:
+    dataset: str
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_correct: int
+    predictions: list = field(default_factory=list)  # dict(id, prediction, extracted, gold, correct)
+    per_task: dict = field(default_factory=dict)     # BBH: task -> {accuracy, ci_low, ci_high, n, n_correct}
+    seconds: float = 0.0
+
+    def to_dict(self, with_predictions: bool = True) -> dict:
+        d = {"dataset": self.dataset, "accuracy": self.accuracy, "ci_low": self.ci_low,
+             "ci_high": self.ci_high, "n": self.n, "n_correct": self.n_correct, "seconds": round(self.seconds, 3)}
+        if self.per_task:
+            d["per_task"] = self.per_task
+        if with_predictions:
+            d["predictions"] = self.predictions
+        return d
+
+
+def bootstrap_ci(groups: Sequence[Sequence[bool]], seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
+                 level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(macro accuracy, low, high): the mean over groups of each group's accuracy, with a percentile
+    bootstrap that resamples every group separately (one group = plain accuracy; BBH = one per task).
+    Resampling n 0/1 outcomes with replacement and counting the 1s is exactly Binomial(n, p), so we
+    draw that count directly instead of materialising samples x n indices."""
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([np.mean(g) for g in groups]))
+    draws = np.zeros(samples)
+    for g in groups:
+        draws += rng.binomial(len(g), float(np.mean(g)), size=samples) / len(g)
+    draws /= len(groups)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return point, float(low), float(high)
+
+
+def _answer_dataset(example: Example, dataset: str) -> str:
+    """The name answer extraction should use: an item's own source where it is finer (bbh/<task>)."""
+    src = example.source or ""
+    if src.startswith("bbh/") or (dataset.startswith("synthetic") and src.startswith("synthetic/")):
+        return src
+    return dataset
+
+
+def score_predictions(predictions: Sequence[str], examples: Sequence[Example], dataset: str,
+                      seed: int = 0) -> EvalResult:
+    """Score generated texts against the examples' gold answers (same order, same length)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{dataset}: {len(predictions)} predictions for {len(examples)} examples")
+    rows, by_task = [], {}
+    for text, ex in zip(predictions, examples):
+        name = _answer_dataset(ex, dataset)
+        ok = bool(is_correct(text, ex.answer, name))
+        rows.append({"id": ex.id, "prediction": text, "extracted": extract_answer(text, name),
+                     "gold": ex.answer, "correct": ok})
+        by_task.setdefault(name, []).append(ok)
+    per_task = {}
+    if dataset == "bbh" or len(by_task) > 1 and all(k.startswith("bbh/") for k in by_task):
+        # BBH is reported as the average over its tasks, each task with its own interval.
+        for i, (name, oks) in enumerate(by_task.items()):
+            acc, lo, hi = bootstrap_ci([oks], seed=seed + 1 + i)
+            per_task[name.split("/", 1)[-1]] = {"accuracy": acc, "ci_low": lo, "ci_high": hi,
+                                               "n": len(oks), "n_correct": sum(oks)}
+        groups = list(by_task.values())
+    else:
+        groups = [[r["correct"] for r in rows]]
+    acc, lo, hi = bootstrap_ci(groups, seed=seed)
+    return EvalResult(dataset, acc, lo, hi, len(rows), sum(r["correct"] for r in rows), rows, per_task)
+
+
+# ---------------------------------------------------------------- prompts and generation
+
+def prompt_for(example: Example, fmt: str, exemplars: Sequence[Example] = (), data_dir=None) -> str:
+    """The model input of one example: BBH items get their task's 3-shot CoT prompt."""
+    if example.source.startswith("bbh/"):
+        return build_bbh_prompt(example.source[4:], example.question, data_dir)
+    return build_prompt(example.question, fmt, exemplars)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 256,
+             num_beams: int = 1, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy (num_beams=1) or beam-search outputs for `prompts`, in their order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    # Longest first: the slowest batch comes first, so the rate on the bar settles quickly and an
+    # out-of-memory error shows up at once rather than at the end.
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    out: list[Optional[str]] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    if not encoder_decoder:
+        tokenizer.padding_side = "left"  # a decoder-only model continues from the last position
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                if not encoder_decoder:
+                    gen = gen[:, enc["input_ids"].shape[1]:]
+                for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
+                    out[i] = text.strip()
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def evaluate_model(model, tokenizer, examples: Sequence[Example], dataset: str, fmt: str = "zero_shot_cot",
+                   exemplars: Sequence[Example] = (), batch_size: int = 32, max_new_tokens: int = 256,
+                   num_beams: int = 1, progress: bool = True, data_dir=None, seed: int = 0) -> EvalResult:
+    """Generate for every example and score it. `data_dir` locates BBH's CoT prompts offline
+    (None = fetched); `seed` seeds the bootstrap interval."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    prompts = [prompt_for(ex, fmt, exemplars, data_dir) for ex in examples]
+    texts = generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress, desc=dataset)
+    result = score_predictions(texts, examples, dataset, seed=seed)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------- reports
+
+def markdown_table(results: dict[str, EvalResult]) -> str:
+    lines = ["| dataset | accuracy (%) | 95% CI | n |", "|---|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r.accuracy:.1f} | {100 * r.ci_low:.1f}–{100 * r.ci_high:.1f} | {r.n} |")
+        for task, t in r.per_task.items():
+            lines.append(f"| &nbsp;&nbsp;{task} | {100 * t['accuracy']:.1f} | "
+                         f"{100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f} | {t['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir, results: dict[str, EvalResult], meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**meta, "datasets": {k: r.to_dict(with_predictions=False) for k, r in results.items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    (out / "results.md").write_text(markdown_table(results))
+    for name, r in results.items():
+        with open(out / f"predictions-{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as f:
+            for row in r.predictions:
+                f.write(json.dumps(row) + "\n")
+    return out / "results.json"
+
+
+# ---------------------------------------------------------------- models, prediction files, checkpoints
+
+def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, device: Optional[str] = None):
+    """A seq2seq (T5) or causal LM and its tokenizer, from a dir or hub id, in eval mode on `device`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_path)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = cls.from_pretrained(model_path, torch_dtype=torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        model = model.to(torch.bfloat16)  # T5 is trained in bf16; fp16 overflows
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+
+
+def read_prediction_file(path, names: Sequence[str], data_dir=None) -> dict[str, tuple[list[str], list[Example]]]:
+    """dataset -> (texts, examples) from a JSONL of either
+    {"id", "prediction"} lines (golds come from the dataset(s) named in `names`, matched by id), or
+    teacher records {"qid", "sample_index", "text", "gold", "dataset", ...} (every sample is scored;
+    the record's own gold and dataset are used, `names` only filters)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            rows.append((lineno, row))
+    out: dict[str, tuple[list[str], list[Example]]] = {}
+    if rows and "text" in rows[0][1] and "gold" in rows[0][1]:
+        for lineno, row in rows:
+            for key in ("qid", "text", "gold"):
+                if key not in row:
+                    raise ValueError(f"{path}:{lineno}: teacher record without field {key!r}")
+            name = row.get("dataset") or (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise ValueError(f"{path}:{lineno}: record has no 'dataset'; pass exactly one --datasets name")
+            if names and name not in names:
+                continue
+            qid = str(row["qid"])
+            source = "/".join(qid.split("/")[:2]) if qid.startswith("bbh/") else name
+            ex = Example(f"{qid}#{row.get('sample_index', 0)}", row.get("question", ""), str(row["gold"]), None, source)
+            texts, examples = out.setdefault(name, ([], []))
+            texts.append(row["text"])
+            examples.append(ex)
+        return out
+    by_id = {}
+    for lineno, row in rows:
+        text = row.get("prediction", row.get("text"))
+        if "id" not in row or not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected fields 'id' and 'prediction' (a string)")
+        by_id[str(row["id"])] = text
+    for name in names:
+        examples = [ex for ex in load_dataset_by_name(name, data_dir) if ex.id in by_id]
+        if examples:
+            out[name] = ([by_id[ex.id] for ex in examples], examples)
+    matched = sum(len(e) for _, e in out.values())
+    if matched < len(by_id):
+        missing = sorted(set(by_id) - {ex.id for _, e in out.values() for ex in e})
+        raise ValueError(f"{path}: {len(missing)} prediction id(s) match no example of {', '.join(names)} "
+                         f"(first: {missing[0]!r})")
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_steps(run_dir) -> dict[int, Path]:
+    """step -> dir for RUN/checkpoints/step-XXXXXX/ that hold an HF model (config.json there or in hf/)."""
+    found = {}
+    for d in sorted(Path(run_dir, "checkpoints").glob("step-*")):
+        try:
+            step = int(d.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        for cand in (d, d / "hf"):
+            if (cand / "config.json").exists():
+                found[step] = cand
+                break
+    return found
+
+
+def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot_cot", limit: Optional[int] = None,
+                         tokenizer: Optional[str] = None, device: Optional[str] = None, shots: int = 4,
+                         seed: int = 0, data_dir=None, **gen) -> list[dict]:
+    """Score every HF-loadable checkpoint of a run on `datasets`; append one row per step to
+    RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n"}).
+    Steps already in the file are skipped (resumable). Returns the rows written."""
+    run = Path(run_dir)
+    steps = checkpoint_steps(run)
+    if not steps:
+        raise FileNotFoundError(f"{run}/checkpoints: no step-*/ dir with an HF model (config.json) to evaluate")
+    scores_file = run / "test_scores.jsonl"
+    done = {row.get("step") for row in _read_jsonl(scores_file)}
+    tok_path = tokenizer or (str(run / "best") if (run / "best" / "tokenizer_config.json").exists() else None)
+    data = {name: load_dataset_by_name(name, data_dir)[: limit or None] for name in datasets}
+    exemplars = _exemplars(fmt, shots, seed, data_dir)
+    written = []
+    for step, path in sorted(steps.items()):
+        if step in done:
+            continue
+        model, tok = load_model_and_tokenizer(str(path), tok_path, device)
+        row: dict = {"step": step}
+        for name, examples in data.items():
+            r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars, data_dir=data_dir,
+                               seed=seed, **gen)
+            row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n})
+        with open(scores_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        written.append(row)
+    return written
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specialize eval", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model dir or hub id (the tokenizer is read from it too)")
+    src.add_argument("--predictions", help="JSONL of {id, prediction} or teacher records {qid, text, gold}")
+    src.add_argument("--run", help="a training run dir: score every checkpoint, append RUN/test_scores.jsonl")
+    p.add_argument("--datasets", default="gsm8k,multiarith,asdiv,svamp,bbh",
+                   help="comma list: gsm8k, multiarith, asdiv, svamp, bbh, bbh/<task>, gsm8k_dev, synthetic/<split>")
+    p.add_argument("--format", default="zero_shot_cot", help=f"one of {', '.join(FORMATS)} (hyphens accepted)")
+    p.add_argument("--shots", type=int, default=4, help="exemplars for in-context formats (from GSM8K train)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
+    p.add_argument("--data-dir", default=None, help="local folder laid out like shared/data (default: the hub)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir when the model dir has none")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="exemplar draw and bootstrap seed")
+    p.add_argument("--out", default=None, help="output dir for results.json, results.md, predictions-*.jsonl")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    fmt = args.format.replace("-", "_")
+    if fmt not in FORMATS:
+        print(f"specialize eval: unknown --format {args.format!r}; known: {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    opts = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams, data_dir=args.data_dir, seed=args.seed, progress=not args.quiet)
+    if args.run:
+        rows = evaluate_checkpoints(args.run, names, limit=args.limit, tokenizer=args.tokenizer,
+                                    device=args.device, shots=args.shots, **opts)
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if args.out is None:
+        print("specialize eval: --out DIR is required with --model / --predictions", file=sys.stderr)
+        return 2
+    results: dict[str, EvalResult] = {}
+    if args.predictions:
+        for name, (texts, examples) in read_prediction_file(args.predictions, names, args.data_dir).items():
+            texts, examples = texts[: args.limit or None], examples[: args.limit or None]
+            results[name] = score_predictions(texts, examples, name, args.seed)
+        meta = {"predictions": str(args.predictions)}
+    else:
+        model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+        exemplars = _exemplars(fmt, args.shots, args.seed, args.data_dir)
+        for name in names:
+            examples = load_dataset_by_name(name, args.data_dir)[: args.limit or None]
+            results[name] = evaluate_model(model, tok, examples, name, exemplars=exemplars, **opts)
+        meta = {"model": args.model, "format": fmt, "num_beams": args.num_beams, "limit": args.limit}
+    path = write_results(args.out, results, meta)
+    print(markdown_table(results))
+    print(f"[eval] wrote {path}")
+    return 0
+
+
+def _exemplars(fmt: str, shots: int, seed: int, data_dir) -> list[Example]:
+    if not fmt.startswith("in_context"):
+        return []
+    return draw_exemplars(load_dataset_by_name("gsm8k_train", data_dir), shots, seed)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
