@@ -1,0 +1,244 @@
+"""The evaluator on real benchmark items: gold answers score 100%, extraction edge cases, a random tiny T5
+end to end (batched = one-by-one generation), the CLI's files, prediction files, checkpoints of a run."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from specialize.engine import evaluate
+from specialize.engine.data import BBH_TASKS, Example, build_target, load_dataset_by_name
+from specialize.engine.evaluate import EvalResult, bootstrap_ci, evaluate_model, score_predictions
+from specialize.engine.tokenizers import train_t5_unigram
+
+MATH = ("gsm8k", "multiarith", "asdiv", "svamp")
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data):
+    """A random-init T5 (d_model 32) and a Unigram tokenizer trained on real questions and BBH prompts."""
+    gsm = load_dataset_by_name("gsm8k", shared_data, split="train")[:300]
+    prompts = [p.read_text() for p in sorted((shared_data / "bbh" / "cot-prompts").glob("*.txt"))]
+    tok = train_t5_unigram([e.question for e in gsm] + [e.rationale for e in gsm] + prompts, vocab_size=800)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=1,
+                   num_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval(), tok
+
+
+# ---------------------------------------------------------------- gold answers score 100%
+
+def test_gold_rationales_score_100_percent_on_gsm8k_test(shared_data):
+    examples = load_dataset_by_name("gsm8k", shared_data)
+    assert len(examples) == 1319
+    res = score_predictions([build_target(ex, None, "zero_shot_cot") for ex in examples], examples, "gsm8k")
+    assert (res.accuracy, res.n_correct, res.n) == (1.0, 1319, 1319)
+    assert res.ci_low == res.ci_high == 1.0
+
+
+@pytest.mark.parametrize("template", ["{}", "Let's think step by step. So the answer is {}."])
+def test_bbh_targets_score_100_percent_on_every_task(shared_data, template):
+    examples = load_dataset_by_name("bbh", shared_data)
+    res = score_predictions([template.format(ex.answer) for ex in examples], examples, "bbh")
+    assert set(res.per_task) == set(BBH_TASKS)
+    assert {t: v["accuracy"] for t, v in res.per_task.items() if v["accuracy"] < 1} == {}
+    assert res.accuracy == 1.0 and res.n == 6511
+
+
+def test_bbh_average_is_the_mean_over_tasks():
+    ex = [Example(f"bbh/navigate/{i}", "q", "Yes", None, "bbh/navigate") for i in range(4)]
+    ex += [Example(f"bbh/snarks/{i}", "q", "(A)", None, "bbh/snarks") for i in range(2)]
+    preds = ["So the answer is Yes."] * 4 + ["So the answer is (A).", "So the answer is (B)."]
+    res = score_predictions(preds, ex, "bbh")
+    assert res.per_task["navigate"]["accuracy"] == 1.0 and res.per_task["snarks"]["accuracy"] == 0.5
+    assert res.accuracy == pytest.approx(0.75)  # macro, not the 5/6 micro average
+    assert res.n_correct == 5
+
+
+# ---------------------------------------------------------------- extraction edge cases
+
+@pytest.mark.parametrize("prediction, gold, ok", [
+    ("She pays 1,250 dollars in all. The answer is 1,250.", "1250", True),
+    ("The temperature drops to -5 degrees. The answer is -5.", "-5", True),
+    ("He walks 3 - 5 = -2 ... no. The answer is 2.", "2", True),
+    ("Each costs 2.50, so the answer is $7.5.", "7.5", True),
+    ("Half of a half is 1/4. The answer is 1/4.", "0.25", True),
+    ("So she has 18 apples.", "18", True),                       # trailing unit, no marker
+    ("The answer is 40 minutes.", "40", True),
+    ("3 + 4 = 7, 7 * 2 = 14. The answer is 14.", "14", True),    # several numbers: the marked one
+    ("3 + 4 = 7, then 7 * 2 = 14", "14", True),                  # several numbers: the last one
+    ("The answer is 14. Also 3 more.", "14", True),
+    ("The answer is 15.", "14", False),
+    ("I do not know.", "14", False),
+])
+def test_number_extraction_through_the_evaluator(prediction, gold, ok):
+    res = score_predictions([prediction], [Example("x/0", "q", gold, None, "gsm8k")], "gsm8k")
+    assert res.predictions[0]["correct"] is ok
+    assert res.accuracy == float(ok)
+
+
+@pytest.mark.parametrize("task, prediction, gold, ok", [
+    ("date_understanding", "Let's think. So the answer is (B).", "(B)", True),
+    ("date_understanding", "Options (A) and (C) are wrong. The answer is (B).", "(B)", True),
+    ("date_understanding", "The answer is (C).", "(B)", False),
+    ("boolean_expressions", "not True is False. So the answer is False.", "False", True),
+    ("web_of_lies", "So the answer is No.", "No", True),
+    ("object_counting", "1 + 2 + 3 = 6. So the answer is 6.", "6", True),
+])
+def test_bbh_extraction_through_the_evaluator(task, prediction, gold, ok):
+    res = score_predictions([prediction], [Example(f"bbh/{task}/0", "q", gold, None, f"bbh/{task}")], "bbh")
+    assert res.predictions[0]["correct"] is ok
+    assert res.per_task[task]["n"] == 1
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="2 predictions for 1 examples"):
+        score_predictions(["a", "b"], [Example("x/0", "q", "1", None, "gsm8k")], "gsm8k")
+
+
+# ---------------------------------------------------------------- bootstrap interval
+
+def test_bootstrap_matches_index_resampling_and_is_seeded():
+    outcomes = [True] * 130 + [False] * 70
+    acc, lo, hi = bootstrap_ci([outcomes], seed=3)
+    assert (acc, lo, hi) == bootstrap_ci([outcomes], seed=3)
+    # Independent reference: resample indices with replacement, percentile interval.
+    rng = np.random.default_rng(123)
+    x = np.array(outcomes, dtype=float)
+    means = x[rng.integers(0, len(x), size=(4000, len(x)))].mean(axis=1)
+    ref_lo, ref_hi = np.percentile(means, [2.5, 97.5])
+    assert acc == pytest.approx(0.65)
+    assert lo == pytest.approx(ref_lo, abs=0.015) and hi == pytest.approx(ref_hi, abs=0.015)
+    _, lo_small, hi_small = bootstrap_ci([outcomes[::10]], seed=3)
+    assert hi_small - lo_small > hi - lo  # fewer items, wider interval
+
+
+# ---------------------------------------------------------------- a tiny T5 end to end
+
+def test_tiny_t5_end_to_end_on_every_dataset(tiny, shared_data):
+    model, tok = tiny
+    for name in MATH:
+        examples = load_dataset_by_name(name, shared_data)[:3]
+        res = evaluate_model(model, tok, examples, name, batch_size=2, max_new_tokens=6, progress=False)
+        assert isinstance(res, EvalResult) and res.n == 3
+        assert [p["id"] for p in res.predictions] == [ex.id for ex in examples]
+        assert [p["gold"] for p in res.predictions] == [ex.answer for ex in examples]
+        assert 0.0 <= res.ci_low <= res.accuracy <= res.ci_high <= 1.0
+    bbh = [load_dataset_by_name(f"bbh/{t}", shared_data)[0] for t in ("navigate", "word_sorting")]
+    res = evaluate_model(model, tok, bbh, "bbh", max_new_tokens=4, data_dir=shared_data, progress=False)
+    assert set(res.per_task) == {"navigate", "word_sorting"}
+    json.dumps(res.to_dict())  # serialisable as is
+
+
+def test_bucketed_batches_equal_one_by_one_generation(tiny, shared_data):
+    """Sorting by length, padding and restoring order must not change any output."""
+    model, tok = tiny
+    examples = [ex for name in MATH for ex in load_dataset_by_name(name, shared_data)[:2]]
+    res = evaluate_model(model, tok, examples, "gsm8k", fmt="zero_shot_answer_only", batch_size=3,
+                         max_new_tokens=5, progress=False)
+    for ex, row in zip(examples, res.predictions):
+        enc = tok(f"Q: {ex.question.strip()}\nA:", return_tensors="pt")
+        alone = model.generate(**enc, max_new_tokens=5, do_sample=False)
+        assert row["prediction"] == tok.decode(alone[0], skip_special_tokens=True).strip(), ex.id
+
+
+def test_beam_search_runs(tiny, shared_data):
+    model, tok = tiny
+    examples = load_dataset_by_name("svamp", shared_data)[:2]
+    res = evaluate_model(model, tok, examples, "svamp", num_beams=2, max_new_tokens=4, progress=False)
+    assert res.n == 2
+
+
+def test_in_context_format_needs_and_uses_exemplars(tiny, shared_data):
+    model, tok = tiny
+    pool = load_dataset_by_name("gsm8k", shared_data, split="train")[:10]
+    ex = load_dataset_by_name("gsm8k", shared_data)[:1]
+    assert pool[0].question.strip() in evaluate.prompt_for(ex[0], "in_context_cot", pool[:1])
+    with pytest.raises(ValueError, match="needs exemplars"):
+        evaluate_model(model, tok, ex, "gsm8k", fmt="in_context_cot", progress=False)
+
+
+# ---------------------------------------------------------------- CLI and files
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory):
+    model, tok = tiny
+    path = tmp_path_factory.mktemp("tiny-t5")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_writes_json_markdown_and_predictions(model_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = evaluate.main(["--model", str(model_dir), "--datasets", "gsm8k,bbh/navigate", "--format", "zero-shot-cot",
+                        "--limit", "2", "--data-dir", str(shared_data), "--max-new-tokens", "3",
+                        "--device", "cpu", "--quiet", "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["datasets"]) == {"gsm8k", "bbh/navigate"} and results["format"] == "zero_shot_cot"
+    assert results["datasets"]["gsm8k"]["n"] == 2
+    table = (out / "results.md").read_text()
+    assert "| gsm8k |" in table and "95% CI" in table
+    rows = [json.loads(x) for x in (out / "predictions-bbh_navigate.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["bbh/navigate/0", "bbh/navigate/1"]
+    assert "| gsm8k |" in capsys.readouterr().out
+
+
+def test_cli_scores_a_prediction_file(shared_data, tmp_path):
+    examples = load_dataset_by_name("multiarith", shared_data)[:4]
+    preds = tmp_path / "preds.jsonl"
+    answers = [examples[0].answer, "-1", examples[2].answer, examples[3].answer]  # the second is wrong
+    preds.write_text("".join(json.dumps({"id": ex.id, "prediction": f"The answer is {a}."}) + "\n"
+                             for ex, a in zip(examples, answers)))
+    rc = evaluate.main(["--predictions", str(preds), "--datasets", "multiarith", "--data-dir", str(shared_data),
+                        "--out", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["datasets"]["multiarith"]
+    assert (res["n"], res["n_correct"]) == (4, 3)
+
+
+def test_cli_scores_teacher_records(tmp_path):
+    recs = [{"qid": "gsm8k/test/0", "sample_index": i, "prompt_hash": "h", "question": "q", "gold": "18",
+             "dataset": "gsm8k", "text": f"16 - 3 - 4 = 9. The answer is {a}.", "tokens": [], "token_bytes": [],
+             "token_logprobs": [], "top_logprobs": [], "finish_reason": "stop", "usage": {}, "model": "m"}
+            for i, a in enumerate(["18", "18", "17"])]
+    recs.append({**recs[0], "qid": "bbh/navigate/0", "dataset": "bbh", "gold": "No", "text": "So the answer is No."})
+    path = tmp_path / "samples-00000.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = evaluate.read_prediction_file(path, [])
+    gsm = score_predictions(*got["gsm8k"], "gsm8k")
+    assert (gsm.n, gsm.n_correct) == (3, 2)
+    bbh = score_predictions(*got["bbh"], "bbh")
+    assert bbh.per_task["navigate"]["accuracy"] == 1.0
+
+
+def test_bad_prediction_file_names_file_and_line(tmp_path, shared_data):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "multiarith/0", "prediction": "1"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2"):
+        evaluate.read_prediction_file(path, ["multiarith"], shared_data)
+    path.write_text('{"id": "nope/0", "prediction": "1"}\n')
+    with pytest.raises(ValueError, match="match no example"):
+        evaluate.read_prediction_file(path, ["multiarith"], shared_data)
+
+
+def test_unknown_format_is_refused(capsys):
+    assert evaluate.main(["--model", "x", "--format", "few-shot", "--out", "o"]) == 2
+    assert "unknown --format" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoints_writes_test_scores_and_resumes(model_dir, shared_data, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    for step in (100, 200):
+        shutil.copytree(model_dir, run / "checkpoints" / f"step-{step:06d}")
+    (run / "checkpoints" / "step-000300").mkdir()  # a DeepSpeed-only checkpoint: not HF-loadable, skipped
+    rows = evaluate.evaluate_checkpoints(run, ["svamp"], limit=2, data_dir=shared_data, device="cpu",
+                                         max_new_tokens=3, progress=False)
+    assert [r["step"] for r in rows] == [100, 200]
+    lines = [json.loads(x) for x in (run / "test_scores.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [100, 200] and all("svamp_acc" in r for r in lines)
+    assert evaluate.evaluate_checkpoints(run, ["svamp"], limit=2, data_dir=shared_data, device="cpu",
+                                         max_new_tokens=3, progress=False) == []
