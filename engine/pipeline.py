@@ -162,18 +162,12 @@ def load_examples(recipe: Recipe, name: str, split: str = "test") -> list:
     from specialize.engine.data import load_dataset_by_name
     if name == "synthetic":
         name = f"synthetic/{split}"
-    if name.startswith("synthetic/") and recipe.data.synthetic_sizes:
-        from specialize.engine.data.synthetic import make_splits
-        splits = make_splits(seed=recipe.train.seed, sizes=recipe.data.synthetic_sizes)
-        part = name.split("/", 1)[1]
-        if part not in splits:
-            raise ConfigError(f"dataset {name!r}: synthetic splits are {sorted(splits)}")
-        return list(splits[part])
     if name == "gsm8k" and split == "train":
         # The dev questions are held out of everything the teacher answers or the student trains on.
         name = "gsm8k_train"
     return list(load_dataset_by_name(name, data_dir=recipe.data.data_dir, split=split,
-                                     dev_size=recipe.data.dev_size, seed=recipe.train.seed))
+                                     dev_size=recipe.data.dev_size, seed=recipe.train.seed,
+                                     sizes=recipe.data.synthetic_sizes or None))
 
 
 def training_pool(recipe: Recipe) -> list:
@@ -252,13 +246,10 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1) -> dict:
 
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str) -> dict:
-    """Score one saved model on every eval dataset; writes <out_dir>/<label>.json and returns accuracies."""
-    import torch
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies."""
     from specialize.engine.data import draw_exemplars
-    from specialize.engine.evaluate import evaluate_model
-    tok = AutoTokenizer.from_pretrained(recipe.model.tokenizer or model_dir)
-    model = T5ForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    from specialize.engine.evaluate import evaluate_model, load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer(model_dir, recipe.model.tokenizer)
     shots = recipe.data.shots if recipe.eval.format.startswith("in_context") else 0
     exemplars = draw_exemplars(training_pool(recipe), shots, recipe.train.seed) if shots else ()
     results = {}
@@ -266,10 +257,11 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: st
         examples = load_examples(recipe, name, split="test")[: recipe.eval.limit or None]
         res = evaluate_model(model, tok, examples, name, fmt=recipe.eval.format, exemplars=exemplars,
                              batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                             num_beams=recipe.eval.num_beams, progress=True)
+                             num_beams=recipe.eval.num_beams, progress=True, data_dir=recipe.data.data_dir,
+                             seed=recipe.train.seed)
         results[name] = res.to_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{label}.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"{label}.json").write_text(json.dumps({"model": model_dir, "results": results}, indent=1))
     return {name: r["accuracy"] for name, r in results.items()}
 
 
@@ -356,36 +348,23 @@ def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str |
 
 # ----------------------------------------------------------------------------- dry run
 
-def _ds_json(run: Run) -> dict:
-    cfg = run.recipe.deepspeed.config
-    if cfg is None or isinstance(cfg, dict):
-        return dict(cfg or {})
-    path = Path(cfg)
-    if not path.is_file():
-        raise ConfigError(f"{run.source}: deepspeed.config: file {cfg!r} not found (paths are relative to the "
-                          f"directory `specialize run` is started from)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{cfg}:{err.lineno}: invalid JSON ({err.msg})") from None
-
-
 def _check_deepspeed(run: Run, world_size: int) -> str:
-    r, ds = run.recipe, _ds_json(run)
-    where = f"{run.source}: deepspeed"
-    stage = ds.get("zero_optimization", {}).get("stage", r.deepspeed.zero_stage)
-    if stage != r.deepspeed.zero_stage:
-        raise ConfigError(f"{where}.zero_stage={r.deepspeed.zero_stage} but {r.deepspeed.config} sets stage {stage}")
-    precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    if precision != r.train.precision:
-        raise ConfigError(f"{where}.config enables {precision} but train.precision is {r.train.precision}")
-    batch = r.train.micro_batch_size * r.train.grad_accum * world_size
-    for key, want in (("train_batch_size", batch), ("train_micro_batch_size_per_gpu", r.train.micro_batch_size),
-                      ("gradient_accumulation_steps", r.train.grad_accum)):
-        if isinstance(ds.get(key), int) and ds[key] != want:
-            raise ConfigError(f"{r.deepspeed.config}: {key}={ds[key]} disagrees with the recipe's {want}")
-    return (f"ZeRO-{stage} {precision}, offload={r.deepspeed.offload or 'none'}, train_batch_size={batch} "
-            f"= {r.train.micro_batch_size} x {r.train.grad_accum} x {world_size} ranks")
+    """The engine's own DeepSpeed config builder, so the dry run fails exactly where training would."""
+    from specialize.engine.ds_config import build_ds_config
+    r = run.recipe
+    if isinstance(r.deepspeed.config, str) and not Path(r.deepspeed.config).is_file():
+        raise ConfigError(f"{run.source}: deepspeed.config: file {r.deepspeed.config!r} not found (paths are "
+                          f"relative to the directory `specialize run` is started from)")
+    try:
+        ds = build_ds_config(r, world_size)
+    except ConfigError as err:
+        raise ConfigError(f"{run.source}: {err}") from None
+    zero = ds["zero_optimization"]
+    precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
+    offload = [k for k in ("offload_optimizer", "offload_param") if k in zero]
+    return (f"ZeRO-{zero['stage']} {precision}, offload={offload or 'none'}, train_batch_size="
+            f"{ds['train_batch_size']} = {ds['train_micro_batch_size_per_gpu']} x "
+            f"{ds['gradient_accumulation_steps']} x {world_size} ranks")
 
 
 def _meta_model(run: Run):
@@ -529,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = expand_runs(args.recipes, args.sets, args.sweeps)
         if args.dry_run:
+            # A dry run never downloads: the hub tokenizer is used only when it is already cached.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             failed = 0
             for run in runs:
                 try:

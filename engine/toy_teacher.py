@@ -190,9 +190,9 @@ def _save(model, tokenizer, out_dir, cfg: ToyTrainConfig, log: list, acc, params
 @dataclass
 class ToyScale:
     """How much of everything the toy stage builds (the demo's default vs --tiny for tests)."""
-    teacher_steps: int = 1500
+    teacher_steps: int = 1200
     teacher_layers: int = 4
-    teacher_width: int = 192
+    teacher_width: int = 128
     student_steps: int = 600
     student_config: str = "tiny"
     teacher_vocab: int = 800
