@@ -99,17 +99,13 @@ def _key(name: str) -> str:
     return f"dev/{name}_acc"
 
 
-def selection(run: Run) -> dict:
-    """The step each dev signal would select: in-distribution vs the mean of the OOD dev sets."""
-    rows = dev_curve(run)
-    if not rows:
+def selection(runs: list[Run]) -> dict:
+    """rule -> Choice (the select module): the checkpoint each dev signal picks, over the given runs."""
+    from specialize.engine.select import select
+    try:
+        return select([str(run.dir("train")) for run in runs], rules=["in_dist", "ood"])
+    except (FileNotFoundError, ValueError):
         return {}
-    r = run.recipe.train
-    ood = lambda row: sum(row.get(_key(n), 0.0) for n in r.dev_ood) / max(1, len(r.dev_ood))
-    by_in = max(rows, key=lambda row: (row.get(_key(r.dev_in_dist), 0.0), -row["step"]))
-    by_ood = max(rows, key=lambda row: (ood(row), -row["step"]))
-    return {"in_dist": {"step": by_in["step"], "in_dist": by_in.get(_key(r.dev_in_dist)), "ood": ood(by_in)},
-            "ood": {"step": by_ood["step"], "in_dist": by_ood.get(_key(r.dev_in_dist)), "ood": ood(by_ood)}}
 
 
 def scores(run: Run) -> dict:
@@ -174,13 +170,19 @@ def findings(runs: list[Run]) -> list[str]:
     out.append(f"- Distribution matching converges faster than sample matching (paper Sec. 4): mean in-dist dev "
                f"accuracy over training {_pct(auc(c_dm))}% (DM) vs {_pct(auc(c_sm))}% (SM) — {verdict(gt(auc(c_dm), auc(c_sm)))}; "
                f"final test in-dist {_pct(dm_best['in_dist'])}% vs {_pct(sm_best['in_dist'])}%.")
-    sel = selection(by["dm"])
+    sel = selection([by["dm"]])
     if sel:
-        differ = sel["in_dist"]["step"] != sel["ood"]["step"]
-        out.append(f"- In-distribution and OOD dev signals pick different checkpoints (paper RQ5): in-dist picks "
-                   f"step {sel['in_dist']['step']} (OOD dev {_pct(sel['in_dist']['ood'])}%), OOD picks step "
-                   f"{sel['ood']['step']} (OOD dev {_pct(sel['ood']['ood'])}%) — {verdict(differ)}.")
+        a, b = sel["in_dist"], sel["ood"]
+        out.append(f"- In-distribution and OOD dev signals pick different checkpoints (paper RQ5), DM run: in-dist "
+                   f"picks step {a.step} (OOD dev {_pct(a.ood)}%), OOD picks step {b.step} (OOD dev {_pct(b.ood)}%) "
+                   f"— {verdict(a.step != b.step)}.")
     return out
+
+
+def _selection_table(runs: list[Run]) -> str:
+    from specialize.engine.select import format_table
+    choices = selection(runs)
+    return format_table(choices) if choices else "(no dev scores were written)"
 
 
 def draw_plots(out: Path, runs: list[Run]) -> list[str]:
@@ -209,6 +211,8 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
         "", "```", table, "```", "",
         "In-dist = synthetic/test; OOD = mean of " + ", ".join(OOD) + "; generic = mean of " + ", ".join(GENERIC) + ".",
         "",
+        "## Model selection (dev signals over both runs' checkpoints)",
+        "", _selection_table(runs), "",
         "## Paper findings, checked",
         "", *findings(runs), "",
         "## Teacher data",

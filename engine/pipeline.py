@@ -266,19 +266,28 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: st
 
 
 def selected_checkpoints(run: Run) -> dict[str, str]:
-    """label -> HF model dir: the engine's best/ plus one per dev signal when select can export them."""
+    """label -> HF model dir: the engine's best/ (picked by train.selection) and, for the paper's RQ5,
+    the checkpoint the *other* dev signal picks (in_dist <-> ood), exported from DeepSpeed if needed."""
     train_dir = run.dir("train")
     found = {"best": str(train_dir / "best")}
-    try:
-        from specialize.engine import select
-    except ModuleNotFoundError:
+    other = {"in_dist": "ood", "ood": "in_dist"}.get(run.recipe.train.selection)
+    if other is None or not run.recipe.train.dev_ood:
         return found
-    export = getattr(select, "export_selected", None)
-    if export is not None:
-        for signal in ("in_dist", "ood"):
-            path = export(str(train_dir), signal, str(run.dir("eval") / f"selected-{signal}"))
-            if path:
-                found[f"selected_{signal}"] = str(path)
+    from specialize.engine.select import export_selected
+    out = run.dir("eval") / f"selected-{other}"
+    path = export_selected(str(train_dir), other, str(out))
+    if path is None and (out / "selection.json").exists():
+        step = json.loads((out / "selection.json").read_text())["step"]
+        ckpt = train_dir / "checkpoints" / f"step-{step:06d}"
+        best_step = json.loads((train_dir / "best" / "specialize.json").read_text()).get("step") \
+            if (train_dir / "best" / "specialize.json").exists() else None
+        if step == best_step:
+            return found  # both signals agree: best/ is that checkpoint
+        if ckpt.is_dir():
+            from specialize.engine.export import export_checkpoint
+            path = export_checkpoint(ckpt, train_dir, out / "model")
+    if path is not None:
+        found[f"selected_{other}"] = str(path)
     return found
 
 
