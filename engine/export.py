@@ -1,0 +1,79 @@
+"""Plain Hugging Face models out of the engine: gathered weights, `save_pretrained` (safetensors) + tokenizer.
+
+`plain_model(t5)` returns an ordinary T5ForConditionalGeneration holding the full weights of the (possibly
+ZeRO-3 partitioned) training module — used for dev evaluation and export. Under ZeRO-3 every rank must call
+it (the gather is collective). `export_model` writes the folder atomically (tmp dir, then rename), so a
+crash never leaves a half-written best/. `export_checkpoint` converts a saved DeepSpeed checkpoint offline.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def gathered_state_dict(t5) -> dict:
+    """Full (unpartitioned) weights of `t5` as host tensors, on every rank."""
+    params = list(t5.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: parameters live in shards across ranks
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
+
+
+def plain_model(t5, device: Optional[torch.device] = None):
+    """An ordinary T5ForConditionalGeneration with `t5`'s config and full weights (eval mode)."""
+    from transformers import T5ForConditionalGeneration
+    state = gathered_state_dict(t5)
+    dtype = next(iter(state.values())).dtype
+    model = T5ForConditionalGeneration(t5.config).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied copies (encoder/decoder embed_tokens, lm_head) may be absent from the state dict; nothing else
+    missing = [k for k in missing if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"exported weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return model.to(device or "cpu").eval()
+
+
+def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer + specialize.json (step, scores) into out_dir, atomically."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "specialize.json").write_text(json.dumps(info or {}, indent=1))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:
+    """A DeepSpeed checkpoint (checkpoints/step-XXXXXX of a run) as a HF model, offline, on one process.
+
+    ZeRO shards are merged by DeepSpeed's zero_to_fp32 (fp32 master weights); the model config and the
+    tokenizer come from the run dir's recipe."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import T5ForConditionalGeneration
+
+    from specialize.engine.config import load_recipe
+    from specialize.engine.models import build_model
+    from specialize.engine.tokenizers import load_tokenizer
+    ckpt = Path(checkpoint_dir)
+    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    state = {k[len("t5."):] if k.startswith("t5.") else k: v for k, v in state.items()}
+    template = build_model(recipe.model, vocab_size=len(tokenizer))
+    model = T5ForConditionalGeneration(template.config)
+    model.load_state_dict(state, strict=False)
+    return export_model(model, tokenizer, out_dir, {"checkpoint": str(ckpt)})

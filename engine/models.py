@@ -1,0 +1,113 @@
+"""Student models: named T5 shapes (no download needed) and `build_model` from the recipe's model section.
+
+The named shapes are the published T5 v1.1 / FlanT5 configurations (gated-GELU, untied lm_head so the
+decoder output is not rescaled). FlanT5 is T5 v1.1 (LM-adapted) fine-tuned, so the shapes coincide;
+they are listed under both names so recipes read like the checkpoints they stand for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from specialize.engine.config import ConfigError, ModelConfig
+
+_V11 = dict(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+            layer_norm_epsilon=1e-6, initializer_factor=1.0, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0)
+
+_SHAPES = {
+    # d_model, d_ff, heads, layers (published parameter counts, with a separate 32128 x d_model lm_head;
+    # transformers >= 5 ties lm_head to the shared embedding for every T5, so it counts that matrix once)
+    "small": (512, 1024, 6, 8),      # 77M
+    "base": (768, 2048, 12, 12),     # 248M
+    "large": (1024, 2816, 16, 24),   # 783M
+    "xl": (2048, 5120, 32, 24),      # 2.85B
+    "xxl": (4096, 10240, 64, 24),    # 11.1B
+}
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {}
+for _size, (_d, _ff, _h, _l) in _SHAPES.items():
+    _cfg = dict(_V11, d_model=_d, d_ff=_ff, num_heads=_h, num_layers=_l, num_decoder_layers=_l)
+    NAMED_CONFIGS[f"t5-v1_1-{_size}"] = _cfg
+    NAMED_CONFIGS[f"flan-t5-{_size}"] = dict(_cfg)
+# For tests and the demo: a few hundred K parameters; vocab_size follows the tokenizer (build_model).
+NAMED_CONFIGS["tiny"] = dict(_V11, vocab_size=512, d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2,
+                             num_decoder_layers=2, dropout_rate=0.0)
+
+
+def t5_config(name_or_path: str, **overrides):
+    """A `T5Config` from a named shape, a config.json / model folder, or a hub id; `overrides` win."""
+    from transformers import T5Config
+    if name_or_path in NAMED_CONFIGS:
+        return T5Config(**{**NAMED_CONFIGS[name_or_path], **overrides})
+    path = Path(name_or_path)
+    if path.is_file():
+        import json
+        return T5Config(**{**json.loads(path.read_text()), **overrides})
+    try:
+        return T5Config.from_pretrained(name_or_path, **overrides)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.config: {name_or_path!r} is neither a named shape "
+                          f"({', '.join(NAMED_CONFIGS)}) nor a loadable config ({err})") from None
+
+
+def hidden_scale(config) -> float:
+    """Factor T5 applies to the decoder output before the lm_head (tied-embedding models: d_model**-0.5).
+    Newer transformers keep it as `scale_decoder_outputs`; older ones derive it from `tie_word_embeddings`."""
+    scaled = getattr(config, "scale_decoder_outputs", None)
+    if scaled is None:
+        scaled = bool(getattr(config, "tie_word_embeddings", True))
+    return config.d_model ** -0.5 if scaled else 1.0
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None):
+    """T5ForConditionalGeneration from `name_or_path` (pretrained) or random-init from `config`.
+
+    vocab_size: the tokenizer's size; a random-init model whose named vocab is smaller grows to it (the
+    `tiny` shape always takes it), unless `overrides.vocab_size` is set. The whole model is built on the
+    host of every rank (no zero.Init): DeepSpeed partitions it afterwards.
+    """
+    import torch
+    from transformers import T5ForConditionalGeneration
+    dtype = dtype or torch.float32
+    if model_cfg.name_or_path:
+        try:
+            model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, dtype=dtype,
+                                                               **model_cfg.overrides)
+        except OSError as err:
+            raise ConfigError(f"model.name_or_path: cannot load {model_cfg.name_or_path!r} ({err})") from None
+    else:
+        overrides = dict(model_cfg.overrides)
+        if vocab_size and "vocab_size" not in overrides:
+            named = NAMED_CONFIGS.get(model_cfg.config, {}).get("vocab_size", 0)
+            if model_cfg.config == "tiny" or vocab_size > named:
+                overrides["vocab_size"] = vocab_size
+        config = t5_config(model_cfg.config, **overrides)
+        model = T5ForConditionalGeneration(config).to(dtype)
+    if vocab_size and model.config.vocab_size < vocab_size:
+        raise ConfigError(f"model: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size} (set model.overrides.vocab_size)")
+    if model_cfg.gradient_checkpointing:
+        model.config.use_cache = False  # the cache is useless in training and clashes with recomputation
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def param_counts(model) -> dict[str, int]:
+    """Parameters by part, for the MFU estimate: encoder (with shared embedding), decoder, lm_head."""
+    def count(module):
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
+    lm = model.lm_head.weight
+    lm_numel = lm.ds_numel if hasattr(lm, "ds_numel") else lm.numel()
+    return {"encoder": count(model.encoder), "decoder": count(model.decoder), "lm_head": lm_numel}
+
+
+def describe(model) -> str:
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    c = model.config
+    return (f"T5 {n / 1e6:.2f}M params (d_model {c.d_model}, layers {c.num_layers}/{c.num_decoder_layers}, "
+            f"heads {c.num_heads}, vocab {c.vocab_size}, hidden_scale {hidden_scale(c):.4g})")
+
+
+__all__ = ["NAMED_CONFIGS", "t5_config", "build_model", "hidden_scale", "param_counts", "describe"]

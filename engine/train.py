@@ -1,0 +1,463 @@
+"""`specialize train`: DeepSpeed ZeRO training of a T5 student by sample matching (sm) or distribution matching (dm).
+
+    specialize train --recipe R.yaml [--set train.max_steps=100] [--resume]
+    deepspeed [--hostfile H] --num_gpus N --module specialize.engine.train --recipe R.yaml
+    torchrun --nproc_per_node 2 -m specialize.engine.train --recipe R.yaml        # CPU ranks: gloo
+
+Reads top to bottom: setup (ranks, recipe, run dir, model, DeepSpeed, data, dev sets, resume) → train
+(micro-batches → fused lm_head + sparse KL/CE → step; log, evaluate, checkpoint) → save (best/ export) →
+cleanup. A step is one optimizer step (grad_accum micro-batches on every rank).
+
+Exactness of --resume: the data position, every rank's RNG states, optimizer and LR-schedule states and
+the step all come from the last complete checkpoint, so the loss curve continues as if never stopped.
+A non-finite loss (on any rank; the ranks agree by all-reduce before backward) stops the run with exit
+status 3 and no checkpoint is written after it.
+Test hooks (environment): SPECIALIZE_INJECT_NAN_AT_STEP=N makes rank 0's loss NaN in optimizer step N;
+SPECIALIZE_EXIT_AFTER_STEP=N hard-exits every rank (like a kill) once step N is done.
+MFU = achieved model FLOP/s ÷ peak, with model FLOPs per step = 6·(P_encoder·source_tokens +
+(P_decoder + P_lm_head)·target_tokens) (matmul FLOPs of forward+backward; attention scores ignored);
+peak from SPECIALIZE_PEAK_TFLOPS or the GPU's name (bf16 dense); not logged on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from specialize.engine.config import ConfigError, Recipe, load_recipe
+
+NAN_EXIT = 3
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- model + loss
+
+class FusedLMHead(torch.nn.Linear):
+    """T5's lm_head that, given the loss inputs, returns (loss, ce, kl) from the fused kernel instead of logits.
+
+    Being the module that owns lm_head.weight (tied to the embedding) matters under ZeRO-3: DeepSpeed
+    gathers a module's parameters around its forward, so the kernel sees the full [V, H] weight. Called
+    with hidden states alone it is a plain Linear, so `generate` keeps working on the same model."""
+
+    def configure(self, hidden_scale: float, loss_cfg, alpha: float) -> "FusedLMHead":
+        self.hidden_scale, self.alpha = hidden_scale, alpha
+        self.temperature, self.tail = loss_cfg.temperature, loss_cfg.tail
+        self.fused, self.chunk_size = loss_cfg.fused_linear, loss_cfg.chunk_size
+        return self
+
+    def forward(self, h, topk_ids=None, topk_logprobs=None, target=None):
+        if target is None:
+            return super().forward(h)
+        from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
+        kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True)
+        if self.fused:
+            return fused_linear_sparse_kl_ce(h, self.weight, topk_ids, topk_logprobs, target,
+                                             hidden_scale=self.hidden_scale, chunk_size=self.chunk_size, **kw)
+        return sparse_kl_ce((h * self.hidden_scale) @ self.weight.T, topk_ids, topk_logprobs, target, **kw)
+
+
+class Distill(torch.nn.Module):
+    """The T5 student with its loss: encoder → decoder → fused lm_head + sparse KL/CE (no [N, V] logits).
+    T5's own forward would scale the decoder output and build logits; here the scale goes to the kernel."""
+
+    def __init__(self, t5, loss_cfg, with_teacher: bool):
+        super().__init__()
+        from specialize.engine.models import hidden_scale
+        old = t5.lm_head
+        head = FusedLMHead(old.in_features, old.out_features, bias=False, device="meta")
+        head.weight = old.weight  # the same Parameter: stays tied to the shared embedding
+        t5.lm_head = head.configure(hidden_scale(t5.config), loss_cfg,
+                                    loss_cfg.alpha if with_teacher else 1.0)  # sm = CE only
+        self.t5 = t5
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, topk_ids, topk_logprobs):
+        enc = self.t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        h = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
+                            encoder_attention_mask=attention_mask, use_cache=False)[0]
+        K = topk_ids.shape[-1]
+        return self.t5.lm_head(h.reshape(-1, h.shape[-1]), topk_ids.reshape(-1, K),
+                               topk_logprobs.reshape(-1, K), labels.reshape(-1))
+
+
+def _param_groups(model, weight_decay: float):
+    """Weight decay on matrices only: layer-norm scales (1-D) stay undecayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, t):
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(_param_groups(model, t.weight_decay), lr=t.lr, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int):
+    """LR multiplier per optimizer step: linear warmup from 0, then cosine decay to 0 at max_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
+    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA."""
+    import deepspeed
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
+    if "RANK" not in os.environ:  # plain `specialize train`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def peak_tflops() -> float | None:
+    if os.environ.get("SPECIALIZE_PEAK_TFLOPS"):
+        return float(os.environ["SPECIALIZE_PEAK_TFLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_mem_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint whose save finished on all ranks, oldest first."""
+    found = []
+    for d in root.glob("step-*"):
+        if (d / "complete.json").is_file():
+            found.append((int(d.name.split("-")[1]), d))
+    return sorted(found)
+
+
+def rotate_checkpoints(root: Path, keep_last: int, best_step: int | None) -> None:
+    done = complete_checkpoints(root)
+    for step, d in done[: max(0, len(done) - keep_last)]:
+        if step != best_step:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- dev evaluation
+
+def selection_score(scores: dict, recipe: Recipe) -> float | None:
+    t = recipe.train
+    ind = scores.get(f"dev/{t.dev_in_dist}_acc") if t.dev_in_dist else None
+    ood = [scores[f"dev/{n}_acc"] for n in t.dev_ood if f"dev/{n}_acc" in scores]
+    ood_mean = sum(ood) / len(ood) if ood else None
+    if t.selection == "in_dist":
+        return ind
+    if t.selection == "ood":
+        return ood_mean
+    both = [v for v in (ind, ood_mean) if v is not None]
+    return sum(both) / len(both) if both else None
+
+
+def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int) -> dict:
+    """Accuracy per dev set; each rank generates for a slice, rank 0's numbers are the gathered total."""
+    from specialize.engine.evaluate import evaluate_model
+    e = recipe.eval
+    scores = {}
+    for name, examples in dev_sets.items():
+        mine = examples[rank::world]
+        preds = []
+        if mine:
+            res = evaluate_model(model, tokenizer, mine, name, fmt=e.format, exemplars=exemplars,
+                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                 num_beams=e.num_beams, progress=rank == 0)
+            preds = [bool(p["correct"]) for p in res.predictions]
+        counts = torch.tensor([sum(preds), len(preds)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        scores[f"dev/{name}_acc"] = float(counts[0] / counts[1]) if counts[1] else float("nan")
+    return scores
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="specialize train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (repeatable), e.g. train.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except ConfigError as err:
+        print(f"specialize train: {err}", file=sys.stderr)
+        return 2
+    try:
+        return train(recipe, args.resume, args.local_rank)
+    except NonFiniteLoss as err:
+        print(f"specialize train: {err}", file=sys.stderr, flush=True)
+        return NAN_EXIT
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
+    # ------------------------------------------------------------------ setup
+    import deepspeed
+    from tqdm import tqdm
+
+    from specialize.engine.batching import BatchBuilder, BatchPlan, ExemplarSets, open_shards, sample_lengths
+    from specialize.engine.data import draw_exemplars, load_dataset_by_name
+    from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
+    from specialize.engine.export import export_model, plain_model
+    from specialize.engine.models import build_model, describe, param_counts
+    from specialize.engine.rundir import append_jsonl, prepare_run_dir
+    from specialize.engine.tokenizers import load_tokenizer
+
+    rank, world, local_rank = init_distributed(local_rank_arg)
+    t, d = recipe.train, recipe.data
+    is_main = rank == 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    out = Path(t.output_dir)
+    ckpt_root = out / "checkpoints"
+    if is_main:
+        prepare_run_dir(recipe, world, resume)
+    dist.barrier()
+
+    ds_config = build_ds_config(recipe, world)
+    if not d.aligned_dir:
+        raise ConfigError("data.aligned_dir: the engine trains on aligned shards; set the aligner's out dir")
+    tok_name = recipe.model.tokenizer or recipe.model.name_or_path
+    if not tok_name:
+        raise ConfigError("model.tokenizer: needed when model.name_or_path is not set")
+    tokenizer = load_tokenizer(tok_name)
+    with_teacher = recipe.loss.kind == "dm"
+
+    seed_everything(t.seed)  # same init on every rank
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+    t5 = build_model(recipe.model, vocab_size=len(tokenizer), dtype=dtype)
+    model = Distill(t5, recipe.loss, with_teacher)
+    if uses_deepspeed_optimizer(recipe):
+        ds_config["optimizer"] = deepspeed_optimizer_block(recipe)
+        optimizer = None
+    else:
+        optimizer = build_optimizer(model, t)
+    schedule = warmup_cosine(t.warmup_steps, t.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        model_parameters=None if optimizer else _param_groups(model, t.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    counts = param_counts(t5)
+
+    shards = open_shards(d.aligned_dir)
+    pool_name = f"{d.dataset}/train" if d.dataset == "synthetic" else f"{d.dataset}_train"
+    needs_pool = any(f.startswith("in_context") for f in d.formats) or recipe.eval.format.startswith("in_context")
+    pool = load_dataset_by_name(pool_name, d.data_dir, "train", d.dev_size, t.seed,
+                                d.synthetic_sizes or None) if needs_pool and d.shots else []
+    builder = BatchBuilder(shards, tokenizer, ExemplarSets(pool, d.shots, t.seed), d.max_source_len,
+                           d.max_target_len, with_teacher)
+    plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world)
+
+    dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
+    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "test", d.dev_size, t.seed, d.synthetic_sizes or None))
+                [: t.dev_limit or None] for n in dev_names} if t.eval_every > 0 else {}
+    eval_exemplars = (draw_exemplars(pool, d.shots, t.seed) if recipe.eval.format.startswith("in_context")
+                      else ())
+
+    step, consumed, best, best_step = 0, 0, None, None
+    if resume:
+        done = complete_checkpoints(ckpt_root)
+        if done:
+            last_step, last_dir = done[-1]
+            _, client = engine.load_checkpoint(str(ckpt_root), tag=last_dir.name)
+            step, consumed = client["step"], client["micro_batches"]
+            best, best_step = client.get("best"), client.get("best_step")
+            rng_file = last_dir / f"rng-rank{rank}.pt"
+            if rng_file.is_file():
+                set_rng_state(torch.load(rng_file, weights_only=False))
+            elif is_main:
+                print(f"[train] {rng_file} missing (world size changed?): RNG streams restart", flush=True)
+            if is_main:
+                print(f"[train] resumed from {last_dir} (step {step})", flush=True)
+        elif is_main:
+            print(f"[train] --resume: no complete checkpoint in {ckpt_root}, starting fresh", flush=True)
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
+        print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{ds_config['zero_optimization']['stage']} "
+              f"{t.precision}; {world} rank(s) on {device.type}; {len(shards)} aligned samples; "
+              f"batch {t.micro_batch_size} x {t.grad_accum} x {world}", flush=True)
+    inject_nan = int(os.environ.get("SPECIALIZE_INJECT_NAN_AT_STEP", "0"))
+    exit_after = int(os.environ.get("SPECIALIZE_EXIT_AFTER_STEP", "0"))
+    peak = peak_tflops()
+
+    def save_checkpoint() -> None:
+        tag = f"step-{step:06d}"
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={
+            "step": step, "micro_batches": consumed, "best": best, "best_step": best_step})
+        torch.save(rng_state(), ckpt_root / tag / f"rng-rank{rank}.pt")
+        dist.barrier()  # every rank's files are on disk before the checkpoint counts as complete
+        if is_main:
+            (ckpt_root / tag / "complete.json").write_text(json.dumps({"step": step, "best_step": best_step}))
+            rotate_checkpoints(ckpt_root, t.keep_last, best_step)
+        dist.barrier()
+
+    def evaluate_and_select() -> None:
+        nonlocal best, best_step
+        engine.eval()
+        with torch.no_grad():
+            # ZeRO-3 weights are sharded: evaluate (and export) a gathered plain copy
+            zero3 = ds_config["zero_optimization"]["stage"] == 3
+            model_for_eval = plain_model(t5, device) if zero3 else t5
+            scores = dev_evaluate(model_for_eval, tokenizer, dev_sets, recipe, eval_exemplars, rank, world)
+            score = selection_score(scores, recipe)
+            improved = score is not None and not math.isnan(score) and (best is None or score > best)
+            if improved:
+                best, best_step = score, step
+                export_src = model_for_eval if zero3 else (plain_model(t5) if is_main else None)
+                if is_main:
+                    export_model(export_src, tokenizer, out / "best",
+                                 {"step": step, "selection": t.selection, "score": score, **scores})
+            del model_for_eval
+        engine.train()
+        if is_main:
+            append_jsonl(out / "dev_scores.jsonl", {"step": step, **scores, "selection_score": score})
+            for k, v in scores.items():
+                writer.add_scalar(k, v, step)
+            print(f"[train] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                  + (" (best)" if improved else ""), flush=True)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ train
+    engine.train()
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
+    window = torch.zeros(6, dtype=torch.float64)  # loss, ce, kl, micro-batches, src tokens, tgt tokens
+    t_window = time.perf_counter()
+    while step < t.max_steps:
+        for _ in range(t.grad_accum):
+            batch = builder.collate(plan.micro_batch(consumed))
+            consumed += 1
+            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                                         "labels", "topk_ids", "topk_logprobs")}
+            loss, ce, kl = engine(**tensors)
+            if inject_nan and step + 1 == inject_nan and rank == 0:
+                loss = loss * float("nan")
+            # all ranks agree on finiteness before backward, so none waits in a collective alone
+            stats = torch.tensor([loss.item(), float(ce), float(kl), 1.0, batch["n_src_tokens"],
+                                  batch["n_tgt_tokens"]], dtype=torch.float64)
+            dist.all_reduce(stats)
+            if not math.isfinite(stats[0].item()):
+                last = complete_checkpoints(ckpt_root)
+                where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was saved yet"
+                bar.close()
+                raise NonFiniteLoss(f"non-finite loss in step {step + 1} (loss sum over ranks = {stats[0].item()}); "
+                                    f"stopped without saving — {where}. Lower train.lr, check the data, or "
+                                    f"resume with --resume")
+            window += stats
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - t_window
+            n = window[3].item()
+            row = {"step": step, "train/loss": window[0].item() / n, "train/ce": window[1].item() / n,
+                   "train/kl": window[2].item() / n, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "tokens_per_second_per_gpu": (window[4] + window[5]).item() / world / elapsed,
+                   "peak_mem_gb": peak_mem_gb()}
+            if peak:
+                flops = 6 * (counts["encoder"] * window[4].item()
+                             + (counts["decoder"] + counts["lm_head"]) * window[5].item())
+                row["mfu"] = flops / elapsed / world / (peak * 1e12)
+            if is_main:
+                append_jsonl(out / "train_log.jsonl", row)
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, step)
+                bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['lr']:.2e}")
+            window.zero_()
+            t_window = time.perf_counter()
+        if t.eval_every > 0 and dev_sets and (step % t.eval_every == 0 or step == t.max_steps):
+            evaluate_and_select()
+        if step % t.save_every == 0 or step == t.max_steps:
+            save_checkpoint()
+        if exit_after and step == exit_after:
+            sys.stdout.flush()
+            os._exit(0)  # test hook: behave like a killed job (no cleanup, nothing more written)
+    bar.close()
+
+    # ------------------------------------------------------------------ save
+    if best_step is None:  # no dev signal: the final weights are the export
+        final = plain_model(t5)
+        if is_main:
+            export_model(final, tokenizer, out / "best", {"step": step, "selection": None})
+        dist.barrier()
+    if is_main:
+        print(f"[train] done at step {step}; best step {best_step} ({t.selection} {best}); "
+              f"model in {out / 'best'}", flush=True)
+
+    # ------------------------------------------------------------------ cleanup
+    if writer is not None:
+        writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
