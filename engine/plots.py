@@ -1,0 +1,370 @@
+"""The paper's figures as PNGs (matplotlib, Agg: no display needed).
+
+  scaling          accuracy vs parameters (log x), before and after specialization, one line per family;
+                   input: a JSON/YAML list of {model, params, before, after[, family]} (params: 7.7e7 or "77M")
+  tradeoff         target-task accuracy (x) vs generic ability (y, BBH) over the checkpoints of each run
+  in_dist_vs_ood   in-distribution and OOD dev accuracy over training steps, with each rule's pick marked
+  training_curves  train/loss, train/ce, train/kl, lr, ... read from each run's tb/ TensorBoard logs
+
+Run dirs are read as `specialize select` reads them (dev_scores.jsonl, test_scores.jsonl, recipe.yaml,
+tb/, in the dir or its train/). Accuracies in [0, 1] are drawn as percentages.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from specialize.engine import select  # noqa: E402
+
+PLOTS = ("scaling", "tradeoff", "in_dist_vs_ood", "training_curves")
+TRAIN_TAGS = ("train/loss", "train/ce", "train/kl", "lr", "grad_norm", "tokens_per_second_per_gpu")
+_GENERIC_HINTS = ("bbh", "generic")
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+DPI = 150
+
+
+def _pct(values):
+    return [None if v is None else 100 * v for v in values]
+
+
+def _save(fig, out) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+def _label(run, labels, i) -> str:
+    return labels[i] if labels and i < len(labels) else Path(run).name
+
+
+# ---------------------------------------------------------------- scaling
+
+def parse_params(value) -> float:
+    """7.7e7, "77M", "3B", "250m" -> a parameter count."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmbt]?)\s*", str(value), re.I)
+    if not m:
+        raise ValueError(f"params {value!r}: expected a number or e.g. '77M', '3B'")
+    return float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1.0)
+
+
+def human_params(n: float) -> str:
+    for suffix, unit in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= unit:
+            return f"{n / unit:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def read_table(path) -> list[dict]:
+    """A scaling table from JSON or YAML: a list of rows, or {"rows": [...]}."""
+    import yaml
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of {{model, params, before, after}} rows")
+    for i, row in enumerate(rows):
+        missing = [k for k in ("model", "params", "before", "after") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}: row {i}: missing field(s) {missing}")
+    return rows
+
+
+def plot_scaling(table, out, title: str = "Specialization across model sizes", metric: str = "GSM8K accuracy") -> Path:
+    rows = read_table(table) if isinstance(table, (str, Path)) else list(table)
+    if not rows:
+        raise ValueError("scaling plot: the table has no rows")
+    scale = 100 if all(0 <= float(r[k]) <= 1 for r in rows for k in ("before", "after")) else 1
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = {}
+    for row in rows:
+        families.setdefault(row.get("family", ""), []).append(row)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (family, fam_rows) in enumerate(families.items()):
+        fam_rows = sorted(fam_rows, key=lambda r: parse_params(r["params"]))
+        x = [parse_params(r["params"]) for r in fam_rows]
+        prefix = f"{family}: " if family else ""
+        color = colors[i % len(colors)]
+        ax.plot(x, [scale * float(r["before"]) for r in fam_rows], "o--", color=color, alpha=0.6,
+                label=f"{prefix}before specialization")
+        ax.plot(x, [scale * float(r["after"]) for r in fam_rows], "s-", color=color, lw=2,
+                label=f"{prefix}after specialization")
+        for xi, r in zip(x, fam_rows):
+            ax.annotate(str(r["model"]), (xi, scale * float(r["after"])), textcoords="offset points",
+                        xytext=(0, 7), ha="center", fontsize=8)
+    ax.set_xscale("log")
+    # Ticks at the models' own sizes, written as 77M / 3B, read better than powers of ten.
+    sizes = sorted({parse_params(r["params"]) for r in rows})
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(sizes, [human_params(p) for p in sizes])
+    ax.margins(x=0.1, y=0.12)
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------- checkpoints of runs
+
+def _series(run, x: Optional[str], y: Optional[str]) -> tuple[list, str, str]:
+    """[(step, x, y)] plus axis names: test scores of (x, y) where evaluated; else dev scores of the
+    in-distribution set vs a generic dev set, else vs the OOD mean."""
+    tests = select.read_test_scores(run)
+    names = sorted({k for t in tests.values() for k in t})
+    x = x or next((n for n in ("gsm8k", "synthetic/test") if n in names), None)
+    y = y or next((n for n in names if any(h in n for h in _GENERIC_HINTS)), None)
+    pts = [(s, t[x], t[y]) for s, t in sorted(tests.items()) if x in t and y in t] if x and y else []
+    if pts:
+        return pts, f"test {x}", f"test {y}"
+    rows = select.read_dev_scores(run)
+    in_dist, ood = select.dev_names(run, rows)
+    generic = [n for n in ood if any(h in n for h in _GENERIC_HINTS)]
+    pts = []
+    for row in rows:
+        a = row.get(f"dev/{in_dist}_acc")
+        b = row.get(f"dev/{generic[0]}_acc") if generic else select.signals(row, in_dist, ood)["ood"]
+        if a is not None and b is not None:
+            pts.append((row["step"], a, b))
+    return pts, f"dev {in_dist}", f"dev {generic[0]}" if generic else "dev OOD (mean)"
+
+
+def plot_tradeoff(runs: Sequence, out, x: Optional[str] = None, y: Optional[str] = None,
+                  labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """Target accuracy vs generic accuracy, one path per run through its checkpoints (colour = step)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    names = None
+    drawn = 0
+    for i, run in enumerate(runs):
+        pts, xn, yn = _series(run, x, y)
+        if not pts:
+            continue
+        names = names or (xn, yn)
+        steps, xs, ys = zip(*pts)
+        xs, ys = _pct(xs), _pct(ys)
+        ax.plot(xs, ys, "-", alpha=0.4, lw=1)
+        sc = ax.scatter(xs, ys, c=steps, cmap="viridis", s=28, label=_label(run, labels, i), zorder=3,
+                        marker="osD^v"[i % 5])
+        who = _label(run, labels, i)
+        # Offsets per run so the start/end labels of several runs do not print over each other.
+        ax.annotate(f"{who} step {steps[0]}", (xs[0], ys[0]), textcoords="offset points",
+                    xytext=(8, -4 - 10 * i), fontsize=7)
+        ax.annotate(f"{who} step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points",
+                    xytext=(-8, 6 + 10 * i), fontsize=7, ha="right")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError("tradeoff plot: no run has both scores at any checkpoint "
+                         "(needs test_scores.jsonl or dev_scores.jsonl)")
+    fig.colorbar(sc, ax=ax, label="training step")
+    ax.set_xlabel(f"{names[0]} accuracy (%)  — specialized ability")
+    ax.set_ylabel(f"{names[1]} accuracy (%)  — generic ability")
+    ax.set_title(title or "Trade-off over checkpoints: target task vs generic ability")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = None,
+                        title: Optional[str] = None) -> Path:
+    """In-dist dev (solid) and OOD-mean dev (dashed) accuracy vs step; dotted lines at each rule's pick."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = 0
+    for i, run in enumerate(runs):
+        rows = sorted(select.read_dev_scores(run), key=lambda r: r["step"])
+        if not rows:
+            continue
+        in_dist, ood = select.dev_names(run, rows)
+        sig = [(r["step"], select.signals(r, in_dist, ood)) for r in rows]
+        color, name = colors[i % len(colors)], _label(run, labels, i)
+        for rule, style, what in (("in_dist", "-", f"in-dist ({in_dist})"), ("ood", "--", f"OOD ({', '.join(ood)})")):
+            pts = [(s, v[rule]) for s, v in sig if v[rule] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, _pct(ys), style, marker="o", ms=3, color=color, label=f"{name}: {what}")
+        try:
+            picks = select.select([str(run)], rules=("in_dist", "ood"))
+        except ValueError:
+            picks = {}
+        for rule, c in picks.items():
+            ax.axvline(c.step, color=color, ls=":" if rule == "in_dist" else "-.", alpha=0.6, lw=1)
+            ax.annotate(f"{rule} pick", (c.step, ax.get_ylim()[1]), rotation=90, fontsize=7, va="top",
+                        ha="right", color=color)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError("in_dist_vs_ood plot: no run has a dev_scores.jsonl")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_title(title or "In-distribution vs OOD dev accuracy over training")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, out)
+
+
+def read_tensorboard(run, tags: Sequence[str] = ()) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from RUN/tb (or RUN/train/tb) and its subfolders (one per rank or
+    resume); all scalar tags when `tags` is empty."""
+    tb = select.run_files_dir(run) / "tb"
+    if not tb.is_dir():
+        return {}
+    out: dict[str, list] = {}
+    for folder in [tb] + sorted(p for p in tb.rglob("*") if p.is_dir()):
+        for tag, pts in _read_event_dir(folder, tags).items():
+            out.setdefault(tag, []).extend(pts)
+    return {t: sorted(v) for t, v in out.items()}
+
+
+def _read_event_dir(path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0 = keep every point
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags().get("scalars", [])
+            if not tags or t in tags}
+
+
+def plot_training_curves(runs: Sequence, out, tags: Sequence[str] = TRAIN_TAGS,
+                         labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
+    """One panel per TensorBoard scalar tag, one line per run."""
+    curves = [read_tensorboard(run, tags) for run in runs]
+    present = [t for t in tags if any(t in c for c in curves)]
+    if not present:
+        raise ValueError(f"training_curves plot: none of {list(tags)} in the runs' tb/ logs")
+    ncols = min(2, len(present))
+    nrows = (len(present) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, tag in zip(axes.flat, present):
+        for i, (run, c) in enumerate(zip(runs, curves)):
+            if tag in c:
+                xs, ys = zip(*c[tag])
+                ax.plot(xs, ys, lw=1.3, label=_label(run, labels, i))
+        ax.set_title(tag)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(tag.split("/")[-1])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(present):]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Training curves")
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------- the pipeline's entry point
+
+def scaling_table_from_runs(runs: Sequence, labels: Optional[Sequence[str]] = None,
+                            dataset: Optional[str] = None) -> list[dict]:
+    """Rows {model, params, before, after} from each pipeline run's eval/scores.json ("start" vs "best")
+    and the parameter count of its best/ model config."""
+    rows = []
+    for i, run in enumerate(runs):
+        run = Path(run)
+        scores_file = next((p for p in (run / "eval" / "scores.json", run / "scores.json") if p.exists()), None)
+        config = next((p for p in (run / "train" / "best", run / "best") if (p / "config.json").exists()), None)
+        if scores_file is None or config is None:
+            continue
+        scores = json.loads(scores_file.read_text())
+        start, best = scores.get("start", {}), scores.get("best", {})
+        name = dataset or next((d for d in ("gsm8k", "synthetic/test") if d in best), next(iter(best), None))
+        if name in start and name in best:
+            rows.append({"model": _label(run, labels, i), "params": count_params(config),
+                         "before": start[name], "after": best[name]})
+    return rows
+
+
+def count_params(model_dir) -> int:
+    """Parameters of the model in `model_dir`, built on the meta device (no memory, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def plot_runs(runs: Sequence, names: Sequence[str], out_dir, labels: Optional[Sequence[str]] = None) -> list[Path]:
+    """Draw each named plot over `runs` into out_dir/<name>.png; a plot without its data is skipped with a
+    note (a pipeline stage should not fail because, e.g., no TensorBoard log was written)."""
+    unknown = [n for n in names if n not in PLOTS]
+    if unknown:
+        raise ValueError(f"unknown plot(s) {unknown}; known: {', '.join(PLOTS)}")
+    out, written = Path(out_dir), []
+    for name in names:
+        target = out / f"{name}.png"
+        try:
+            if name == "scaling":
+                written.append(plot_scaling(scaling_table_from_runs(runs, labels), target))
+            elif name == "tradeoff":
+                written.append(plot_tradeoff(runs, target, labels=labels))
+            elif name == "in_dist_vs_ood":
+                written.append(plot_in_dist_vs_ood(runs, target, labels=labels))
+            else:
+                written.append(plot_training_curves(runs, target, labels=labels))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"[plot] skipped {name}: {e}", file=sys.stderr)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="specialize plot", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="plot", required=True)
+    s = sub.add_parser("scaling", help="accuracy vs parameters from a table")
+    s.add_argument("--table", required=True, help="JSON/YAML list of {model, params, before, after[, family]}")
+    s.add_argument("--metric", default="GSM8K accuracy")
+    for name, help_ in (("tradeoff", "target vs generic accuracy over checkpoints"),
+                        ("in_dist_vs_ood", "in-dist vs OOD dev accuracy over steps"),
+                        ("training_curves", "TensorBoard scalars over steps"),
+                        ("all", "every run-based plot into --out (a dir)")):
+        q = sub.add_parser(name, help=help_, aliases=[name.replace("_", "-")] if "_" in name else [])
+        q.add_argument("--runs", nargs="+", required=True)
+        q.add_argument("--labels", default=None, help="comma list, one per run")
+        if name == "tradeoff":
+            q.add_argument("--x", default=None, help="target dataset (default gsm8k)")
+            q.add_argument("--y", default=None, help="generic dataset (default bbh)")
+        if name == "training_curves":
+            q.add_argument("--tags", default=",".join(TRAIN_TAGS))
+    for q in {id(q): q for q in sub.choices.values()}.values():  # aliases share a parser
+        q.add_argument("--out", required=True, help="PNG path (a dir for `all`)")
+        q.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    kind = args.plot.replace("-", "_")
+    labels = args.labels.split(",") if getattr(args, "labels", None) else None
+    try:
+        if kind == "scaling":
+            paths = [plot_scaling(args.table, args.out, metric=args.metric, **_title(args))]
+        elif kind == "tradeoff":
+            paths = [plot_tradeoff(args.runs, args.out, args.x, args.y, labels, args.title)]
+        elif kind == "in_dist_vs_ood":
+            paths = [plot_in_dist_vs_ood(args.runs, args.out, labels, args.title)]
+        elif kind == "training_curves":
+            paths = [plot_training_curves(args.runs, args.out, args.tags.split(","), labels, args.title)]
+        else:
+            paths = plot_runs(args.runs, ["tradeoff", "in_dist_vs_ood", "training_curves"], args.out, labels)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"specialize plot: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"[plot] wrote {path}")
+    return 0 if paths else 2
+
+
+def _title(args) -> dict:
+    return {"title": args.title} if args.title else {}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
