@@ -13,7 +13,8 @@ Files written by `specialize eval --out DIR`:
   DIR/results.json              {"model", "format", "datasets": {name: EvalResult.to_dict() without predictions}}
   DIR/results.md                markdown table: dataset, accuracy, 95% CI, n (BBH: one row per task too)
   DIR/predictions-<name>.jsonl  one {"id", "prediction", "extracted", "gold", "correct"} per example
-With `--run RUN` every HF-loadable checkpoint in RUN/checkpoints/step-*/ is scored and one line per
+With `--run RUN` every checkpoint kept in RUN/checkpoints/step-*/ is scored (DeepSpeed ones are exported to
+RUN/checkpoints-hf/step-*/ first, once) and one line per
 step is appended to RUN/test_scores.jsonl: {"step": int, "<dataset>_acc": float, ...} (read by
 `specialize select` and `specialize plot`); steps already there are skipped, so a rerun resumes.
 """
@@ -24,6 +25,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -118,10 +120,21 @@ def score_predictions(predictions: Sequence[str], examples: Sequence[Example], d
 
 # ---------------------------------------------------------------- prompts and generation
 
+_QUESTION_SLOT = "\x00question\x00"
+
+
+@lru_cache(maxsize=64)
+def _bbh_template(task: str, data_dir: Optional[str]) -> str:
+    # Built by the data layer once per task with a slot for the question: without a local copy the
+    # prompt comes over the network, and BBH has 6511 questions.
+    return build_bbh_prompt(task, _QUESTION_SLOT, data_dir)
+
+
 def prompt_for(example: Example, fmt: str, exemplars: Sequence[Example] = (), data_dir=None) -> str:
     """The model input of one example: BBH items get their task's 3-shot CoT prompt."""
     if example.source.startswith("bbh/"):
-        return build_bbh_prompt(example.source[4:], example.question, data_dir)
+        template = _bbh_template(example.source[4:], None if data_dir is None else str(data_dir))
+        return template.replace(_QUESTION_SLOT, example.question.strip())
     return build_prompt(example.question, fmt, exemplars)
 
 
@@ -142,6 +155,7 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    padding_side = tokenizer.padding_side
     if not encoder_decoder:
         tokenizer.padding_side = "left"  # a decoder-only model continues from the last position
         if tokenizer.pad_token is None:
@@ -162,6 +176,7 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
     finally:
         bar.close()
         model.train(was_training)
+        tokenizer.padding_side = padding_side
     return out  # type: ignore[return-value]
 
 
@@ -280,31 +295,38 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def checkpoint_steps(run_dir) -> dict[int, Path]:
-    """step -> dir for RUN/checkpoints/step-XXXXXX/ that hold an HF model (config.json there or in hf/)."""
+def checkpoint_steps(run_dir, convert: bool = False) -> dict[int, Path]:
+    """step -> HF model dir for RUN/checkpoints/step-XXXXXX/: the dir itself or its hf/ when they hold a
+    config.json; with `convert`, a complete DeepSpeed checkpoint (complete.json, as the engine writes) is
+    exported once to RUN/checkpoints-hf/step-XXXXXX/ by the engine's exporter and that dir is used."""
+    run = Path(run_dir)
     found = {}
-    for d in sorted(Path(run_dir, "checkpoints").glob("step-*")):
+    for d in sorted(run.joinpath("checkpoints").glob("step-*")):
         try:
             step = int(d.name.split("-", 1)[1])
         except ValueError:
             continue
-        for cand in (d, d / "hf"):
-            if (cand / "config.json").exists():
-                found[step] = cand
-                break
+        hf = next((c for c in (d, d / "hf", run / "checkpoints-hf" / d.name) if (c / "config.json").exists()), None)
+        if hf is None and convert and (d / "complete.json").exists():
+            from specialize.engine.export import export_checkpoint
+            hf = export_checkpoint(d, run, run / "checkpoints-hf" / d.name)
+        if hf is not None:
+            found[step] = Path(hf)
     return found
 
 
 def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot_cot", limit: Optional[int] = None,
                          tokenizer: Optional[str] = None, device: Optional[str] = None, shots: int = 4,
                          seed: int = 0, data_dir=None, **gen) -> list[dict]:
-    """Score every HF-loadable checkpoint of a run on `datasets`; append one row per step to
+    """Score every kept checkpoint of a run on `datasets` (DeepSpeed ones exported to HF first, see
+    `checkpoint_steps`); append one row per step to
     RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
     run = Path(run_dir)
-    steps = checkpoint_steps(run)
+    steps = checkpoint_steps(run, convert=True)
     if not steps:
-        raise FileNotFoundError(f"{run}/checkpoints: no step-*/ dir with an HF model (config.json) to evaluate")
+        raise FileNotFoundError(f"{run}/checkpoints: no step-*/ dir with an HF model (config.json) or a "
+                                f"complete DeepSpeed checkpoint (complete.json) to evaluate")
     scores_file = run / "test_scores.jsonl"
     done = {row.get("step") for row in _read_jsonl(scores_file)}
     tok_path = tokenizer or (str(run / "best") if (run / "best" / "tokenizer_config.json").exists() else None)

@@ -242,3 +242,33 @@ def test_evaluate_checkpoints_writes_test_scores_and_resumes(model_dir, shared_d
     assert [r["step"] for r in lines] == [100, 200] and all("svamp_acc" in r for r in lines)
     assert evaluate.evaluate_checkpoints(run, ["svamp"], limit=2, data_dir=shared_data, device="cpu",
                                          max_new_tokens=3, progress=False) == []
+
+
+def test_deepspeed_checkpoints_are_exported_once_then_scored(model_dir, shared_data, tmp_path, monkeypatch):
+    import shutil
+    from specialize.engine import export
+    calls = []
+
+    def fake_export(ckpt, run_dir, out_dir):  # stands in for zero_to_fp32: the wiring is what is tested
+        calls.append(ckpt.name)
+        shutil.copytree(model_dir, out_dir)
+        return out_dir
+
+    monkeypatch.setattr(export, "export_checkpoint", fake_export)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000050").mkdir(parents=True)
+    (run / "checkpoints" / "step-000050" / "complete.json").write_text('{"step": 50}')
+    rows = evaluate.evaluate_checkpoints(run, ["svamp"], limit=1, data_dir=shared_data, device="cpu",
+                                         max_new_tokens=2, progress=False)
+    assert [r["step"] for r in rows] == [50] and calls == ["step-000050"]
+    assert evaluate.checkpoint_steps(run, convert=True) == {50: run / "checkpoints-hf" / "step-000050"}
+    assert calls == ["step-000050"]  # the export is reused, not redone
+
+
+def test_bbh_prompt_is_the_data_layers_3_shot_prompt(shared_data):
+    from specialize.engine.data import build_bbh_prompt
+    ex = load_dataset_by_name("bbh/date_understanding", shared_data)[5]
+    for fmt in ("zero_shot_cot", "in_context_answer_only"):
+        got = evaluate.prompt_for(ex, fmt, (), shared_data)
+        assert got == build_bbh_prompt("date_understanding", ex.question, shared_data)
+    assert got.count("Q:") == 4 and got.endswith("A: Let's think step by step.")
