@@ -291,16 +291,35 @@ def selected_checkpoints(run: Run) -> dict[str, str]:
     return found
 
 
+def tradeoff_datasets(recipe: Recipe) -> list[str]:
+    """The in-distribution test set and the generic ones (BBH, synthetic generic_*): the RQ4 axes."""
+    names = recipe.eval.datasets
+    generic = [n for n in names if n.startswith(("bbh", "synthetic/generic"))]
+    return names[:1] + [n for n in generic if n != names[0]]
+
+
+def score_every_checkpoint(run: Run) -> int:
+    """RQ4: score every kept checkpoint on the trade-off datasets (train.dev_limit examples each) into
+    train/test_scores.jsonl; the evaluator exports DeepSpeed checkpoints to HF first."""
+    from specialize.engine.evaluate import evaluate_checkpoints
+    r, train_dir = run.recipe, run.dir("train")
+    rows = evaluate_checkpoints(str(train_dir), tradeoff_datasets(r), fmt=r.eval.format, limit=r.train.dev_limit,
+                                tokenizer=r.model.tokenizer, shots=r.data.shots, seed=r.train.seed,
+                                data_dir=r.data.data_dir, batch_size=r.eval.batch_size,
+                                max_new_tokens=r.eval.max_new_tokens, num_beams=r.eval.num_beams, progress=False)
+    return len(rows)
+
+
 def stage_eval(run: Run) -> dict:
     r = run.recipe
     scores = {}
-    start = r.model.name_or_path
-    if start:
-        scores["start"] = evaluate_checkpoint(r, start, run.dir("eval"), "start")
+    if r.model.name_or_path:
+        scores["start"] = evaluate_checkpoint(r, r.model.name_or_path, run.dir("eval"), "start")
     for label, model_dir in selected_checkpoints(run).items():
         scores[label] = evaluate_checkpoint(r, model_dir, run.dir("eval"), label)
     (run.dir("eval") / "scores.json").write_text(json.dumps(scores, indent=1))
-    return {"scores": scores}
+    checkpoints = score_every_checkpoint(run) if "tradeoff" in r.plot.plots else 0
+    return {"scores": scores, "checkpoints_scored": checkpoints}
 
 
 def stage_plot(runs: list[Run]) -> dict:
