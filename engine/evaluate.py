@@ -323,6 +323,8 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
     run = Path(run_dir)
+    if not (run / "checkpoints").is_dir() and (run / "train" / "checkpoints").is_dir():
+        run = run / "train"  # a pipeline run dir: the engine's output is its train/
     steps = checkpoint_steps(run, convert=True)
     if not steps:
         raise FileNotFoundError(f"{run}/checkpoints: no step-*/ dir with an HF model (config.json) or a "
@@ -330,8 +332,13 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     scores_file = run / "test_scores.jsonl"
     done = {row.get("step") for row in _read_jsonl(scores_file)}
     tok_path = tokenizer or (str(run / "best") if (run / "best" / "tokenizer_config.json").exists() else None)
-    data = {name: load_dataset_by_name(name, data_dir)[: limit or None] for name in datasets}
-    exemplars = _exemplars(fmt, shots, seed, data_dir)
+    # The run's own data options: the synthetic world and the GSM8K dev split depend on them, and
+    # scoring on differently drawn items could overlap the training data.
+    opts = run_data_options(run)
+    recipe_data_dir = opts.pop("data_dir", None)
+    data_dir = data_dir if data_dir is not None else recipe_data_dir
+    data = {name: load_dataset_by_name(name, data_dir, **opts)[: limit or None] for name in datasets}
+    exemplars = {name: _exemplars(fmt, shots, seed, data_dir, name, opts) for name in datasets}
     written = []
     for step, path in sorted(steps.items()):
         if step in done:
@@ -339,7 +346,7 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
         model, tok = load_model_and_tokenizer(str(path), tok_path, device)
         row: dict = {"step": step}
         for name, examples in data.items():
-            r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars, data_dir=data_dir,
+            r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars[name], data_dir=data_dir,
                                seed=seed, **gen)
             row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n})
         with open(scores_file, "a", encoding="utf-8") as f:
@@ -399,9 +406,9 @@ def main(argv: list[str]) -> int:
         meta = {"predictions": str(args.predictions)}
     else:
         model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
-        exemplars = _exemplars(fmt, args.shots, args.seed, args.data_dir)
         for name in names:
             examples = load_dataset_by_name(name, args.data_dir)[: args.limit or None]
+            exemplars = _exemplars(fmt, args.shots, args.seed, args.data_dir, name)
             results[name] = evaluate_model(model, tok, examples, name, exemplars=exemplars, **opts)
         meta = {"model": args.model, "format": fmt, "num_beams": args.num_beams, "limit": args.limit}
     path = write_results(args.out, results, meta)
@@ -410,10 +417,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _exemplars(fmt: str, shots: int, seed: int, data_dir) -> list[Example]:
+def _exemplars(fmt: str, shots: int, seed: int, data_dir, dataset: str, opts: Optional[dict] = None) -> list[Example]:
+    """In-context exemplars from the training pool of `dataset`'s world (never its test items):
+    synthetic/train for the synthetic world, GSM8K train minus dev for everything else."""
     if not fmt.startswith("in_context"):
         return []
-    return draw_exemplars(load_dataset_by_name("gsm8k_train", data_dir), shots, seed)
+    pool = "synthetic/train" if dataset.startswith("synthetic") else "gsm8k_train"
+    return draw_exemplars(load_dataset_by_name(pool, data_dir, **(opts or {})), shots, seed)
+
+
+def run_data_options(run_dir) -> dict:
+    """data_dir, dev_size, seed (train.seed) and synthetic sizes from RUN/recipe.yaml, as the pipeline
+    loads data for that run; {} without a recipe."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+    recipe = yaml.safe_load(path.read_text()) or {}
+    data, train = recipe.get("data") or {}, recipe.get("train") or {}
+    opts = {"data_dir": data.get("data_dir"), "dev_size": data.get("dev_size"), "seed": train.get("seed"),
+            "sizes": data.get("synthetic_sizes") or None}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -272,3 +272,15 @@ def test_bbh_prompt_is_the_data_layers_3_shot_prompt(shared_data):
         got = evaluate.prompt_for(ex, fmt, (), shared_data)
         assert got == build_bbh_prompt("date_understanding", ex.question, shared_data)
     assert got.count("Q:") == 4 and got.endswith("A: Let's think step by step.")
+
+
+def test_run_recipe_decides_the_synthetic_items(model_dir, tmp_path):
+    """`--run` loads data as the pipeline does for that run (seed, synthetic sizes), not the defaults."""
+    import shutil
+    run = tmp_path / "pipeline-run"
+    shutil.copytree(model_dir, run / "train" / "checkpoints" / "step-000010")
+    (run / "train" / "recipe.yaml").write_text("data:\n  synthetic_sizes: {test: 3}\ntrain:\n  seed: 7\n")
+    assert evaluate.run_data_options(run / "train") == {"seed": 7, "sizes": {"test": 3}}
+    rows = evaluate.evaluate_checkpoints(run, ["synthetic/test"], device="cpu", max_new_tokens=2, progress=False)
+    assert rows[0]["synthetic/test_n"] == 3
+    assert (run / "train" / "test_scores.jsonl").exists()
