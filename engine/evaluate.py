@@ -36,6 +36,7 @@ from specialize.engine.data import (
     load_dataset_by_name,
 )
 
+DEFAULT_DATASETS = "gsm8k,multiarith,asdiv,svamp,bbh"
 BOOTSTRAP_SAMPLES = 2000
 CI_LEVEL = 0.95
 
@@ -236,11 +237,12 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_path or model_path)
 
 
-def read_prediction_file(path, names: Sequence[str], data_dir=None) -> dict[str, tuple[list[str], list[Example]]]:
+def read_prediction_file(path, names: Sequence[str], data_dir=None,
+                         filter_records: bool = True) -> dict[str, tuple[list[str], list[Example]]]:
     """dataset -> (texts, examples) from a JSONL of either
     {"id", "prediction"} lines (golds come from the dataset(s) named in `names`, matched by id), or
     teacher records {"qid", "sample_index", "text", "gold", "dataset", ...} (every sample is scored;
-    the record's own gold and dataset are used, `names` only filters)."""
+    the record's own gold and dataset are used; `names` filters them when `filter_records`)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -262,7 +264,7 @@ def read_prediction_file(path, names: Sequence[str], data_dir=None) -> dict[str,
             name = row.get("dataset") or (names[0] if len(names) == 1 else None)
             if name is None:
                 raise ValueError(f"{path}:{lineno}: record has no 'dataset'; pass exactly one --datasets name")
-            if names and name not in names:
+            if filter_records and names and name not in names:
                 continue
             qid = str(row["qid"])
             source = "/".join(qid.split("/")[:2]) if qid.startswith("bbh/") else name
@@ -363,8 +365,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="HF model dir or hub id (the tokenizer is read from it too)")
     src.add_argument("--predictions", help="JSONL of {id, prediction} or teacher records {qid, text, gold}")
     src.add_argument("--run", help="a training run dir: score every checkpoint, append RUN/test_scores.jsonl")
-    p.add_argument("--datasets", default="gsm8k,multiarith,asdiv,svamp,bbh",
-                   help="comma list: gsm8k, multiarith, asdiv, svamp, bbh, bbh/<task>, gsm8k_dev, synthetic/<split>")
+    p.add_argument("--datasets", default=None,
+                   help=f"comma list of gsm8k, multiarith, asdiv, svamp, bbh, bbh/<task>, gsm8k_dev, synthetic/<split> "
+                        f"(default {DEFAULT_DATASETS}; for teacher records: every dataset in the file)")
     p.add_argument("--format", default="zero_shot_cot", help=f"one of {', '.join(FORMATS)} (hyphens accepted)")
     p.add_argument("--shots", type=int, default=4, help="exemplars for in-context formats (from GSM8K train)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
@@ -386,7 +389,7 @@ def main(argv: list[str]) -> int:
     if fmt not in FORMATS:
         print(f"specialize eval: unknown --format {args.format!r}; known: {', '.join(FORMATS)}", file=sys.stderr)
         return 2
-    names = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    names = [d.strip() for d in (args.datasets or DEFAULT_DATASETS).split(",") if d.strip()]
     opts = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, data_dir=args.data_dir, seed=args.seed, progress=not args.quiet)
     if args.run:
@@ -400,9 +403,19 @@ def main(argv: list[str]) -> int:
         return 2
     results: dict[str, EvalResult] = {}
     if args.predictions:
-        for name, (texts, examples) in read_prediction_file(args.predictions, names, args.data_dir).items():
+        # Teacher records carry their own dataset names: only an explicit --datasets filters them.
+        wanted = names if args.datasets else ()
+        try:
+            found = read_prediction_file(args.predictions, wanted or names, args.data_dir, filter_records=bool(wanted))
+        except (OSError, ValueError) as e:
+            print(f"specialize eval: {e}", file=sys.stderr)
+            return 2
+        for name, (texts, examples) in found.items():
             texts, examples = texts[: args.limit or None], examples[: args.limit or None]
             results[name] = score_predictions(texts, examples, name, args.seed)
+        if not results:
+            print(f"specialize eval: {args.predictions}: nothing to score for {', '.join(names)}", file=sys.stderr)
+            return 2
         meta = {"predictions": str(args.predictions)}
     else:
         model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)

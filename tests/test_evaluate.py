@@ -284,3 +284,14 @@ def test_run_recipe_decides_the_synthetic_items(model_dir, tmp_path):
     rows = evaluate.evaluate_checkpoints(run, ["synthetic/test"], device="cpu", max_new_tokens=2, progress=False)
     assert rows[0]["synthetic/test_n"] == 3
     assert (run / "train" / "test_scores.jsonl").exists()
+
+
+def test_cli_teacher_records_without_datasets_scores_every_dataset_in_the_file(tmp_path):
+    recs = [{"qid": f"synthetic/train/{i}", "sample_index": 0, "question": "q", "gold": "7", "dataset": "synthetic",
+             "text": f"3 + 4 = 7. The answer is {a}."} for i, a in enumerate(["7", "7", "8", "7"])]
+    path = tmp_path / "samples-00000.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evaluate.main(["--predictions", str(path), "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["datasets"]
+    assert list(res) == ["synthetic"] and (res["synthetic"]["n"], res["synthetic"]["n_correct"]) == (4, 3)
+    assert evaluate.main(["--predictions", str(path), "--datasets", "gsm8k", "--out", str(tmp_path / "p")]) == 2
