@@ -36,7 +36,7 @@ SCALES = {
         train=dict(micro_batch_size=16, max_steps=300, eval_every=50, save_every=50, keep_last=6, dev_limit=64),
         eval_limit=100),
     "tiny": dict(
-        toy=ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20,
+        toy=ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20, student_overrides={},
                      teacher_vocab=300, student_vocab=300, math_for_student=20, heldout_check=8,
                      teacher_sees_questions=True, teacher_examples=24, student_examples=48),
         # The data layer's default sizes (cheap to generate) so the engine's dev sets are the same

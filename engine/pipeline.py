@@ -446,7 +446,7 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
 
     cfg, model = _meta_model(run)
     params = sum(p.numel() for p in model.parameters())
-    rows.append(("model", f"{r.model.config}: {params / 1e6:,.0f}M params, d_model={cfg.d_model}, "
+    rows.append(("model", f"{r.model.config}: {params / 1e6:,.{0 if params > 1e8 else 2}f}M params, d_model={cfg.d_model}, "
                           f"layers={cfg.num_layers}+{cfg.num_decoder_layers}, vocab={cfg.vocab_size} (meta device)"))
 
     examples, data_note = _tiny_examples(run)
@@ -454,8 +454,10 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
         if fmt not in FORMATS:
             raise ConfigError(f"{run.source}: prompt format {fmt!r} unknown (known: {', '.join(FORMATS)})")
     tok, tok_note = _tiny_tokenizer(run, [e.question + " " + (e.rationale or "") for e in examples])
-    if len(tok) > cfg.vocab_size:
-        raise ConfigError(f"{run.source}: tokenizer has {len(tok)} ids but model vocab_size is {cfg.vocab_size}")
+    if len(tok) > cfg.vocab_size and r.model.name_or_path and r.model.config != "tiny":
+        # A pretrained checkpoint cannot grow its embedding: ids past vocab_size would index out of range.
+        raise ConfigError(f"{run.source}: tokenizer has {len(tok)} ids but {r.model.config} has vocab_size "
+                          f"{cfg.vocab_size}")
     lengths = []
     for fmt in r.data.formats:
         ex = examples[0]
@@ -488,9 +490,10 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
         if item["topk_ids"].shape != (len(item["labels"]), k):
             raise ValueError(f"aligned shards: topk_ids {item['topk_ids'].shape} vs labels {item['labels'].shape}, K={k}")
         rows.append(("aligned", f"{len(shards)} records read back, K={k}, labels {item['labels'].shape}"))
-        topk_ids = torch.as_tensor(np.asarray(item["topk_ids"]), dtype=torch.long)
-        topk_lp = torch.as_tensor(np.asarray(item["topk_logprobs"]))
-        target = torch.as_tensor(np.asarray(item["labels"]), dtype=torch.long)
+        # copies: the shards are read-only memory maps
+        topk_ids = torch.tensor(np.array(item["topk_ids"]), dtype=torch.long)
+        topk_lp = torch.tensor(np.array(item["topk_logprobs"]))
+        target = torch.tensor(np.array(item["labels"]), dtype=torch.long)
 
     # Loss kernel on the true hidden size and vocabulary, a few rows only.
     from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
@@ -527,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", help='training launcher, e.g. "deepspeed --hostfile hostfile" (default: deepspeed '
                                       'on all local GPUs, or torchrun with --nproc CPU ranks)')
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks when no GPU is present (default 2)")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs assumed by --dry-run's batch arithmetic")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks assumed by --dry-run's batch arithmetic (default: 8 GPUs; --nproc for fp32 CPU recipes)")
     return p
 
 
@@ -541,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = 0
             for run in runs:
                 try:
-                    rows = dry_run(run, args.world_size)
+                    world = args.world_size or (args.nproc if run.recipe.train.precision == "fp32" else 8)
+                    rows = dry_run(run, world)
                 except (ConfigError, ValueError, RuntimeError, ImportError) as err:
                     failed += 1
                     print(f"[dry-run] {run.name}: FAILED: {err}", file=sys.stderr)

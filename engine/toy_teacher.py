@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -195,6 +195,8 @@ class ToyScale:
     teacher_width: int = 128
     student_steps: int = 600
     student_config: str = "tiny"
+    # ~0.5M parameters with an 800-piece vocabulary: about half the teacher, as FlanT5 is to code-davinci-002.
+    student_overrides: dict = field(default_factory=lambda: {"d_model": 96, "d_ff": 256, "num_heads": 4, "d_kv": 24})
     teacher_vocab: int = 800
     student_vocab: int = 800
     math_for_student: int = 150     # "a little math" in the instruction-tuning mix
@@ -253,7 +255,7 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     student = train_toy_student(student_pairs, s_tok, toy_dir / "student_start",
                                 ToyTrainConfig(steps=scale.student_steps, lr=1e-3, seed=seed,
                                                check_every=max(1, scale.student_steps // 5)),
-                                config_name=scale.student_config)
+                                config_name=scale.student_config, overrides=scale.student_overrides)
     return {"teacher_params": teacher["params"], "teacher_dev_acc": teacher["heldout_acc"],
             "student_params": student["params"], "teacher_dir": str(toy_dir / "teacher"),
             "student_dir": str(toy_dir / "student_start")}
