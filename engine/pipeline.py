@@ -199,13 +199,11 @@ def stage_filter(run: Run) -> dict:
 
 
 def stage_align(run: Run) -> dict:
-    from specialize.aligner import align_teacher_dir
-    from specialize.engine.tokenizers import load_tokenizer
+    from specialize.aligner import AlignedShards, align_teacher_dir
     r = run.recipe
-    student = load_tokenizer(r.aligner.student_tokenizer or r.model.tokenizer or r.model.name_or_path)
+    student = r.aligner.student_tokenizer or r.model.tokenizer or r.model.name_or_path
     align_teacher_dir(str(run.dir("filter")), student, str(run.dir("align")), workers=r.aligner.workers,
                       band=r.aligner.band, teacher_tokenizer=r.aligner.teacher_tokenizer)
-    from specialize.aligner.shards import AlignedShards
     return {"aligned_samples": len(AlignedShards(str(run.dir("align"))))}
 
 
