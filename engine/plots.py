@@ -204,8 +204,10 @@ def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = N
             picks = {}
         for rule, c in picks.items():
             ax.axvline(c.step, color=color, ls=":" if rule == "in_dist" else "-.", alpha=0.6, lw=1)
-            ax.annotate(f"{rule} pick", (c.step, ax.get_ylim()[1]), rotation=90, fontsize=7, va="top",
-                        ha="right", color=color)
+            # x in data units, y in axes units (the label stays put whatever the final y range),
+            # staggered per run so picks of several runs at one step stay legible
+            ax.text(c.step, 0.98 - 0.3 * (i % 3), f"{name}: {rule} pick", transform=ax.get_xaxis_transform(), rotation=90,
+                    fontsize=7, va="top", ha="right", color=color)
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -214,7 +216,7 @@ def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = N
     ax.set_ylabel("dev accuracy (%)")
     ax.set_title(title or "In-distribution vs OOD dev accuracy over training")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="best", handlelength=3.5)  # long enough handles to tell dashed from solid
     return _save(fig, out)
 
 
