@@ -90,7 +90,9 @@ def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=
                           f"{vocab_size} (set model.overrides.vocab_size)")
     if model_cfg.gradient_checkpointing:
         model.config.use_cache = False  # the cache is useless in training and clashes with recomputation
-        model.gradient_checkpointing_enable()
+        # transformers >= 5 renamed it; the old name still works there but warns
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model
 
 

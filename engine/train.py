@@ -205,8 +205,10 @@ def selection_score(scores: dict, recipe: Recipe) -> float | None:
     return sum(both) / len(both) if both else None
 
 
-def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int) -> dict:
-    """Accuracy per dev set; each rank generates for a slice, rank 0's numbers are the gathered total."""
+def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int,
+                 out_dir: Path | None) -> dict:
+    """Accuracy per dev set; each rank generates for a slice (examples rank::world), the predictions are
+    gathered and rank 0 writes them to out_dir/<name>.jsonl (for error analysis and export checks)."""
     from specialize.engine.evaluate import evaluate_model
     e = recipe.eval
     scores = {}
@@ -216,11 +218,18 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
         if mine:
             res = evaluate_model(model, tokenizer, mine, name, fmt=e.format, exemplars=exemplars,
                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                 num_beams=e.num_beams, progress=rank == 0)
-            preds = [bool(p["correct"]) for p in res.predictions]
-        counts = torch.tensor([sum(preds), len(preds)], dtype=torch.float64)
-        dist.all_reduce(counts)
-        scores[f"dev/{name}_acc"] = float(counts[0] / counts[1]) if counts[1] else float("nan")
+                                 num_beams=e.num_beams, progress=rank == 0, data_dir=recipe.data.data_dir)
+            preds = res.predictions
+        gathered = [None] * world
+        dist.all_gather_object(gathered, preds)
+        everything = [p for part in gathered for p in part]
+        scores[f"dev/{name}_acc"] = (sum(bool(p["correct"]) for p in everything) / len(everything)
+                                     if everything else float("nan"))
+        if rank == 0 and out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with open(out_dir / f"{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as f:
+                for p in everything:
+                    f.write(json.dumps(p) + "\n")
     return scores
 
 
@@ -364,7 +373,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             # ZeRO-3 weights are sharded: evaluate (and export) a gathered plain copy
             zero3 = ds_config["zero_optimization"]["stage"] == 3
             model_for_eval = plain_model(t5, device) if zero3 else t5
-            scores = dev_evaluate(model_for_eval, tokenizer, dev_sets, recipe, eval_exemplars, rank, world)
+            scores = dev_evaluate(model_for_eval, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
+                                  out / "dev" / f"step-{step:06d}")
             score = selection_score(scores, recipe)
             improved = score is not None and not math.isnan(score) and (best is None or score > best)
             if improved:

@@ -1,0 +1,138 @@
+"""The real entry point with 2 CPU ranks (gloo) on a tiny T5 and tiny data: ZeRO 1/2/3, DM and SM, exact
+resume, export reload, the deepspeed launcher form, and the NaN stop. fp32: see engine_fixtures."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import REPO, env, loss_curve, read_jsonl, recipe_dict, torchrun, build_world, write_recipe
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def _check(proc: subprocess.CompletedProcess, rc: int = 0) -> None:
+    assert proc.returncode == rc, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _falls(curve: dict[int, float]) -> None:
+    losses = [curve[s] for s in sorted(curve)]
+    start, end = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
+    assert end < 0.65 * start, f"loss did not fall well below its start: {losses}"
+
+
+def _same_generations(run: Path, step: int) -> None:
+    """best/ reloads in plain transformers and greedily generates what the engine's model generated
+    for the dev questions at `step` (the engine wrote those predictions while training)."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from specialize.engine.evaluate import evaluate_model
+    from specialize.engine.data.synthetic import make_splits
+    from engine_fixtures import SIZES
+    info = json.loads((run / "best" / "specialize.json").read_text())
+    assert info["step"] == step
+    assert (run / "best" / "model.safetensors").is_file()
+    model = T5ForConditionalGeneration.from_pretrained(run / "best", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(run / "best")
+    engine_preds = {p["id"]: p["prediction"] for p in read_jsonl(run / "dev" / f"step-{step:06d}" / "synthetic_dev.jsonl")}
+    dev = make_splits(seed=0, sizes=SIZES)["dev"][:4]
+    res = evaluate_model(model, tok, dev, "synthetic/dev", fmt="zero_shot_cot", batch_size=8, max_new_tokens=8,
+                         progress=False)
+    assert {p["id"]: p["prediction"] for p in res.predictions} == engine_preds
+
+
+@pytest.fixture(scope="module")
+def zero1_run(world, tmp_path_factory):
+    """ZeRO-1 distribution matching, uninterrupted, dev eval + export at the last step."""
+    root = tmp_path_factory.mktemp("zero1")
+    recipe = write_recipe(root / "r.yaml", recipe_dict(world, root / "run", train={"max_steps": STEPS,
+                                                                                  "eval_every": STEPS}))
+    proc = torchrun(recipe)
+    _check(proc)
+    return root / "run", proc
+
+
+def test_zero1_dm_trains_and_writes_the_run_dir(zero1_run):
+    run, proc = zero1_run
+    _falls(loss_curve(run))
+    assert "ZeRO-1 fp32; 2 rank(s) on cpu" in proc.stdout
+    rows = read_jsonl(run / "train_log.jsonl")
+    assert {"train/loss", "train/kl", "train/ce", "lr", "grad_norm", "tokens_per_second_per_gpu",
+            "peak_mem_gb"} <= set(rows[0])
+    assert rows[0]["train/kl"] > 0
+    env_info = json.loads((run / "env.json").read_text())
+    assert env_info["world_size"] == 2 and env_info["versions"]["deepspeed"] and "git" in env_info
+    assert (run / "recipe.yaml").is_file() and list((run / "tb").glob("events.out.tfevents.*"))
+    scores = read_jsonl(run / "dev_scores.jsonl")
+    assert scores[-1]["step"] == STEPS and "dev/synthetic/dev_acc" in scores[-1]
+    assert "dev/synthetic/ood_steps_acc" in scores[-1]
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert kept == ["step-000006", "step-000012"]
+
+
+def test_zero1_export_reloads_and_generates_the_same(zero1_run):
+    _same_generations(zero1_run[0], STEPS)
+
+
+def test_kill_and_resume_continues_the_same_loss_curve(world, zero1_run, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", train={
+        "max_steps": STEPS, "eval_every": STEPS}))
+    # dies (like a kill) after step 8; the last checkpoint is step 6, so steps 7-8 are redone
+    _check(torchrun(recipe, env_extra={"SPECIALIZE_EXIT_AFTER_STEP": "8"}))
+    assert max(loss_curve(tmp_path / "run")) == 8
+    proc = torchrun(recipe, "--resume")
+    _check(proc)
+    assert "resumed from" in proc.stdout and "step-000006" in proc.stdout
+    want, got = loss_curve(zero1_run[0]), loss_curve(tmp_path / "run")
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
+
+
+def test_zero2_sm_under_the_deepspeed_launcher(world, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", loss={"kind": "sm"},
+                                                           deepspeed={"zero_stage": 2},
+                                                           train={"max_steps": STEPS}))
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", "29731", "--module",
+                           "specialize.engine.train", "--recipe", str(recipe)],
+                          env=env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    _check(proc)
+    log = proc.stdout + proc.stderr
+    assert "dist_world_size=2" in log and log.count("spawned with command") == 2
+    assert "--local_rank=1" in log and "sm loss; ZeRO-2 fp32; 2 rank(s) on cpu" in log
+    curve = loss_curve(tmp_path / "run")
+    _falls(curve)
+    assert all(row["train/kl"] == 0 for row in read_jsonl(tmp_path / "run" / "train_log.jsonl"))
+
+
+def test_zero3_dm_trains_and_exports_gathered_weights(world, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", deepspeed={"zero_stage": 3},
+                                                           train={"max_steps": STEPS, "eval_every": STEPS}))
+    proc = torchrun(recipe)
+    _check(proc)
+    assert "ZeRO-3 fp32" in proc.stdout
+    _falls(loss_curve(tmp_path / "run"))
+    _same_generations(tmp_path / "run", STEPS)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", train={
+        "max_steps": 6, "save_every": 2}))
+    proc = torchrun(recipe, env_extra={"SPECIALIZE_INJECT_NAN_AT_STEP": "3"})
+    _check(proc, rc=1)  # torchrun reports the ranks' exit status 3 as a failed job
+    assert "non-finite loss in step 3" in proc.stderr and "step-000002" in proc.stderr
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000002"] and (tmp_path / "run" / "checkpoints" / "step-000002" / "complete.json").is_file()
+    assert max(loss_curve(tmp_path / "run")) == 2
+    assert not (tmp_path / "run" / "best").exists()

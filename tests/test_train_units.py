@@ -1,0 +1,252 @@
+"""Engine pieces in one process: model shapes, the fused head's loss against transformers' own forward,
+export round trip, DeepSpeed config derivation, the seeded batch plan and the collated tensors."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import SIZES, build_world, recipe_dict
+from specialize.engine.config import ConfigError, recipe_from_dict
+from specialize.engine.models import NAMED_CONFIGS, build_model, hidden_scale, t5_config
+from specialize.engine.train import Distill, selection_score, warmup_cosine
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def tiny_t5(scaled: bool, vocab: int = 97, seed: int = 0):
+    from transformers import T5ForConditionalGeneration
+    torch.manual_seed(seed)
+    cfg = t5_config("tiny", vocab_size=vocab, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+                    num_decoder_layers=2, dropout_rate=0.0, tie_word_embeddings=scaled)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("name,d_model,layers,heads,d_ff", [
+    ("t5-v1_1-small", 512, 8, 6, 1024), ("flan-t5-base", 768, 12, 12, 2048), ("flan-t5-large", 1024, 24, 16, 2816),
+    ("t5-v1_1-xl", 2048, 24, 32, 5120), ("flan-t5-xxl", 4096, 24, 64, 10240)])
+def test_named_configs_have_the_published_shapes(name, d_model, layers, heads, d_ff):
+    cfg = t5_config(name)
+    assert (cfg.d_model, cfg.num_layers, cfg.num_decoder_layers, cfg.num_heads, cfg.d_ff, cfg.d_kv) == \
+        (d_model, layers, layers, heads, d_ff, 64)
+    assert cfg.vocab_size == 32128 and cfg.feed_forward_proj == "gated-gelu"
+    assert hidden_scale(cfg) == 1.0  # v1.1 / Flan: untied head, no rescaling of the decoder output
+    assert set(NAMED_CONFIGS) >= {f"{p}-{s}" for p in ("t5-v1_1", "flan-t5")
+                                  for s in ("small", "base", "large", "xl", "xxl")} | {"tiny"}
+
+
+def test_named_xxl_has_11b_parameters_on_meta():
+    from transformers import T5ForConditionalGeneration
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(t5_config("flan-t5-xxl"))
+    n = sum(p.numel() for p in model.parameters())
+    # 11.0B with the lm_head tied (transformers >= 5 always ties it), 11.1B untied
+    assert 10.9e9 < n < 11.2e9
+
+
+def test_build_model_tiny_takes_the_tokenizer_vocab_and_checkpointing():
+    from specialize.engine.config import ModelConfig
+    model = build_model(ModelConfig(config="tiny", overrides={"d_model": 32}, gradient_checkpointing=True),
+                        vocab_size=301)
+    assert model.config.vocab_size == 301 and model.config.d_model == 32
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    with pytest.raises(ConfigError, match="vocab_size"):
+        build_model(ModelConfig(config="tiny", overrides={"vocab_size": 100}), vocab_size=301)
+
+
+# ----------------------------------------------------------------------------- loss through the fused head
+
+def _batch(vocab, B=3, S=7, T=6, K=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (B, S), generator=g)
+    attention_mask = torch.ones(B, S, dtype=torch.long)
+    attention_mask[0, 5:] = 0
+    labels = torch.randint(3, vocab, (B, T), generator=g)
+    labels[1, 4:] = -100
+    dec = torch.zeros_like(labels)
+    dec[:, 1:] = labels[:, :-1].clamp(min=0)
+    topk_ids = torch.stack([torch.randperm(vocab, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    topk_ids[..., 0] = labels.clamp(min=0)
+    topk_ids[2] = -1  # a sample with no teacher: pure CE
+    lp = torch.log_softmax(torch.randn(B, T, K, generator=g), -1) - 0.1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=dec, labels=labels,
+                topk_ids=topk_ids, topk_logprobs=lp)
+
+
+def _reference_loss(logits, batch, alpha):
+    """float64 alpha·CE + (1−alpha)·Σ_S p (log p − log q), tail 'none', τ=1; rows without teacher: CE."""
+    z = logits.double().reshape(-1, logits.shape[-1])
+    logq = torch.log_softmax(z, -1)
+    tgt = batch["labels"].reshape(-1)
+    ids = batch["topk_ids"].reshape(tgt.numel(), -1)
+    lp = batch["topk_logprobs"].reshape(tgt.numel(), -1).double()
+    total, rows = 0.0, 0
+    for i in range(tgt.numel()):
+        if tgt[i] == -100:
+            continue
+        ce = -logq[i, tgt[i]]
+        valid = ids[i] >= 0
+        if valid.any():
+            kl = (lp[i][valid].exp() * (lp[i][valid] - logq[i, ids[i][valid]])).sum()
+            total += alpha * ce + (1 - alpha) * kl
+        else:
+            total += ce
+        rows += 1
+    return total / rows
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("kind", ["sm", "dm"])
+def test_fused_head_loss_matches_transformers_logits(scaled, kind):
+    from specialize.engine.config import LossConfig
+    t5 = tiny_t5(scaled)
+    batch = _batch(t5.config.vocab_size)
+    with torch.no_grad():
+        hf = t5(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"])
+    model = Distill(t5, LossConfig(kind=kind, alpha=0.3), with_teacher=kind == "dm")
+    loss, ce, kl = model(**batch)
+    if kind == "sm":  # CE only: transformers' own loss is the reference
+        assert torch.allclose(loss.double(), hf.loss.double(), rtol=1e-5, atol=1e-5)
+    want = _reference_loss(hf.logits, batch, alpha=1.0 if kind == "sm" else 0.3)
+    assert abs(loss.item() - want.item()) < 1e-4 * max(1.0, abs(want.item()))
+    loss.backward()
+    assert t5.shared.weight.grad is not None and torch.isfinite(t5.shared.weight.grad).all()
+
+
+def test_exported_model_generates_the_same_tokens(tmp_path):
+    from transformers import T5ForConditionalGeneration
+    from specialize.engine.config import LossConfig
+    from specialize.engine.export import export_model, plain_model
+    t5 = tiny_t5(scaled=False, seed=3)
+    Distill(t5, LossConfig(), with_teacher=True)  # the engine swaps in its fused head
+    ids = torch.randint(3, t5.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = t5.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    export_model(plain_model(t5), None, tmp_path / "best", {"step": 1})
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+    again = T5ForConditionalGeneration.from_pretrained(tmp_path / "best").eval()
+    assert type(again.lm_head) is torch.nn.Linear
+    assert torch.equal(again.generate(input_ids=ids, max_new_tokens=12, do_sample=False), want)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def _recipe(world, tmp_path, **sections):
+    return recipe_from_dict(recipe_dict(world, tmp_path / "run", **sections))
+
+
+def test_ds_config_derives_batch_fields_and_zero_blocks(world, tmp_path):
+    from specialize.engine.ds_config import build_ds_config
+    r = _recipe(world, tmp_path, train={"micro_batch_size": 3, "grad_accum": 5, "precision": "bf16"},
+                deepspeed={"zero_stage": 3, "offload": ["optimizer", "param"]})
+    cfg = build_ds_config(r, world_size=4)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
+        == (60, 3, 5)
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    z = cfg["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert cfg["gradient_clipping"] == 1.0
+
+
+def test_ds_config_user_json_must_agree(world, tmp_path):
+    import json
+    from specialize.engine.ds_config import build_ds_config
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
+    r = _recipe(world, tmp_path, deepspeed={"config": str(path), "zero_stage": 2})
+    assert build_ds_config(r, 2)["train_batch_size"] == 8
+    with pytest.raises(ConfigError, match="train_batch_size=9"):
+        build_ds_config(_recipe(world, tmp_path, deepspeed={"config": {"train_batch_size": 9}}), 2)
+    with pytest.raises(ConfigError, match="zero_optimization.stage=2 disagrees with deepspeed.zero_stage=3"):
+        build_ds_config(_recipe(world, tmp_path, deepspeed={"config": str(path), "zero_stage": 3}), 2)
+    with pytest.raises(ConfigError, match="param offload needs zero_stage 3"):
+        build_ds_config(_recipe(world, tmp_path, deepspeed={"zero_stage": 2, "offload": ["param"]}), 2)
+    with pytest.raises(ConfigError, match="optimizer"):
+        build_ds_config(_recipe(world, tmp_path, deepspeed={"config": {"optimizer": {"type": "Adam"}}}), 2)
+    with pytest.warns(UserWarning, match="overflow"):
+        build_ds_config(_recipe(world, tmp_path, train={"precision": "fp16"}), 1)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def _plan(lengths, rank, world=2, formats=None, mixing="per_batch", seed=0):
+    from specialize.engine.batching import BatchPlan
+    return BatchPlan(np.asarray(lengths), formats or {"zero_shot_cot": 0.5, "zero_shot_answer_only": 0.5},
+                     mixing, micro_batch_size=4, seed=seed, rank=rank, world_size=world)
+
+
+def test_plan_is_seeded_disjoint_across_ranks_and_one_format_per_batch():
+    lengths = np.random.default_rng(0).integers(5, 200, size=203)
+    per_rank = [[_plan(lengths, r).micro_batch(n) for n in range(25)] for r in (0, 1)]  # one epoch each
+    epoch = [i for r in per_rank for mb in r for i in mb.indices]
+    assert len(epoch) == len(set(epoch)) == 200  # disjoint, 3 left over
+    assert all(len(set(mb.formats)) == 1 for r in per_rank for mb in r)
+    # the same position gives the same batch from a fresh plan (what --resume relies on), epochs differ
+    fresh = _plan(lengths, 1)
+    assert fresh.micro_batch(37).indices == _plan(lengths, 1).micro_batch(37).indices
+    assert [fresh.micro_batch(n).indices for n in range(25)] != [fresh.micro_batch(n).indices for n in range(25, 50)]
+    assert _plan(lengths, 0, seed=1).micro_batch(0).indices != per_rank[0][0].indices
+
+
+def test_plan_groups_lengths_and_follows_ratios():
+    lengths = np.random.default_rng(1).integers(5, 400, size=4000)
+    plan = _plan(lengths, 0, world=1, formats={"zero_shot_cot": 3.0, "in_context_cot": 1.0})
+    batches = [plan.micro_batch(n) for n in range(1000)]
+    share = sum(mb.formats[0] == "zero_shot_cot" for mb in batches) / len(batches)
+    assert 0.70 < share < 0.80
+    padded = sum(4 * max(lengths[mb.indices]) for mb in batches)
+    random_padded = sum(4 * max(lengths[c]) for c in np.random.default_rng(2).permutation(4000).reshape(-1, 4))
+    assert padded < 0.7 * random_padded
+    mixed = _plan(lengths, 0, world=1, mixing="mixed")
+    assert any(len(set(mixed.micro_batch(n).formats)) == 2 for n in range(50))
+
+
+def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
+    from transformers import AutoTokenizer
+    from specialize.engine.batching import BatchBuilder, ExemplarSets, MicroBatch, open_shards
+    from specialize.engine.data import build_target
+    from specialize.engine.data.synthetic import make_splits
+    tok = AutoTokenizer.from_pretrained(world["tokenizer"])
+    shards = open_shards(world["aligned"])
+    pool = make_splits(seed=0, sizes=SIZES)["train"]
+    b = BatchBuilder(shards, tok, ExemplarSets(pool, 1, 0), max_source_len=512, max_target_len=512,
+                     with_teacher=True)
+    batch = b.collate(MicroBatch([0, 5], ["zero_shot_cot", "zero_shot_answer_only"]))
+    rec0, rec5 = shards[0], shards[5]
+    n0 = len(rec0["labels"])
+    assert batch["labels"][0, :n0].tolist() == list(rec0["labels"])
+    assert torch.equal(batch["topk_ids"][0, :n0, :3], torch.as_tensor(np.asarray(rec0["topk_ids"]), dtype=torch.long))
+    answer = tok(build_target(None, rec5["answer"], "zero_shot_answer_only"))["input_ids"]
+    assert batch["labels"][1, :len(answer)].tolist() == answer and (batch["labels"][1, len(answer):] == -100).all()
+    assert (batch["topk_ids"][1] == -1).all()
+    assert batch["decoder_input_ids"][0, 0] == 0 and batch["decoder_input_ids"][0, 1:n0].tolist() == list(rec0["labels"][:-1])
+    prompt = tok.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert prompt.endswith("Let's think step by step.") and rec0["question"].split()[0] in prompt
+    ic = b.collate(MicroBatch([0], ["in_context_cot"]))
+    assert ic["input_ids"].shape[1] > batch["input_ids"].shape[1]  # exemplar prepended
+    sm = BatchBuilder(shards, tok, ExemplarSets(pool, 1, 0), 512, 512, with_teacher=False)
+    assert sm.collate(MicroBatch([0], ["zero_shot_cot"]))["topk_ids"].shape[-1] == 1
+
+
+# ----------------------------------------------------------------------------- schedule, selection
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(4, 20)
+    assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
+    assert f(4) == 1.0 and abs(f(12) - 0.5) < 1e-9 and f(20) == 0.0
+
+
+def test_selection_metric(world, tmp_path):
+    scores = {"dev/synthetic/dev_acc": 0.5, "dev/synthetic/ood_steps_acc": 0.1}
+    pick = {s: selection_score(scores, _recipe(world, tmp_path, train={"selection": s}))
+            for s in ("in_dist", "ood", "mean")}
+    assert pick["in_dist"] == 0.5 and pick["ood"] == 0.1 and math.isclose(pick["mean"], 0.3)
