@@ -111,3 +111,16 @@ def test_cli(runs, tmp_path, capsys):
     assert len(list((tmp_path / "all").glob("*.png"))) == 3
     assert plots.main(["training-curves", "--runs", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "none of" in capsys.readouterr().err
+
+
+def test_cli_scaling_from_json_table(tmp_path, capsys):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"rows": [{"model": "small", "params": "77M", "before": 2.1, "after": 7.6},
+                                          {"model": "base", "params": "250M", "before": 3.5, "after": 13.1}]}))
+    out = tmp_path / "scaling.png"
+    assert plots.main(["scaling", "--table", str(table), "--out", str(out), "--title", "FlanT5 on GSM8K"]) == 0
+    assert_png(out)
+    assert plots.main(["scaling", "--table", str(tmp_path / "t.json"), "--out", str(out)]) == 0
+    table.write_text("[]")
+    assert plots.main(["scaling", "--table", str(table), "--out", str(out)]) == 2
+    assert "no rows" in capsys.readouterr().err
