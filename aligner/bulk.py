@@ -1,0 +1,192 @@
+"""Align a whole teacher output folder (`samples-*.jsonl`) into aligned shards.
+
+One output shard `aligned-NNNNN/` per input shard `samples-NNNNN.jsonl`, written
+atomically (`shards.write_shard`): on a rerun a finished shard is skipped, a partial one
+(left as `*.tmp`) is redone. `workers` > 1 aligns several input shards at once in
+separate processes; with a single pending shard the workers become Numba threads of the
+pair-parallel DP instead. Stats per shard are kept in its meta.json so a resumed run can
+still print the full summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .dp import align_codes_many
+from .mapping import MappingStats, StudentVocab, map_distributions
+from .normalise import encode_surfaces, student_surfaces, teacher_surfaces
+from .shards import is_complete, write_shard
+from .teacher_tokenizers import load_teacher_tokenizer, tokenize_text
+
+CHUNK = 512  # samples aligned per Numba call (bounds memory; progress granularity)
+
+
+class TeacherRecordError(ValueError):
+    """A teacher record that cannot be aligned; the message names file and line."""
+
+
+def _load_student(student_tokenizer):
+    if isinstance(student_tokenizer, (str, os.PathLike)):
+        from specialize.engine.tokenizers import load_tokenizer
+        return load_tokenizer(str(student_tokenizer))
+    return student_tokenizer
+
+
+def read_teacher_records(path: Path, teacher_enc=None) -> list[dict]:
+    """Parse and check one `samples-*.jsonl` shard (CONTRACTS.md "Teacher records")."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TeacherRecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise TeacherRecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for key, kind in (("qid", str), ("question", str), ("text", str), ("sample_index", int)):
+                if not isinstance(rec.get(key), kind):
+                    raise TeacherRecordError(f"{where}: field {key!r} must be {kind.__name__}, "
+                                             f"got {rec.get(key)!r:.60}")
+            if "gold" not in rec:
+                raise TeacherRecordError(f"{where}: missing field 'gold'")
+            tokens = rec.get("tokens")
+            if tokens is None and teacher_enc is not None:
+                tokens = rec["tokens"] = tokenize_text(teacher_enc, rec["text"])
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise TeacherRecordError(f"{where}: field 'tokens' must be a list of strings")
+            if "".join(tokens) != rec["text"]:
+                raise TeacherRecordError(f"{where}: 'tokens' do not concatenate to 'text'")
+            top = rec.get("top_logprobs")
+            if top is None:  # no distributions (e.g. sample matching): every position one-hot
+                top = rec["top_logprobs"] = [[] for _ in tokens]
+            if not isinstance(top, list) or len(top) != len(tokens):
+                raise TeacherRecordError(f"{where}: 'top_logprobs' must have one list per token "
+                                         f"({len(tokens)}), got {len(top) if isinstance(top, list) else top!r:.40}")
+            for t, alts in enumerate(top):
+                for alt in alts if isinstance(alts, list) else [None]:
+                    ok = (isinstance(alt, list) and len(alt) == 2 and isinstance(alt[0], str)
+                          and isinstance(alt[1], (int, float)) and alt[1] <= 0 and not math.isnan(alt[1]))
+                    if not ok:
+                        raise TeacherRecordError(f"{where}: top_logprobs[{t}] entry {alt!r:.60} is not "
+                                                 f"[token_str, logprob <= 0]")
+            records.append(rec)
+    return records
+
+
+def align_records(records: list[dict], student, band: int = 0, threads: int = 1, vocab: StudentVocab | None = None,
+                  progress=None) -> tuple[list[dict], MappingStats]:
+    """Aligned sample dicts (shards.py fields) and their summed stats."""
+    vocab = vocab or StudentVocab(student.get_vocab())
+    k = max([1] + [len(a) for r in records for a in r["top_logprobs"]])
+    out, total = [], MappingStats()
+    for start in range(0, len(records), CHUNK):
+        chunk = records[start:start + CHUNK]
+        labels = student([r["text"] for r in chunk])["input_ids"]
+        questions = student([r["question"] for r in chunk])["input_ids"]
+        t_codes, s_codes, gaps, pendings = [], [], [], []
+        for rec, lab in zip(chunk, labels):
+            pieces = student.convert_ids_to_tokens(lab[:-1])  # the eos stays one-hot
+            t_surf, pending = teacher_surfaces(rec["tokens"])
+            unknown = [i == student.unk_token_id for i in lab[:-1]]
+            t, s, g = encode_surfaces(t_surf, student_surfaces(pieces), unknown)
+            t_codes.append(t), s_codes.append(s), gaps.append(g), pendings.append(pending)
+        results = align_codes_many(t_codes, s_codes, gaps, band=band, threads=threads)
+        for rec, lab, q, pending, (_, _, s2t) in zip(chunk, labels, questions, pendings, results):
+            ids, lps, stats = map_distributions(lab, s2t, rec["top_logprobs"], pending, vocab, k)
+            total = total + stats
+            out.append({"qid": rec["qid"], "sample_index": rec["sample_index"], "question": rec["question"],
+                        "answer": str(rec["gold"]), "input_ids": q, "labels": lab,
+                        "topk_ids": ids, "topk_logprobs": lps})
+        if progress is not None:
+            progress(len(chunk))
+    return out, total
+
+
+def _align_shard(in_path: str, out_path: str, student_tokenizer, band: int, threads: int,
+                 teacher_tokenizer: str | None, progress=None) -> dict:
+    start = time.perf_counter()
+    enc = load_teacher_tokenizer(teacher_tokenizer) if teacher_tokenizer else None
+    records = read_teacher_records(Path(in_path), enc)
+    aligned, stats = align_records(records, _load_student(student_tokenizer), band, threads, progress=progress)
+    summary = {"shard": Path(in_path).name, **stats.to_dict(), "seconds": time.perf_counter() - start}
+    write_shard(aligned, out_path, extra_meta={"source": str(in_path), "band": band, "stats": summary})
+    return summary
+
+
+def _out_name(in_path: Path) -> str:
+    return "aligned-" + in_path.stem.split("-", 1)[-1]
+
+
+def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1, band: int = 0,
+                      teacher_tokenizer: str | None = None, progress: bool = True) -> list[dict]:
+    """Align every `samples-*.jsonl` in `teacher_dir` into `out_dir`; returns one summary
+    row per input shard (status "aligned" or "skipped" when already done)."""
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    inputs = sorted(teacher_dir.glob("samples-*.jsonl"))
+    if not inputs:
+        raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {teacher_dir}")
+    if workers < 1 or band < 0:
+        raise ValueError(f"workers must be >= 1 and band >= 0 (got workers={workers}, band={band})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, pending = {}, []
+    for p in inputs:
+        target = out_dir / _out_name(p)
+        if is_complete(target):
+            meta = json.loads((target / "meta.json").read_text())
+            rows[p.name] = {**meta.get("stats", {"shard": p.name}), "status": "skipped"}
+        else:
+            pending.append(p)
+    total = sum(sum(1 for line in open(p, encoding="utf-8") if line.strip()) for p in pending)
+    bar = tqdm(total=total, unit="sample", desc="align", disable=not progress)
+    try:
+        if workers > 1 and len(pending) > 1:
+            student = student_tokenizer if isinstance(student_tokenizer, (str, os.PathLike)) \
+                else _load_student(student_tokenizer)
+            procs = min(workers, len(pending))
+            with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_align_shard, str(p), str(out_dir / _out_name(p)), student, band,
+                                       max(1, workers // procs), teacher_tokenizer): p for p in pending}
+                for fut in as_completed(futures):
+                    row = fut.result()
+                    rows[futures[fut].name] = {**row, "status": "aligned"}
+                    bar.update(row["samples"])
+        else:
+            student = _load_student(student_tokenizer)
+            for p in pending:
+                row = _align_shard(str(p), str(out_dir / _out_name(p)), student, band, workers,
+                                   teacher_tokenizer, progress=bar.update)
+                rows[p.name] = {**row, "status": "aligned"}
+    finally:
+        bar.close()
+    ordered = [rows[p.name] for p in inputs]
+    (out_dir / "summary.json").write_text(json.dumps(ordered, indent=1))
+    return ordered
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A plain-text table: one line per shard and a total."""
+    head = f"{'shard':<24} {'status':<8} {'samples':>8} {'positions':>10} {'mapped':>7} {'kept mass':>9} {'sec':>7}"
+    lines = [head, "-" * len(head)]
+    tot = MappingStats()
+    secs = 0.0
+    for r in rows:
+        lines.append(f"{r.get('shard', '?'):<24} {r.get('status', ''):<8} {r.get('samples', 0):>8} "
+                     f"{r.get('positions', 0):>10} {r.get('mapped_share', 0):>7.1%} "
+                     f"{r.get('mean_kept_mass', 0):>9.3f} {r.get('seconds', 0):>7.1f}")
+        tot = tot + MappingStats(r.get("positions", 0), r.get("mapped", 0),
+                                 r.get("mean_kept_mass", 0) * r.get("mapped", 0), 0.0, r.get("samples", 0))
+        secs += r.get("seconds", 0)
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<24} {'':<8} {tot.samples:>8} {tot.positions:>10} {tot.mapped_share:>7.1%} "
+                 f"{tot.mean_kept_mass:>9.3f} {secs:>7.1f}")
+    return "\n".join(lines)

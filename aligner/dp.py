@@ -1,0 +1,196 @@
+"""Monotone token alignment by dynamic programming (edit-distance style), Numba core.
+
+Both sequences arrive as integer codes of their normalised surfaces (equal code ⇔ equal
+string; see `normalise.py`). The DP fills D[i][j] = least cost of aligning the first i
+teacher tokens with the first j student tokens, with integer costs so that every
+implementation breaks ties identically:
+
+    diagonal   D[i-1][j-1] + (MATCH if codes equal else SUBSTITUTE)
+    up         D[i-1][j]   + teacher_gap[i-1]   (teacher token with no student partner;
+                                                 0 for a token that vanished on the
+                                                 student side, e.g. a newline)
+    left       D[i][j-1]   + STUDENT_GAP
+
+SUBSTITUTE = 2 = one gap on each side, so the optimum maximises the number of exact
+surface matches (an LCS), and among equal costs the traceback prefers diagonal, then
+up, then left, pairing unmatched runs position by position.
+
+Band: row i only holds columns lo[i]..hi[i] around the scaled diagonal i·M/N, widened
+so consecutive rows always overlap (a path from (0,0) to (N,M) always exists). band=0
+means the full table. Memory is O(N·W) for the traceback, W the widest row.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+MATCH, SUBSTITUTE, STUDENT_GAP = 0, 2, 1
+DIAG, UP, LEFT = 0, 1, 2
+
+
+@njit(cache=True)
+def _band_limits(n, m, band):
+    """Column range [lo[i], hi[i]] of each DP row i = 0..n."""
+    lo = np.zeros(n + 1, np.int64)
+    hi = np.full(n + 1, m, np.int64)
+    if band <= 0 or n == 0:
+        return lo, hi
+    for i in range(n + 1):
+        centre = (i * m) // n
+        nxt = ((i + 1) * m + n - 1) // n  # reach the next row's centre: rows stay connected
+        lo[i] = max(0, centre - band)
+        hi[i] = min(m, max(nxt, centre) + band)
+    hi[n] = m
+    return lo, hi
+
+
+@njit(cache=True)
+def _align_core(t_codes, s_codes, t_gap, band, path_out, s2t_out):
+    """Fill the DP, trace back; write the path (teacher idx | -1, student idx | -1) rows
+    from the start into path_out, s2t_out[j] = teacher index matched exactly to student j
+    (or -1). Returns (cost, path length)."""
+    n = t_codes.shape[0]
+    m = s_codes.shape[0]
+    lo, hi = _band_limits(n, m, band)
+    width = 1
+    for i in range(n + 1):
+        width = max(width, hi[i] - lo[i] + 1)
+    move = np.empty((n + 1, width), np.int8)
+    inf = np.iinfo(np.int64).max // 4
+    # two cost rows indexed by absolute column; reads are guarded by the row ranges,
+    # so cells left over from older rows are never used
+    prev = np.full(m + 1, inf, np.int64)
+    cur = np.full(m + 1, inf, np.int64)
+    # row 0: only left moves
+    cur[0] = 0
+    move[0, 0] = DIAG
+    for j in range(1, hi[0] + 1):
+        cur[j] = cur[j - 1] + STUDENT_GAP
+        move[0, j] = LEFT
+    for i in range(1, n + 1):
+        prev, cur = cur, prev
+        plo, phi = lo[i - 1], hi[i - 1]
+        for j in range(lo[i], hi[i] + 1):
+            best = inf
+            step = DIAG
+            if j >= 1 and plo <= j - 1 <= phi:
+                best = prev[j - 1] + (MATCH if t_codes[i - 1] == s_codes[j - 1] else SUBSTITUTE)
+            if plo <= j <= phi:
+                c = prev[j] + t_gap[i - 1]
+                if c < best:
+                    best = c
+                    step = UP
+            if j > lo[i]:
+                c = cur[j - 1] + STUDENT_GAP
+                if c < best:
+                    best = c
+                    step = LEFT
+            cur[j] = best
+            move[i, j - lo[i]] = step
+    cost = cur[m]
+    # traceback from (n, m), written backwards then reversed in place
+    i, j, k = n, m, 0
+    for jj in range(m):
+        s2t_out[jj] = -1
+    while i > 0 or j > 0:
+        step = move[i, j - lo[i]] if i > 0 else LEFT
+        if step == DIAG:
+            path_out[k, 0] = i - 1
+            path_out[k, 1] = j - 1
+            if t_codes[i - 1] == s_codes[j - 1]:
+                s2t_out[j - 1] = i - 1
+            i -= 1
+            j -= 1
+        elif step == UP:
+            path_out[k, 0] = i - 1
+            path_out[k, 1] = -1
+            i -= 1
+        else:
+            path_out[k, 0] = -1
+            path_out[k, 1] = j - 1
+            j -= 1
+        k += 1
+    for a in range(k // 2):
+        for c in range(2):
+            tmp = path_out[a, c]
+            path_out[a, c] = path_out[k - 1 - a, c]
+            path_out[k - 1 - a, c] = tmp
+    return cost, k
+
+
+@njit(cache=True, parallel=True)
+def _align_many_core(t_codes, t_off, s_codes, s_off, t_gap, band, path_out, path_off, path_len, s2t_out, costs):
+    """Pair p uses t_codes[t_off[p]:t_off[p+1]] etc.; its path goes to the rows
+    path_off[p]... of path_out (room for N+M steps), so threads never share a buffer."""
+    for p in prange(t_off.shape[0] - 1):
+        t0, t1 = t_off[p], t_off[p + 1]
+        s0, s1 = s_off[p], s_off[p + 1]
+        cost, k = _align_core(t_codes[t0:t1], s_codes[s0:s1], t_gap[t0:t1], band,
+                              path_out[path_off[p]:path_off[p] + (t1 - t0) + (s1 - s0)],
+                              s2t_out[s0:s1])
+        costs[p] = cost
+        path_len[p] = k
+
+
+def _as_codes(a, name):
+    arr = np.ascontiguousarray(a, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def align_codes(t_codes, s_codes, t_gap=None, band: int = 0):
+    """Align one pair of integer-coded sequences.
+
+    Returns (cost, path int32[L, 2], s2t int32[M]); `t_gap` (default all 1) is the cost of
+    leaving each teacher token unpaired.
+    """
+    t = _as_codes(t_codes, "t_codes")
+    s = _as_codes(s_codes, "s_codes")
+    gap = np.ones(len(t), np.int64) if t_gap is None else _as_codes(t_gap, "t_gap")
+    if gap.shape != t.shape:
+        raise ValueError(f"t_gap has {gap.shape[0]} entries for {t.shape[0]} teacher tokens")
+    if band < 0:
+        raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
+    path = np.empty((len(t) + len(s), 2), np.int32)
+    s2t = np.empty(len(s), np.int32)
+    cost, k = _align_core(t, s, gap, int(band), path, s2t)
+    return int(cost), path[:k].copy(), s2t
+
+
+def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | None = None):
+    """Align many pairs in one parallel Numba call (prange over pairs).
+
+    teacher/student/gaps: sequences of 1-D integer arrays. Returns a list of
+    (cost, path, s2t) like `align_codes`.
+    """
+    if len(teacher) != len(student):
+        raise ValueError(f"{len(teacher)} teacher sequences but {len(student)} student sequences")
+    if band < 0:
+        raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
+    if gaps is None:
+        gaps = [np.ones(len(t), np.int64) for t in teacher]
+    t_len = np.array([len(t) for t in teacher], np.int64)
+    s_len = np.array([len(s) for s in student], np.int64)
+    if any(len(g) != n for g, n in zip(gaps, t_len)):
+        raise ValueError("each gap array must have one entry per teacher token")
+    t_off = np.concatenate([[0], np.cumsum(t_len)])
+    s_off = np.concatenate([[0], np.cumsum(s_len)])
+    path_off = np.concatenate([[0], np.cumsum(t_len + s_len)])
+    cat = lambda seqs: (np.concatenate([np.asarray(x, np.int64) for x in seqs]) if len(seqs)
+                        else np.zeros(0, np.int64))
+    t_all, s_all, g_all = cat(teacher), cat(student), cat(gaps)
+    path_out = np.empty((int(path_off[-1]), 2), np.int32)
+    s2t = np.empty(int(s_off[-1]), np.int32)
+    path_len = np.zeros(len(teacher), np.int64)
+    costs = np.zeros(len(teacher), np.int64)
+    old = numba.get_num_threads()
+    if threads:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        _align_many_core(t_all, t_off, s_all, s_off, g_all, int(band), path_out, path_off, path_len, s2t, costs)
+    finally:
+        numba.set_num_threads(old)
+    return [(int(costs[p]), path_out[path_off[p]:path_off[p] + path_len[p]].copy(), s2t[s_off[p]:s_off[p + 1]].copy())
+            for p in range(len(teacher))]
