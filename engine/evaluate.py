@@ -228,6 +228,11 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    ckpt = Path(model_path)
+    if ckpt.is_dir() and not (ckpt / "config.json").exists() and (ckpt / "complete.json").exists():
+        # a DeepSpeed checkpoint of a run (RUN/checkpoints/step-XXXXXX): use its HF export, made once
+        step = int(ckpt.name.split("-")[1])
+        model_path = str(checkpoint_steps(ckpt.parent.parent, convert=True, only=step)[step])
     config = AutoConfig.from_pretrained(model_path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = cls.from_pretrained(model_path, torch_dtype=torch.float32)
@@ -297,16 +302,19 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def checkpoint_steps(run_dir, convert: bool = False) -> dict[int, Path]:
+def checkpoint_steps(run_dir, convert: bool = False, only: Optional[int] = None) -> dict[int, Path]:
     """step -> HF model dir for RUN/checkpoints/step-XXXXXX/: the dir itself or its hf/ when they hold a
     config.json; with `convert`, a complete DeepSpeed checkpoint (complete.json, as the engine writes) is
-    exported once to RUN/checkpoints-hf/step-XXXXXX/ by the engine's exporter and that dir is used."""
+    exported once to RUN/checkpoints-hf/step-XXXXXX/ by the engine's exporter and that dir is used.
+    `only`: look at that step alone."""
     run = Path(run_dir)
     found = {}
     for d in sorted(run.joinpath("checkpoints").glob("step-*")):
         try:
             step = int(d.name.split("-", 1)[1])
         except ValueError:
+            continue
+        if only is not None and step != only:
             continue
         hf = next((c for c in (d, d / "hf", run / "checkpoints-hf" / d.name) if (c / "config.json").exists()), None)
         if hf is None and convert and (d / "complete.json").exists():
@@ -362,14 +370,16 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specialize eval", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF model dir or hub id (the tokenizer is read from it too)")
+    src.add_argument("--model", help="HF model dir or hub id (the tokenizer is read from it too), "
+                                     "or a run's DeepSpeed checkpoints/step-XXXXXX (exported to HF first)")
     src.add_argument("--predictions", help="JSONL of {id, prediction} or teacher records {qid, text, gold}")
     src.add_argument("--run", help="a training run dir: score every checkpoint, append RUN/test_scores.jsonl")
     p.add_argument("--datasets", default=None,
                    help=f"comma list of gsm8k, multiarith, asdiv, svamp, bbh, bbh/<task>, gsm8k_dev, synthetic/<split> "
                         f"(default {DEFAULT_DATASETS}; for teacher records: every dataset in the file)")
     p.add_argument("--format", default="zero_shot_cot", help=f"one of {', '.join(FORMATS)} (hyphens accepted)")
-    p.add_argument("--shots", type=int, default=4, help="exemplars for in-context formats (from GSM8K train)")
+    p.add_argument("--shots", type=int, default=4,
+                   help="exemplars for in-context formats, from the training pool (GSM8K train minus dev; synthetic/train)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
     p.add_argument("--data-dir", default=None, help="local folder laid out like shared/data (default: the hub)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir when the model dir has none")
