@@ -122,60 +122,104 @@ def plot_scaling(table, out, title: str = "Specialization across model sizes", m
 
 # ---------------------------------------------------------------- checkpoints of runs
 
-def _series(run, x: Optional[str], y: Optional[str]) -> tuple[list, str, str]:
-    """[(step, x, y)] plus axis names: test scores of (x, y) where evaluated; else dev scores of the
-    in-distribution set vs a generic dev set, else vs the OOD mean."""
-    tests = select.read_test_scores(run)
-    names = sorted({k for t in tests.values() for k in t})
-    x = x or next((n for n in ("gsm8k", "synthetic/test") if n in names), None)
-    y = y or next((n for n in names if any(h in n for h in _GENERIC_HINTS)), None)
-    pts = [(s, t[x], t[y]) for s, t in sorted(tests.items()) if x in t and y in t] if x and y else []
-    if pts:
-        return pts, f"test {x}", f"test {y}"
-    rows = select.read_dev_scores(run)
-    in_dist, ood = select.dev_names(run, rows)
-    generic = [n for n in ood if any(h in n for h in _GENERIC_HINTS)]
-    pts = []
-    for row in rows:
-        a = row.get(f"dev/{in_dist}_acc")
-        b = row.get(f"dev/{generic[0]}_acc") if generic else select.signals(row, in_dist, ood)["ood"]
-        if a is not None and b is not None:
-            pts.append((row["step"], a, b))
-    return pts, f"dev {in_dist}", f"dev {generic[0]}" if generic else "dev OOD (mean)"
+def _is_generic(name: str) -> bool:
+    return any(h in name for h in _GENERIC_HINTS)
+
+
+def _pick_xy(scores: dict, x: Optional[str], y: Optional[str]) -> Optional[tuple[str, str, float, float]]:
+    """(x name, y name, x value, y value) from one {dataset: accuracy} table: x defaults to gsm8k (or the
+    synthetic in-distribution test), y to bbh, else the mean of the generic sets; None when either is absent."""
+    x = x or next((n for n in ("gsm8k", "synthetic/test", "synthetic") if n in scores), None)
+    if x not in scores:
+        return None
+    if y:
+        return (x, y, scores[x], scores[y]) if y in scores else None
+    if "bbh" in scores:
+        return x, "bbh", scores[x], scores["bbh"]
+    generic = sorted(n for n in scores if _is_generic(n))
+    if not generic:
+        return None
+    name = generic[0] if len(generic) == 1 else f"generic mean ({len(generic)} sets)"
+    return x, name, scores[x], sum(scores[n] for n in generic) / len(generic)
+
+
+def _series(run, x: Optional[str], y: Optional[str], source: str) -> tuple[list, Optional[tuple[str, str]]]:
+    """[(tag, x, y)] for one run from one source, and the axis names:
+      test  RUN/test_scores.jsonl, one point per checkpoint (tag = step)
+      eval  the pipeline's eval/scores.json, one point per evaluated model (tag = "start", "best", ...)
+      dev   dev_scores.jsonl: in-distribution dev vs a generic dev set, else vs the OOD mean (tag = step)"""
+    pts, names = [], None
+    if source == "test":
+        for step, scores in sorted(select.read_test_scores(run).items()):
+            got = _pick_xy(scores, x, y)
+            if got:
+                names = (f"test {got[0]}", f"test {got[1]}")
+                pts.append((step, got[2], got[3]))
+    elif source == "eval":
+        path = next((p for p in (Path(run) / "eval" / "scores.json", Path(run) / "scores.json") if p.exists()), None)
+        table = json.loads(path.read_text()) if path else {}
+        for tag, scores in sorted(table.items(), key=lambda kv: kv[0] != "start"):  # start first
+            got = _pick_xy(scores, x, y) if isinstance(scores, dict) else None
+            if got:
+                names = (f"test {got[0]}", f"test {got[1]}")
+                pts.append((tag, got[2], got[3]))
+    else:
+        rows = select.read_dev_scores(run)
+        in_dist, ood = select.dev_names(run, rows)
+        generic = [n for n in ood if _is_generic(n)]
+        for row in rows:
+            a = row.get(f"dev/{in_dist}_acc")
+            b = row.get(f"dev/{generic[0]}_acc") if generic else select.signals(row, in_dist, ood)["ood"]
+            if a is not None and b is not None:
+                pts.append((row["step"], a, b))
+        names = (f"dev {in_dist}", f"dev {generic[0]}" if generic else "dev OOD (mean)")
+    return pts, names
 
 
 def plot_tradeoff(runs: Sequence, out, x: Optional[str] = None, y: Optional[str] = None,
                   labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
-    """Target accuracy vs generic accuracy, one path per run through its checkpoints (colour = step)."""
+    """Target accuracy (x) vs generic accuracy (y) per run. The first source any run has is used for all
+    runs (so the axes mean one thing): test scores per checkpoint (colour = step), else the pipeline's
+    evaluated models (start -> best, arrows), else dev scores per checkpoint."""
+    for source in ("test", "eval", "dev"):
+        series = [_series(run, x, y, source) for run in runs]
+        if any(pts for pts, _ in series):
+            break
+    else:
+        raise ValueError("tradeoff plot: no run has scores on both axes "
+                         "(needs test_scores.jsonl, eval/scores.json or dev_scores.jsonl)")
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    names = None
-    drawn = 0
-    for i, run in enumerate(runs):
-        pts, xn, yn = _series(run, x, y)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names, sc = None, None
+    for i, (run, (pts, axis_names)) in enumerate(zip(runs, series)):
         if not pts:
             continue
-        names = names or (xn, yn)
-        steps, xs, ys = zip(*pts)
+        names = names or axis_names
+        tags, xs, ys = zip(*pts)
         xs, ys = _pct(xs), _pct(ys)
-        ax.plot(xs, ys, "-", alpha=0.4, lw=1)
-        sc = ax.scatter(xs, ys, c=steps, cmap="viridis", s=28, label=_label(run, labels, i), zorder=3,
-                        marker="osD^v"[i % 5])
-        who = _label(run, labels, i)
+        who, color = _label(run, labels, i), colors[i % len(colors)]
+        if source == "eval":
+            ax.scatter(xs, ys, s=40, color=color, marker="osD^v"[i % 5], label=who, zorder=3)
+            for tag, xi, yi in zip(tags, xs, ys):
+                ax.annotate(f"{who} {tag}", (xi, yi), textcoords="offset points", xytext=(6, 4 - 10 * i), fontsize=7)
+            for xi, yi in zip(xs[1:], ys[1:]):  # arrows from the start model to each specialized one
+                ax.annotate("", (xi, yi), (xs[0], ys[0]), arrowprops=dict(arrowstyle="->", color=color, alpha=0.6))
+            continue
+        ax.plot(xs, ys, "-", alpha=0.4, lw=1, color=color)
+        sc = ax.scatter(xs, ys, c=tags, cmap="viridis", s=28, label=who, zorder=3, marker="osD^v"[i % 5])
         # Offsets per run so the start/end labels of several runs do not print over each other.
-        ax.annotate(f"{who} step {steps[0]}", (xs[0], ys[0]), textcoords="offset points",
+        ax.annotate(f"{who} step {tags[0]}", (xs[0], ys[0]), textcoords="offset points",
                     xytext=(8, -4 - 10 * i), fontsize=7)
-        ax.annotate(f"{who} step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points",
+        ax.annotate(f"{who} step {tags[-1]}", (xs[-1], ys[-1]), textcoords="offset points",
                     xytext=(-8, 6 + 10 * i), fontsize=7, ha="right")
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
-        raise ValueError("tradeoff plot: no run has both scores at any checkpoint "
-                         "(needs test_scores.jsonl or dev_scores.jsonl)")
-    fig.colorbar(sc, ax=ax, label="training step")
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, label="training step")
+    generic_y = _is_generic(names[1])
     ax.set_xlabel(f"{names[0]} accuracy (%)  — specialized ability")
-    ax.set_ylabel(f"{names[1]} accuracy (%)  — generic ability")
-    ax.set_title(title or "Trade-off over checkpoints: target task vs generic ability")
+    ax.set_ylabel(f"{names[1]} accuracy (%)  — " + ("generic ability" if generic_y else "out of distribution"))
+    ax.set_title(title or "Trade-off: target task vs " + ("generic ability" if generic_y else "OOD accuracy"))
     ax.grid(True, alpha=0.3)
+    ax.margins(0.15)
     ax.legend(fontsize=8)
     return _save(fig, out)
 

@@ -91,8 +91,8 @@ def test_tradeoff_falls_back_to_dev_scores(runs, tmp_path):
     run = tmp_path / "dev-only"
     run.mkdir()
     (run / "dev_scores.jsonl").write_text((runs[0] / "dev_scores.jsonl").read_text())
-    pts, xname, yname = plots._series(run, None, None)
-    assert (xname, yname) == ("dev gsm8k_dev", "dev OOD (mean)") and len(pts) == 10
+    pts, names = plots._series(run, None, None, "dev")
+    assert names == ("dev gsm8k_dev", "dev OOD (mean)") and len(pts) == 10
     assert_png(plots.plot_tradeoff([run], tmp_path / "t.png"))
 
 
@@ -124,3 +124,17 @@ def test_cli_scaling_from_json_table(tmp_path, capsys):
     table.write_text("[]")
     assert plots.main(["scaling", "--table", str(table), "--out", str(out)]) == 2
     assert "no rows" in capsys.readouterr().err
+
+
+def test_tradeoff_from_the_pipelines_evaluated_models(tmp_path):
+    """No per-checkpoint test scores: the start -> best (-> selected) models of eval/scores.json are drawn."""
+    run = tmp_path / "dm"
+    (run / "eval").mkdir(parents=True)
+    scores = {"best": {"synthetic/test": 0.6, "synthetic/generic_sort": 0.1, "synthetic/generic_bool": 0.3},
+              "start": {"synthetic/test": 0.2, "synthetic/generic_sort": 0.3, "synthetic/generic_bool": 0.5}}
+    (run / "eval" / "scores.json").write_text(json.dumps(scores))
+    pts, names = plots._series(run, None, None, "eval")
+    assert [p[0] for p in pts] == ["start", "best"]  # start first, whatever the file order
+    assert pts[0][1:] == pytest.approx((0.2, 0.4)) and pts[1][1:] == pytest.approx((0.6, 0.2))
+    assert names == ("test synthetic/test", "test generic mean (2 sets)")
+    assert_png(plots.plot_tradeoff([run], tmp_path / "t.png", labels=["DM"]))
