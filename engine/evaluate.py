@@ -13,9 +13,9 @@ Files written by `specialize eval --out DIR`:
   DIR/results.json              {"model", "format", "datasets": {name: EvalResult.to_dict() without predictions}}
   DIR/results.md                markdown table: dataset, accuracy, 95% CI, n (BBH: one row per task too)
   DIR/predictions-<name>.jsonl  one {"id", "prediction", "extracted", "gold", "correct"} per example
-With `--run RUN` every checkpoint kept in RUN/checkpoints/step-*/ is scored (DeepSpeed ones are exported to
-RUN/checkpoints-hf/step-*/ first, once) and one line per
-step is appended to RUN/test_scores.jsonl: {"step": int, "<dataset>_acc": float, ...} (read by
+With `--run RUN` every checkpoint kept in RUN/checkpoints/step-*/ is scored (DeepSpeed ones are exported
+to RUN/checkpoints-hf/step-*/ first, once) and one line per step is appended to RUN/test_scores.jsonl:
+{"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int, ...} (read by
 `specialize select` and `specialize plot`); steps already there are skipped, so a rerun resumes.
 """
 from __future__ import annotations
