@@ -20,16 +20,12 @@ from specialize.engine.tokenizers import train_t5_unigram
 K = 5
 
 
-def synthetic_top_k(tokens, enc, rng):
+def synthetic_top_k(tokens, pool, rng):
     """[[token_str, logprob], ...] per token; probabilities sum to < 1 (a tail is left out)."""
-    out = []
-    for tok in tokens:
-        others = [enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace")
-                  for i in rng.integers(0, 50000, size=2)]
-        alts = [tok, " " + tok.lstrip(), "\n"] + others
-        probs = rng.dirichlet(np.ones(len(alts) + 1))[:-1]  # last share = mass outside the top-k
-        out.append([[a, float(math.log(p))] for a, p in zip(alts, probs)])
-    return out
+    probs = rng.dirichlet(np.ones(6), size=len(tokens))[:, :5]  # column 6 = mass outside the top-k
+    others = rng.integers(0, len(pool), size=(len(tokens), 2))
+    return [[[a, float(lp)] for a, lp in zip((tok, " " + tok.lstrip(), "\n", pool[o[0]], pool[o[1]]), np.log(p))]
+            for tok, p, o in zip(tokens, probs, others)]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +36,12 @@ def gsm8k_pairs(shared_data):
     student = train_t5_unigram(texts[:3000], vocab_size=4000)
     enc = load_teacher_tokenizer(str(shared_data / "tokenizers" / "p50k_base.tiktoken"))
     rng = np.random.default_rng(0)
+    pool = [enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace") for i in rng.integers(0, 50000, 3000)]
     teacher = [tokenize_text(enc, text) for text in texts]
     labels = student(texts)["input_ids"]
     pieces = [student.convert_ids_to_tokens(lab[:-1]) for lab in labels]
     unknown = [[i == student.unk_token_id for i in lab[:-1]] for lab in labels]
-    top = [synthetic_top_k(toks, enc, rng) for toks in teacher]
+    top = [synthetic_top_k(toks, pool, rng) for toks in teacher]
     return {"texts": texts, "student": student, "teacher": teacher, "labels": labels, "pieces": pieces,
             "unknown": unknown, "top": top}
 
