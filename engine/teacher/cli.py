@@ -1,0 +1,103 @@
+"""`specialize teacher generate|filter`.
+
+  specialize teacher generate --dataset gsm8k --split train --backend openai --model M [--base-url URL]
+      [--api completions|chat] --samples 40 --temperature 0.5 --max-tokens 256 --top-logprobs 5
+      --format in_context_cot --shots 8 [--data-dir DIR] [--limit N] --out DIR
+  specialize teacher generate --recipe R.yaml [--set teacher.samples=8] [flags override the recipe]
+  specialize teacher filter --in DIR --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+# flag -> TeacherConfig field; every flag defaults to None so only the given ones override the recipe.
+_FLAGS = {
+    "--backend": ("backend", str), "--model": ("model", str), "--base-url": ("base_url", str),
+    "--api": ("api", str), "--api-key-env": ("api_key_env", str), "--dataset": ("dataset", str),
+    "--split": ("split", str), "--samples": ("samples", int), "--temperature": ("temperature", float),
+    "--max-tokens": ("max_tokens", int), "--top-logprobs": ("top_logprobs", int), "--format": ("format", str),
+    "--shots": ("shots", int), "--limit": ("limit", int), "--concurrency": ("concurrency", int),
+    "--requests-per-minute": ("requests_per_minute", float), "--tokens-per-minute": ("tokens_per_minute", float),
+    "--timeout": ("timeout", float), "--max-retries": ("max_retries", int),
+    "--price-prompt-per-1k": ("price_prompt_per_1k", float),
+    "--price-completion-per-1k": ("price_completion_per_1k", float), "--out": ("out_dir", str),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specialize teacher", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="sample CoT solutions with top-k logprobs (resumable)")
+    g.add_argument("--recipe", help="recipe YAML; its teacher section gives the defaults")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
+    for flag, (field, kind) in _FLAGS.items():
+        g.add_argument(flag, dest=field, type=kind, default=None)
+    g.add_argument("--data-dir", help="folder holding gsm8k/, multiarith/, ... (default: the recipe's data.data_dir)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the exemplar draw")
+    g.add_argument("--samples-per-request", type=int, default=None,
+                   help="samples asked for in one request (default: all of a question's)")
+    g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff delay in seconds")
+    g.add_argument("--no-progress", action="store_true")
+    f = sub.add_parser("filter", help="keep the samples whose answer matches the gold")
+    f.add_argument("--in", dest="in_dir", required=True)
+    f.add_argument("--out", dest="out_dir", required=True)
+    return p
+
+
+def _config(args):
+    from specialize.engine.config import load_recipe, recipe_from_dict, apply_overrides
+    recipe = load_recipe(args.recipe, args.set) if args.recipe else recipe_from_dict(apply_overrides({}, args.set))
+    given = {field: getattr(args, field) for field, _ in _FLAGS.values() if getattr(args, field) is not None}
+    if "format" in given:
+        given["format"] = given["format"].replace("-", "_")  # in-context-cot == in_context_cot
+    return recipe, dataclasses.replace(recipe.teacher, **given)
+
+
+def load_questions(name: str, split: str, data_dir, recipe) -> list:
+    """The split the teacher answers; GSM8K train leaves out the held-out dev questions."""
+    from specialize.engine.data import load_dataset_by_name
+    if name == "synthetic":
+        name = f"synthetic/{split}"
+    if name == "gsm8k" and split == "train":
+        name = "gsm8k_train"
+    return list(load_dataset_by_name(name, data_dir=data_dir, split=split, dev_size=recipe.data.dev_size,
+                                     seed=recipe.train.seed, sizes=recipe.data.synthetic_sizes or None))
+
+
+def _generate(args) -> int:
+    from .generate import generate
+    recipe, cfg = _config(args)
+    if not cfg.out_dir:
+        raise ValueError("no output folder: give --out (or teacher.out_dir in the recipe)")
+    pool = load_questions(cfg.dataset, cfg.split, args.data_dir or recipe.data.data_dir, recipe)
+    questions = pool[: cfg.limit] if cfg.limit else pool
+    summary = generate(cfg, questions, cfg.out_dir, exemplar_pool=pool, seed=args.seed,
+                       samples_per_request=args.samples_per_request, retry_base_delay=args.retry_base_delay,
+                       progress=not args.no_progress)
+    if summary["stored"] < summary["expected"]:
+        print(f"specialize teacher: {summary['expected'] - summary['stored']} samples still missing "
+              f"(see {cfg.out_dir}/failures.jsonl); rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from specialize.engine.config import ConfigError
+    from .backends import TeacherBackendError
+    from .records import ResumeError
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        from .filter import filter_samples
+        filter_samples(args.in_dir, args.out_dir)
+        return 0
+    except (ConfigError, ResumeError, TeacherBackendError, FileNotFoundError, ValueError) as e:
+        print(f"specialize teacher: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`filter_samples`: keep the teacher samples whose extracted answer equals the gold answer.
+
+Writes the kept records (same schema) to `<out>/samples-00000.jsonl`, the input manifest plus
+filter counts to `<out>/manifest.json`, and per-question accuracy to `<out>/per_question.jsonl`.
+The output is rebuilt from scratch on every call (written to temporary files, then renamed), so
+rerunning after a crash or on a grown input is safe.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from .records import MANIFEST, SHARD_GLOB, iter_records, read_manifest, shard_name
+
+_BUCKETS = ("0%", "(0,25%]", "(25,50%]", "(50,75%]", "(75,100%)", "100%")
+
+
+def _bucket(acc: float) -> str:
+    """Histogram bucket of one question's accuracy; 0% and 100% get their own."""
+    if acc <= 0.0:
+        return _BUCKETS[0]
+    if acc >= 1.0:
+        return _BUCKETS[-1]
+    return _BUCKETS[1 + min(3, int((acc - 1e-12) // 0.25))]
+
+
+def _write_atomic(path: Path, lines) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def filter_samples(in_dir: str, out_dir: str, verbose: bool = True) -> dict:
+    """Keep correct samples of `in_dir` in `out_dir`; returns {samples, kept, accuracy, questions,
+    questions_kept, per_question_mean_accuracy}."""
+    from specialize.engine.data import is_correct
+    in_dir, out = Path(in_dir), Path(out_dir)
+    if not any(in_dir.glob(SHARD_GLOB)):
+        raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    per_q: "OrderedDict[str, list[int]]" = OrderedDict()
+    seen, kept_lines = set(), []
+    for rec in iter_records(in_dir):
+        key = (rec["qid"], rec["sample_index"])
+        if key in seen:  # defensive: generate never writes a key twice
+            continue
+        seen.add(key)
+        ok = is_correct(rec["text"], rec["gold"], rec["dataset"])
+        counts = per_q.setdefault(rec["qid"], [0, 0])
+        counts[0] += 1
+        counts[1] += ok
+        if ok:
+            kept_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    for stale in out.glob(SHARD_GLOB):
+        stale.unlink()
+    _write_atomic(out / shard_name(0), kept_lines)
+    _write_atomic(out / "per_question.jsonl",
+                  (json.dumps({"qid": q, "samples": n, "correct": c, "accuracy": c / n}) + "\n"
+                   for q, (n, c) in per_q.items()))
+    samples, kept = len(seen), len(kept_lines)
+    accs = [c / n for n, c in per_q.values()]
+    result = {"samples": samples, "kept": kept, "accuracy": kept / samples if samples else 0.0,
+              "questions": len(per_q), "questions_kept": sum(c > 0 for _, c in per_q.values()),
+              "per_question_mean_accuracy": sum(accs) / len(accs) if accs else 0.0}
+    manifest = read_manifest(in_dir) or {}
+    _write_atomic(out / MANIFEST, [json.dumps({**manifest, "filtered_from": str(in_dir), "filter": result}, indent=1)])
+    if verbose:
+        hist = dict.fromkeys(_BUCKETS, 0)
+        for a in accs:
+            hist[_bucket(a)] += 1
+        print(f"teacher accuracy: {kept}/{samples} samples correct ({100 * result['accuracy']:.1f}%), "
+              f"mean per question {100 * result['per_question_mean_accuracy']:.1f}%")
+        print("questions by teacher accuracy: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+        print(f"questions with >= 1 kept sample: {result['questions_kept']}/{result['questions']} "
+              f"(per question: {out / 'per_question.jsonl'})")
+    return result

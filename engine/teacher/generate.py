@@ -1,0 +1,193 @@
+"""`generate`: sample CoT solutions with per-token top-k logprobs for every question, resumably.
+
+Work unit: one request = one prompt and up to `samples_per_request` sample indices. The key of a
+sample is (qid, sample_index); on start the store reports which keys exist, and only the missing
+indices are asked for, so a rerun after any crash completes the set without duplicates.
+Requests run on `concurrency` asyncio workers behind the rate limiter; transient errors and
+malformed responses are retried with backoff, and what stays broken goes to failures.jsonl
+(a rerun retries it, since its keys are still missing).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import asdict
+from typing import Iterator, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from .backends import MalformedResponse, TeacherBackendError, TransientError
+from .ratelimit import RateLimiter, backoff_delay
+from .records import ShardStore, add_usage
+
+# Settings that change what a sample is; the rest (concurrency, limits, timeouts, sample count,
+# question limit) can differ between a run and its resume.
+HASHED_FIELDS = ("backend", "model", "api", "dataset", "split", "temperature", "max_tokens", "top_logprobs",
+                 "format", "shots")
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def _stable_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0) -> list[str]:
+    """One prompt per example. In-context formats use one fixed k-shot set drawn from `pool` by `seed`
+    (the paper's single prompt for all questions); a question that is itself one of those exemplars
+    gets its own draw with it excluded, so no prompt ever contains its own question."""
+    from specialize.engine.data import build_prompt, draw_exemplars
+    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS
+    if fmt not in IN_CONTEXT_FORMATS:
+        return [build_prompt(ex.question, fmt) for ex in examples]
+    fixed = draw_exemplars(pool, shots, seed)
+    fixed_ids = {e.id for e in fixed}
+    return [build_prompt(ex.question, fmt, fixed if ex.id not in fixed_ids
+                         else draw_exemplars(pool, shots, seed, exclude_id=ex.id)) for ex in examples]
+
+
+def make_backend(cfg):
+    if cfg.backend == "hf":
+        from .hf_backend import HFBackend
+        if not cfg.model:
+            raise ValueError("the hf backend needs teacher.model (a local model folder or hub id)")
+        return HFBackend.from_pretrained(cfg.model)
+    if cfg.backend == "openai":
+        from .openai_backend import OpenAIBackend
+        return OpenAIBackend(cfg.model, base_url=cfg.base_url, api=cfg.api, api_key_env=cfg.api_key_env,
+                             timeout=cfg.timeout)
+    raise ValueError(f"unknown teacher backend {cfg.backend!r} (openai or hf)")
+
+
+def hashed_settings(cfg, backend=None) -> dict:
+    d = {k: getattr(cfg, k) for k in HASHED_FIELDS}
+    if backend is not None and not d["model"]:
+        d["model"] = getattr(backend, "model_name", None) or getattr(backend, "model", None)
+    if d["backend"] != "openai":
+        d["api"] = None  # only the openai backend has two APIs
+    return d
+
+
+class _Redactor:
+    def __init__(self, env_name: str):
+        self.secret = os.environ.get(env_name) or None
+
+    def __call__(self, text: str) -> str:
+        return text.replace(self.secret, "***") if self.secret else text
+
+
+def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar_pool: Optional[Sequence] = None,
+             samples_per_request: Optional[int] = None, retry_base_delay: float = 1.0, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Sample `config.samples` CoT solutions for each example into `out_dir` (see records.py);
+    `backend` defaults to the one `config` names. Returns a summary (written, stored, expected,
+    failures, tokens, cost). Rerunning completes an interrupted run; another configuration is refused."""
+    cfg = config
+    backend = backend or make_backend(cfg)
+    store = ShardStore(out_dir, hashed_settings(cfg, backend))
+    pool = list(exemplar_pool) if exemplar_pool is not None else list(examples)
+    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed)
+    per_request = max(1, samples_per_request or cfg.samples)
+    todo = []
+    for ex, prompt in zip(examples, prompts):
+        missing = [i for i in range(cfg.samples) if (ex.id, i) not in store.done]
+        for start in range(0, len(missing), per_request):
+            todo.append((ex, prompt, missing[start:start + per_request]))
+    expected = len(examples) * cfg.samples
+    started = time.time()
+    try:
+        stats = asyncio.run(_run(cfg, backend, store, todo, retry_base_delay, progress))
+    finally:
+        store.close()
+    stats["seconds"] = round(time.time() - started, 2)
+    total = add_usage(out_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), **stats})
+    stored = sum(1 for ex in examples for i in range(cfg.samples) if (ex.id, i) in store.done)
+    summary = {**stats, "stored": stored, "expected": expected, "torn_bytes_dropped": store.torn_bytes,
+               "ledger_total": total}
+    _print_ledger(summary, out_dir)
+    return summary
+
+
+def _cost(cfg, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
+    if cfg.price_prompt_per_1k is None and cfg.price_completion_per_1k is None:
+        return None
+    return round((cfg.price_prompt_per_1k or 0.0) * prompt_tokens / 1000
+                 + (cfg.price_completion_per_1k or 0.0) * completion_tokens / 1000, 6)
+
+
+async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, progress: bool) -> dict:
+    limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+    redact = _Redactor(cfg.api_key_env)
+    stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    bar = tqdm(total=sum(len(t[2]) for t in todo), unit="sample", desc="teacher", disable=not progress,
+               dynamic_ncols=True)
+    jobs: Iterator = iter(todo)
+
+    async def one(ex, prompt, indices) -> None:
+        est_tokens = len(prompt) / 4 + len(indices) * cfg.max_tokens
+        error, kind = None, None
+        for attempt in range(cfg.max_retries + 1):
+            await limiter.acquire(est_tokens)
+            stats["requests"] += 1
+            retry_after = None
+            try:
+                comp = await backend.sample(prompt, len(indices), temperature=cfg.temperature,
+                                            max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
+                                            seed=_stable_int(ex.id, indices[0]))
+            except TransientError as e:
+                error, kind, retry_after = str(e), "transient", e.retry_after
+            except MalformedResponse as e:
+                error, kind = str(e), "malformed"
+            except TeacherBackendError as e:
+                error, kind = str(e), "fatal"
+                break
+            else:
+                records = [_record(cfg, ex, prompt, idx, s, comp) for idx, s in zip(indices, comp.samples)]
+                written = store.append(records)
+                stats["samples"] += written
+                stats["prompt_tokens"] += comp.prompt_tokens
+                stats["completion_tokens"] += comp.completion_tokens
+                cost = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
+                bar.update(len(indices))
+                bar.set_postfix(tokens=stats["completion_tokens"], **({"cost": f"${cost:.4f}"} if cost else {}),
+                                refresh=False)
+                return
+            if attempt < cfg.max_retries:
+                stats["retries"] += 1
+                await asyncio.sleep(backoff_delay(attempt, base_delay, retry_after=retry_after))
+        stats["failures"] += 1
+        store.add_failure({"qid": ex.id, "sample_indices": indices, "kind": kind, "error": redact(error or "?"),
+                           "attempts": attempt + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        bar.write(f"teacher: request for {ex.id} samples {indices[0]}..{indices[-1]} failed ({kind}): "
+                  f"{redact(error or '?')}")
+
+    async def worker() -> None:
+        for job in jobs:  # one shared iterator: each job is taken by exactly one worker
+            await one(*job)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
+    bar.close()
+    stats["cost_usd"] = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
+    return stats
+
+
+def _record(cfg, ex, prompt: str, index: int, s, comp) -> dict:
+    return {"qid": ex.id, "sample_index": index, "prompt_hash": prompt_hash(prompt), "question": ex.question,
+            "gold": ex.answer, "dataset": ex.source or cfg.dataset, "text": s.text, "tokens": s.tokens,
+            "token_bytes": s.token_bytes, "token_logprobs": s.token_logprobs, "top_logprobs": s.top_logprobs,
+            "finish_reason": s.finish_reason,
+            "usage": {"prompt_tokens": comp.prompt_tokens, "completion_tokens": len(s.tokens)},
+            "model": comp.model}
+
+
+def _print_ledger(summary: dict, out_dir: str) -> None:
+    cost = summary.get("cost_usd")
+    print(f"teacher: {summary['samples']} new samples ({summary['stored']}/{summary['expected']} stored) in "
+          f"{summary['seconds']}s; {summary['requests']} requests, {summary['retries']} retries, "
+          f"{summary['failures']} failed requests")
+    print(f"teacher usage: prompt {summary['prompt_tokens']} tokens, completion {summary['completion_tokens']} "
+          f"tokens" + (f", cost ${cost:.4f}" if cost is not None else "") + f"; ledger in {out_dir}/usage.json")
