@@ -147,6 +147,8 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     # Longest first: the slowest batch comes first, so the rate on the bar settles quickly and an

@@ -295,3 +295,9 @@ def test_cli_teacher_records_without_datasets_scores_every_dataset_in_the_file(t
     res = json.loads((tmp_path / "o" / "results.json").read_text())["datasets"]
     assert list(res) == ["synthetic"] and (res["synthetic"]["n"], res["synthetic"]["n_correct"]) == (4, 3)
     assert evaluate.main(["--predictions", str(path), "--datasets", "gsm8k", "--out", str(tmp_path / "p")]) == 2
+
+
+def test_no_examples_give_nan_accuracy_not_an_error(tiny):
+    model, tok = tiny
+    res = evaluate_model(model, tok, [], "gsm8k", progress=False)
+    assert res.n == 0 and np.isnan(res.accuracy)
