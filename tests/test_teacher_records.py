@@ -1,0 +1,127 @@
+"""Teacher plumbing without a model: token strings, sample checks, the shard store (torn lines,
+config hash), the filter, backoff and the token bucket, and the CLI's recipe/flag merge."""
+import json
+
+import pytest
+
+from specialize.engine.teacher import filter_samples
+from specialize.engine.teacher.backends import (MalformedResponse, build_sample, decoded_pieces,
+                                                token_bytes_from_string, token_string)
+from specialize.engine.teacher.cli import _config, build_parser, main
+from specialize.engine.teacher.ratelimit import _Bucket, backoff_delay
+from specialize.engine.teacher.records import RECORD_FIELDS, ResumeError, ShardStore, iter_records
+
+SETTINGS = {"backend": "openai", "model": "m", "temperature": 0.5}
+
+
+def record(qid, i, text="x", gold="12", dataset="gsm8k"):
+    pieces = [text]
+    return {"qid": qid, "sample_index": i, "prompt_hash": "p", "question": f"question {qid}", "gold": gold,
+            "dataset": dataset, "text": text, "tokens": pieces, "token_bytes": [list(text.encode())],
+            "token_logprobs": [-0.5], "top_logprobs": [[[text, -0.5]]], "finish_reason": "stop",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1}, "model": "m"}
+
+
+def test_partial_characters_spelled_like_openai_and_back():
+    e_acute = "é".encode()  # two bytes, split over two tokens below
+    assert token_string(e_acute[:1]) == "bytes:\\xc3"
+    assert token_bytes_from_string("bytes:\\xc3") == e_acute[:1]
+    assert token_bytes_from_string("héllo") == "héllo".encode()
+    # The character belongs to the token that completes it, so the pieces spell the text.
+    assert decoded_pieces([b"a", e_acute[:1], e_acute[1:] + b"b"]) == ["a", "", "éb"]
+
+
+def test_build_sample_rejects_logprobs_that_do_not_cover_the_text():
+    ok = build_sample("ab", [b"a", b"b"], [-1.0, -2.0], [[("a", -1.0)], [("b", -2.0)]], "stop", "t")
+    assert ok.tokens == ["a", "b"] and ok.token_bytes == [[97], [98]]
+    with pytest.raises(MalformedResponse, match="shorter than the text"):
+        build_sample("abc", [b"a", b"b"], [-1.0, -2.0], [[], []], "stop", "t")
+    with pytest.raises(MalformedResponse, match="2 tokens but 1 logprobs"):
+        build_sample("ab", [b"a", b"b"], [-1.0], [[], []], "stop", "t")
+    with pytest.raises(MalformedResponse, match="null"):
+        build_sample("ab", [b"a", b"b"], [-1.0, None], [[], []], "stop", "t")
+
+
+def test_store_drops_torn_last_line_and_never_duplicates(tmp_path):
+    store = ShardStore(tmp_path, SETTINGS)
+    assert store.append([record("q1", 0), record("q1", 1)]) == 2
+    assert store.append([record("q1", 1), record("q2", 0)]) == 1  # (q1, 1) is already stored
+    store.close()
+    shard = tmp_path / "samples-00000.jsonl"
+    with open(shard, "ab") as fh:  # what a SIGKILL in the middle of a write leaves
+        fh.write(json.dumps(record("q2", 1)).encode()[:40])
+    store = ShardStore(tmp_path, SETTINGS)
+    assert store.torn_bytes == 40
+    assert store.done == {("q1", 0), ("q1", 1), ("q2", 0)}
+    store.append([record("q2", 1)])
+    store.close()
+    keys = [(r["qid"], r["sample_index"]) for r in iter_records(tmp_path)]
+    assert sorted(keys) == [("q1", 0), ("q1", 1), ("q2", 0), ("q2", 1)]
+    assert all(line.endswith("}") for line in shard.read_text().splitlines())
+
+
+def test_store_rotates_shards(tmp_path):
+    store = ShardStore(tmp_path, SETTINGS, shard_lines=2)
+    for i in range(5):
+        store.append([record("q", i)])
+    store.close()
+    assert sorted(p.name for p in tmp_path.glob("samples-*.jsonl")) == [
+        "samples-00000.jsonl", "samples-00001.jsonl", "samples-00002.jsonl"]
+    assert ShardStore(tmp_path, SETTINGS, shard_lines=2).done == {("q", i) for i in range(5)}
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    ShardStore(tmp_path, SETTINGS).append([record("q", 0)])
+    with pytest.raises(ResumeError, match="differs in: temperature"):
+        ShardStore(tmp_path, {**SETTINGS, "temperature": 0.7})
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ResumeError, match="no manifest.json"):
+        ShardStore(tmp_path, SETTINGS)
+
+
+def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
+    store = ShardStore(tmp_path / "in", SETTINGS)
+    store.append([record("q1", 0, "3 + 9 = 12. The answer is 12."), record("q1", 1, "The answer is 13."),
+                  record("q2", 0, "The answer is 7."), record("q3", 0, "So 1,200 in all. The answer is 1200.",
+                                                                    gold="1200")])
+    store.close()
+    result = filter_samples(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert result == {"samples": 4, "kept": 2, "accuracy": 0.5, "questions": 3, "questions_kept": 2,
+                      "per_question_mean_accuracy": pytest.approx((0.5 + 0 + 1) / 3)}
+    kept = list(iter_records(tmp_path / "out"))
+    assert [(r["qid"], r["sample_index"]) for r in kept] == [("q1", 0), ("q3", 0)]
+    assert all(tuple(r) == RECORD_FIELDS for r in kept)
+    per_q = [json.loads(line) for line in (tmp_path / "out" / "per_question.jsonl").read_text().splitlines()]
+    assert [(p["qid"], p["correct"], p["samples"]) for p in per_q] == [("q1", 1, 2), ("q2", 0, 1), ("q3", 1, 1)]
+    out = capsys.readouterr().out
+    assert "2/4 samples correct (50.0%)" in out and "questions with >= 1 kept sample: 2/3" in out
+    # The CLI says the same and rebuilding is idempotent.
+    assert main(["filter", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
+    assert len(list(iter_records(tmp_path / "out"))) == 2
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    delays = [backoff_delay(a, 0.1, cap=1.0) for a in range(6)]
+    assert 0.05 <= delays[0] < 0.15 and 0.2 <= delays[2] < 0.6  # base x 2^attempt x [0.5, 1.5)
+    assert all(d < 1.5 for d in delays)  # capped (before jitter)
+    assert backoff_delay(0, 0.01, retry_after=2.0) == 2.0
+
+
+def test_token_bucket_delays(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("specialize.engine.teacher.ratelimit.time.monotonic", lambda: now[0])
+    bucket = _Bucket(per_minute=60)  # one per second, bursts of 60
+    assert all(bucket.wait_for(1) == 0 for _ in range(60))
+    assert bucket.wait_for(1) == pytest.approx(1.0)
+    now[0] += 2.0
+    assert bucket.wait_for(2) == 0
+
+
+def test_cli_flags_override_recipe_and_set(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("teacher:\n  samples: 8\n  temperature: 0.3\n  model: from-recipe\n")
+    args = build_parser().parse_args(["generate", "--recipe", str(recipe), "--set", "teacher.samples=9",
+                                      "--temperature", "0.9", "--format", "in-context-cot", "--out", "o"])
+    _, cfg = _config(args)
+    assert (cfg.samples, cfg.temperature, cfg.model, cfg.format, cfg.out_dir) == (
+        9, 0.9, "from-recipe", "in_context_cot", "o")
