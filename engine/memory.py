@@ -93,35 +93,51 @@ def adafactor_state_elems(cfg) -> int:
 
 # ----------------------------------------------------------------------------- activations
 
-def activation_bytes(cfg, batch: int, src_len: int, tgt_len: int, p: int, checkpointing: bool) -> dict:
-    """Bytes autograd keeps for backward in one micro-batch (eager attention, as T5 runs it).
+def activation_bytes(cfg, batch: int, src_len: int, tgt_len: int, p: int, checkpointing: bool,
+                     mask_bytes: int = 1) -> dict:
+    """Bytes autograd keeps for backward in one micro-batch (eager attention, as transformers runs T5).
 
-    Per encoder layer, N = B·S tokens, inner = heads·d_kv, m = 1 byte per dropout mask when dropout > 0:
-      N·[d·(4p + 2m) + 4p·inner + ff·(4p + m)] + B·heads·S²·(2p + m)
-      (norm inputs and outputs ×2, residual dropout masks ×2; q, k, v and the attention output; gelu
-       input and output, the linear branch, the dropped product; softmax output + dropped probabilities)
-    Per decoder layer, M = B·T: the same self-attention and FF terms over M and T², plus cross-attention:
-      M·[d·(2p + m) + 2p·inner] + 2p·N·inner + B·heads·T·S·(2p + m)   (its k, v project the encoder output)
-    Plus the embeddings and the stacks' outputs: (N + M)·d·(2p + m).
-    Checkpointing (HF, per T5Block): each layer keeps only its input (N·d·p or M·d·p); backward recomputes
-    one layer at a time, so the largest single layer is added once.
+    Counted tensor by tensor from what T5's modules save (checked against saved_tensors_hooks in the
+    tests). N = B·S, M = B·T tokens; inner = heads·d_kv; m = mask_bytes per dropout mask (1: CUDA's bool
+    masks; CPU keeps them in the training dtype) when dropout > 0, else 0; r = 4 (the fp32 rsqrt per token
+    each RMSNorm keeps). A dropped tensor keeps its own copy (p) next to the mask, so a dropout costs p + m.
+      RMSNorm (input, input·rsqrt, output)                 3p per element + r per token
+      self-attention: q, k, v, output                       4p·inner per token
+                      softmax + dropped probabilities       B·heads·L²·(p + [p + m])
+      gated-GELU FF (gelu_new keeps x, tanh, 1 + tanh, 0.5·x·(…), the linear branch, the product,
+                     the dropped product)                   ff·(6p + [p + m]) per token
+      residual dropouts                                     m·d per token each
+    Encoder layer: N·[d·(6p + 2m) + 2r + 4p·inner + FF] + B·heads·S²·(p + [p + m])
+    Decoder layer: the same over M and T², plus cross-attention
+                   M·[d·(3p + m) + r + 2p·inner] + 2p·N·inner + B·heads·T·S·(p + [p + m])
+                   (its k and v project the encoder output, per layer)
+    Stack edges: embedding and final dropout masks, final norms, the encoder output and the decoder
+    output kept by the loss: (N + M)·(d·(3p + 2m) + r).
+    Checkpointing (HF, per T5Block): the stacks keep each block's input (N·d·p, M·d·p per layer) and the
+    edges; backward recomputes one block at a time, so the largest block is added once ("recompute").
     """
     d, ff, h, inner = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_heads * cfg.d_kv
-    m = 1 if cfg.dropout_rate > 0 else 0
+    drop = cfg.dropout_rate > 0
+    m = mask_bytes if drop else 0
+    dropped = p + m if drop else 0  # a dropout's output copy and its mask
+    r = 4
     B, S, T = batch, src_len, tgt_len
     N, M = B * S, B * T
-    ff_part = ff * (4 * p + m) if getattr(cfg, "is_gated_act", True) else ff * (3 * p + m)
-    enc_layer = N * (d * (4 * p + 2 * m) + 4 * p * inner + ff_part) + B * h * S * S * (2 * p + m)
-    dec_self_ff = M * (d * (4 * p + 2 * m) + 4 * p * inner + ff_part) + B * h * T * T * (2 * p + m)
-    dec_cross = M * (d * (2 * p + m) + 2 * p * inner) + 2 * p * N * inner + B * h * T * S * (2 * p + m)
+    gated = cfg.is_gated_act if hasattr(cfg, "is_gated_act") else "gated" in cfg.feed_forward_proj
+    ff_part = ff * ((6 * p if gated else 2 * p) + dropped)
+    enc_layer = N * (d * (6 * p + 2 * m) + 2 * r + 4 * p * inner + ff_part) + B * h * S * S * (p + dropped)
+    dec_self_ff = M * (d * (6 * p + 2 * m) + 2 * r + 4 * p * inner + ff_part) + B * h * T * T * (p + dropped)
+    dec_cross = M * (d * (3 * p + m) + r + 2 * p * inner) + 2 * p * N * inner + B * h * T * S * (p + dropped)
     dec_layer = dec_self_ff + dec_cross
-    edges = (N + M) * d * (2 * p + m)
+    edges = (N + M) * (d * (3 * p + 2 * m) + r)
     L_enc, L_dec = cfg.num_layers, cfg.num_decoder_layers
     if checkpointing:
-        total = L_enc * N * d * p + L_dec * M * d * p + max(enc_layer, dec_layer) + edges
+        stored = L_enc * N * d * p + L_dec * M * d * p + edges
+        recompute = max(enc_layer, dec_layer)
     else:
-        total = L_enc * enc_layer + L_dec * dec_layer + edges
-    return {"total": total, "encoder_layer": enc_layer, "decoder_layer": dec_layer}
+        stored, recompute = L_enc * enc_layer + L_dec * dec_layer + edges, 0
+    return {"total": stored + recompute, "stored": stored, "recompute": recompute,
+            "encoder_layer": enc_layer, "decoder_layer": dec_layer}
 
 
 def logits_bytes(cfg, batch: int, tgt_len: int, p: int, fused: bool, chunk_rows: int | None = None) -> dict:
@@ -233,7 +249,7 @@ def runtime_baseline_gb() -> float:
         return float("nan")
 
 
-def measure(s: Setup, steps: int = 3, keep: bool = False) -> dict:
+def measure(s: Setup, steps: int = 3, keep: bool = False, baseline: bool = True) -> dict:
     """Run `steps` real engine steps with this setup on a synthetic world of its shape (one node: one
     process per GPU, or per CPU rank without CUDA) and return the peak memory the engine logged."""
     import shutil
@@ -262,7 +278,7 @@ def measure(s: Setup, steps: int = 3, keep: bool = False) -> dict:
         return result
     result["peak_gb"] = max(r["peak_mem_gb"] for r in run["rows"])
     result["tokens_per_second_per_gpu"] = steady(run["rows"], "tokens_per_second_per_gpu", 1)
-    if not cuda:
+    if not cuda and baseline:
         base = runtime_baseline_gb()
         result["runtime_baseline_gb"] = base
         result["peak_minus_runtime_gb"] = result["peak_gb"] - base
@@ -315,6 +331,8 @@ def parse_args(argv):
     ap.add_argument("--naive-loss", action="store_true", help="estimate the unfused loss (full B*T*V logits)")
     ap.add_argument("--measure", action="store_true", help="run a few real engine steps and report the peak")
     ap.add_argument("--steps", type=int, default=3, help="engine steps for --measure")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="CPU --measure: skip the imports-only process that measures the runtime's own RSS")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap.parse_args(argv)
 
@@ -356,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     measured = None
     if args.measure:
-        measured = measure(setup, steps=args.steps)
+        measured = measure(setup, steps=args.steps, baseline=not args.no_baseline)
         if measured.get("vocab_size") and measured["vocab_size"] != cfg.vocab_size:
             # `tiny` takes the tokenizer's vocab in the engine: estimate the model that actually ran
             from specialize.engine.models import t5_config
