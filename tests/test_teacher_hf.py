@@ -1,0 +1,83 @@
+"""The `hf` teacher backend on a tiny random GPT-2: its logprobs are those of a direct forward
+pass on the sampled ids (temperature-scaled, the distribution sampled from), its tokens spell the
+text, and `generate` writes the full record set with prompts that never contain their own question."""
+import pytest
+import torch
+
+from teacher_server import tiny_teacher
+
+from specialize.engine.config import TeacherConfig
+from specialize.engine.data import load_dataset_by_name
+from specialize.engine.teacher import build_prompts, generate, iter_records
+from specialize.engine.teacher.hf_backend import HFBackend
+from specialize.engine.teacher.records import RECORD_FIELDS
+
+PROMPT = "Q: Ann has 3 apples and buys 4 more. How many apples does she have?\nA: Let's think step by step."
+
+
+@pytest.fixture(scope="module")
+def backend():
+    model, tok = tiny_teacher()
+    return HFBackend(model, tok, device="cpu", model_name="tiny-gpt2")
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 0.0])
+def test_logprobs_equal_a_direct_forward_pass(backend, temperature):
+    comp = backend.sample_sync(PROMPT, 3, temperature=temperature, max_tokens=24, top_logprobs=5, seed=7)
+    prompt_ids = backend.encode(PROMPT)
+    assert comp.prompt_tokens == len(prompt_ids)
+    assert comp.completion_tokens == sum(len(s.tokens) for s in comp.samples)
+    for s in comp.samples:
+        assert s.token_ids and len(s.token_ids) == len(s.tokens) == len(s.token_logprobs) == len(s.top_logprobs)
+        assert "".join(s.tokens) == s.text and "Ġ" not in s.text
+        assert [bytes(b) for b in s.token_bytes] == [backend.byte_table[i] for i in s.token_ids]
+        with torch.no_grad():
+            logits = backend.model(torch.tensor([prompt_ids + s.token_ids])).logits[0].double()
+        ref = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(s.token_ids))
+        expected = ref[positions, torch.tensor(s.token_ids)]
+        torch.testing.assert_close(torch.tensor(s.token_logprobs, dtype=torch.float64), expected, atol=1e-4, rtol=0)
+        top_ref = ref[positions].topk(5, dim=-1).values
+        got_top = torch.tensor([[lp for _, lp in alts] for alts in s.top_logprobs], dtype=torch.float64)
+        torch.testing.assert_close(got_top, top_ref, atol=1e-4, rtol=0)
+        if temperature == 0.0:  # greedy: the sampled token is the top-1
+            assert all(alts[0][1] == pytest.approx(lp, abs=1e-6) for alts, lp in zip(s.top_logprobs, s.token_logprobs))
+    if temperature == 0.0:
+        assert len({s.text for s in comp.samples}) == 1
+
+
+def test_same_seed_same_samples(backend):
+    a = backend.sample_sync(PROMPT, 2, temperature=0.7, max_tokens=10, top_logprobs=2, seed=3)
+    b = backend.sample_sync(PROMPT, 2, temperature=0.7, max_tokens=10, top_logprobs=2, seed=3)
+    assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+
+
+def test_prompts_never_contain_their_own_question():
+    pool = load_dataset_by_name("synthetic/train")[:20]
+    prompts = build_prompts(pool, "in_context_cot", 3, pool, seed=0)
+    for ex, prompt in zip(pool, prompts):
+        assert prompt.count(ex.question.strip()) == 1 and prompt.endswith(f"Q: {ex.question.strip()}\nA:")
+        assert prompt.count("Q: ") == 4
+    # The exemplar set is fixed by the seed, except for questions that are exemplars themselves.
+    assert len(set(p.rsplit("\n\nQ: ", 1)[0] for p in prompts)) == 1 + 3
+
+
+def test_generate_with_hf_backend_writes_every_key_once(backend, tmp_path, capsys):
+    pool = load_dataset_by_name("synthetic/train")[:12]
+    cfg = TeacherConfig(backend="hf", dataset="synthetic", samples=3, max_tokens=12, top_logprobs=4,
+                        format="in_context_cot", shots=2, concurrency=2, price_prompt_per_1k=0.01,
+                        price_completion_per_1k=0.02)
+    summary = generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False)
+    assert (summary["stored"], summary["expected"], summary["failures"]) == (12, 12, 0)
+    assert summary["cost_usd"] == pytest.approx(0.01 * summary["prompt_tokens"] / 1000
+                                                + 0.02 * summary["completion_tokens"] / 1000)
+    records = list(iter_records(tmp_path))
+    assert sorted((r["qid"], r["sample_index"]) for r in records) == [(ex.id, i) for ex in pool[:4] for i in range(3)]
+    for r in records:
+        assert tuple(r) == RECORD_FIELDS
+        assert "".join(r["tokens"]) == r["text"] and r["model"] == "tiny-gpt2" and r["dataset"] == "synthetic/train"
+        assert len(r["top_logprobs"][0]) == 4 and r["usage"]["completion_tokens"] == len(r["tokens"])
+    assert "cost $" in capsys.readouterr().out
+    # Run again: nothing is missing, so nothing is asked for.
+    again = generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False)
+    assert (again["requests"], again["samples"], again["stored"]) == (0, 0, 12)
