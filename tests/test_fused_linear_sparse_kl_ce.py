@@ -13,6 +13,16 @@ TAILS = ["none", "renorm", "tail"]
 KW = dict(alpha=0.5, temperature=1.7)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The machine's 2 cores are shared: spinning OpenMP threads make small ops ~100x slower when
+    another process holds a core, so these small-shape tests run single-threaded."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture
 def poison_empty(monkeypatch):
     """Float buffers from torch.empty/empty_like (grad_h, row losses) start as NaN."""
@@ -55,13 +65,14 @@ def run_both(h, weight, ids, lp, target, backend, hidden_scale, chunk_size=None,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("K", [1, 5, 20])
-@pytest.mark.parametrize("N,H,V,chunk", [(37, 16, 1423, 8), (3, 8, 32128, None), (40, 24, 1423, None)])
+@pytest.mark.parametrize("N,H,V,chunk", [(37, 16, 1423, 8), (3, 8, 32128, None), (40, 256, 1423, None)])
 def test_fp32_matches_reference(N, H, V, chunk, K, tail, backend, poison_empty):
     h, w, ids, lp, target = make_linear(N, H, V, K, ignore_rows=[1], no_teacher_rows=[N - 1],
                                         padded_rows=[0])
     got, want = run_both(h, w, ids, lp, target, backend, H ** -0.5, chunk, tail=tail, **KW)
+    # grad_h sums V terms of both signs (each row's logit gradient sums to 0) in fp32, hence atol 5e-6
     for name, g, r, atol, rtol in zip(("loss", "ce", "kl", "grad_h", "grad_W"), got, want,
-                                      (2e-5, 2e-5, 2e-5, 1e-6, 1e-6), (2e-5, 2e-5, 2e-5, 1e-4, 1e-4)):
+                                      (2e-5, 2e-5, 2e-5, 5e-6, 1e-6), (2e-5, 2e-5, 2e-5, 1e-4, 1e-4)):
         assert_close(g, r, atol, rtol, name)
 
 
@@ -98,7 +109,7 @@ def test_reductions_alpha_temperature(alpha, temperature, reduction, backend, po
                          temperature=temperature, tail="renorm")
     assert got[0].shape == want[0].shape
     for name, g, r, atol in zip(("loss", "ce", "kl", "grad_h", "grad_W"), got, want,
-                                (2e-5, 2e-5, 2e-5, 1e-6, 1e-6)):
+                                (2e-5, 2e-5, 2e-5, 5e-6, 1e-6)):
         assert_close(g, r, atol, 1e-4, name)
 
 
@@ -135,7 +146,7 @@ def test_partial_requires_grad(want_h, want_w):
     for a, b, name in ((h1, h2, "grad_h"), (w1, w2, "grad_W")):
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
-            assert_close(a.grad, b.grad, 1e-6, 1e-4, name)
+            assert_close(a.grad, b.grad, 5e-6, 1e-4, name)
 
 
 def test_module_matches_functional():
@@ -172,3 +183,27 @@ def test_bad_chunk_size():
     h, w, ids, lp, target = make_linear(4, 8, 50, 5)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_sparse_kl_ce(h, w, ids, lp, target, chunk_size=0)
+
+
+# --- benchmark scripts: they run (CPU, tiny shapes) and parse their arguments (GPU) --------------
+
+def test_cpu_benchmark_quick_runs(tmp_path):
+    import json
+
+    from specialize.benchmarks import bench_loss_cpu
+
+    out = tmp_path / "loss_cpu.json"
+    assert bench_loss_cpu.main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert {r["provider"] for r in payload["rows"]} == {"naive", "unfused", "fused"}
+    assert payload["fused_over_naive_peak"] >= 0
+
+
+def test_gpu_benchmark_args_and_no_cuda_exit():
+    from specialize.benchmarks import bench_loss_gpu
+
+    args = bench_loss_gpu.parse_args(["--quick", "--dtype", "fp16", "--skip-liger"])
+    assert (args.N, args.H, args.V, args.dtype, args.skip_liger) == (1024, 512, 32128, "fp16", True)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run for real")
+    assert bench_loss_gpu.main(["--quick"]) == 2
