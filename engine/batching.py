@@ -131,17 +131,25 @@ class BatchBuilder:
             for b, s in enumerate(samples):
                 if s["topk_ids"] is not None:
                     t, k = s["topk_ids"].shape
-                    topk_ids[b, :t, :k] = torch.as_tensor(s["topk_ids"].astype(np.int64))
-                    topk_lp[b, :t, :k] = torch.as_tensor(s["topk_logprobs"].astype(np.float32))
+                    ids = s["topk_ids"].astype(np.int64)
+                    # the shards pad logprobs with -inf; the loss reads only ids >= 0, keep padding finite
+                    lps = np.where(ids >= 0, s["topk_logprobs"], 0.0).astype(np.float32)
+                    topk_ids[b, :t, :k] = torch.as_tensor(ids)
+                    topk_lp[b, :t, :k] = torch.as_tensor(lps)
         batch["topk_ids"], batch["topk_logprobs"] = topk_ids, topk_lp
         return batch
 
 
 def sample_lengths(shards) -> np.ndarray:
-    """Question + CoT length of every sample (the grouping key); uses the shards' own table when offered."""
-    lengths = getattr(shards, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths() if callable(lengths) else lengths, dtype=np.int64)
+    """Question + CoT length of every sample (the grouping key). Read from each shard's index.npy (columns
+    1 and 3 hold the input and label lengths, as aligner/shards.py documents) instead of decoding every
+    record; any other random-access dataset is measured item by item."""
+    dirs = getattr(shards, "shard_dirs", None)
+    if dirs is not None:
+        parts = [np.load(d / "index.npy", mmap_mode="r") for d in dirs]
+        lengths = np.concatenate([p[:, 1] + p[:, 3] for p in parts]).astype(np.int64)
+        if len(lengths) == len(shards):
+            return lengths
     return np.asarray([len(shards[i]["input_ids"]) + len(shards[i]["labels"]) for i in range(len(shards))],
                       dtype=np.int64)
 
@@ -219,12 +227,6 @@ class BatchPlan:
 
 
 def open_shards(path: str):
-    """The aligner's shards. TEMPORARY fallback until specialize.aligner.shards lands: a pickled list."""
-    try:
-        from specialize.aligner.shards import AlignedShards
-    except ModuleNotFoundError:
-        import pickle
-        from pathlib import Path
-        with open(Path(path) / "records.pkl", "rb") as f:
-            return pickle.load(f)
+    """The aligner's shards (memory-mapped, cheap to open in every rank)."""
+    from specialize.aligner.shards import AlignedShards
     return AlignedShards(path)

@@ -93,6 +93,9 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
         if zero["stage"] != 3:
             raise ConfigError("deepspeed.offload: param offload needs zero_stage 3")
         zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
+    if t.optimizer == "adafactor" and zero["stage"] > 0:
+        # transformers' Adafactor is a plain torch optimizer; ZeRO shards its state like AdamW's
+        cfg.setdefault("zero_allow_untested_optimizer", True)
     if zero["stage"] == 3:
         # export and eval gather the weights themselves; no 16-bit copy on every save
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", False)

@@ -22,6 +22,7 @@ SIZES = {"train": 48, "dev": 8, "test": 4, "ood_steps": 8, "ood_templates": 4, "
 
 def build_world(root: Path, vocab_size: int = 600, samples_per_question: int = 2) -> dict:
     """<root>/tokenizer and <root>/aligned; returns their paths. Deterministic."""
+    from specialize.aligner.shards import write_shards
     from specialize.engine.data import build_target
     from specialize.engine.data.synthetic import make_splits
     from specialize.engine.tokenizers import train_t5_unigram
@@ -42,19 +43,16 @@ def build_world(root: Path, vocab_size: int = 600, samples_per_question: int = 2
             lps = np.zeros((T, TOP_K), dtype=np.float32)
             ids[:, 0] = labels
             for t in range(T):
+                if t % 5 == 4:  # unaligned position: one-hot on the label, padding as the aligner writes it
+                    lps[t] = [0.0, -np.inf, -np.inf]
+                    continue
                 others = rng.choice(np.setdiff1d(np.arange(3, V), [labels[t]]), TOP_K - 1, replace=False)
                 ids[t, 1:] = others
                 lps[t] = np.log([0.7, 0.2, 0.1])
             records.append(dict(qid=ex.id, sample_index=s, answer=ex.answer, question=ex.question,
                                 input_ids=np.asarray(tok(ex.question)["input_ids"], dtype=np.int32),
                                 labels=labels, topk_ids=ids, topk_logprobs=lps))
-    try:
-        from specialize.aligner.shards import write_shards
-        write_shards(records, root / "aligned", shard_size=40)
-    except ModuleNotFoundError:  # TEMPORARY until the aligner's writer lands (engine.batching.open_shards)
-        import pickle
-        (root / "aligned").mkdir(parents=True, exist_ok=True)
-        (root / "aligned" / "records.pkl").write_bytes(pickle.dumps(records))
+    write_shards(records, root / "aligned", shard_size=40)
     return {"tokenizer": str(root / "tokenizer"), "aligned": str(root / "aligned")}
 
 

@@ -155,6 +155,10 @@ def test_ds_config_derives_batch_fields_and_zero_blocks(world, tmp_path):
     z = cfg["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert cfg["gradient_clipping"] == 1.0
+    ada = build_ds_config(_recipe(world, tmp_path, train={"optimizer": "adafactor"},
+                                  deepspeed={"zero_stage": 2, "offload": ["optimizer"]}), 1)
+    # a torch Adafactor under ZeRO: allowed explicitly, and not forced onto DeepSpeed's CPU Adam
+    assert ada["zero_allow_untested_optimizer"] and ada["zero_force_ds_cpu_optimizer"] is False
 
 
 def test_ds_config_user_json_must_agree(world, tmp_path):
@@ -224,7 +228,7 @@ def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
     rec0, rec5 = shards[0], shards[5]
     n0 = len(rec0["labels"])
     assert batch["labels"][0, :n0].tolist() == list(rec0["labels"])
-    assert torch.equal(batch["topk_ids"][0, :n0, :3], torch.as_tensor(np.asarray(rec0["topk_ids"]), dtype=torch.long))
+    assert torch.equal(batch["topk_ids"][0, :n0, :3], torch.tensor(np.array(rec0["topk_ids"]), dtype=torch.long))
     answer = tok(build_target(None, rec5["answer"], "zero_shot_answer_only"))["input_ids"]
     assert batch["labels"][1, :len(answer)].tolist() == answer and (batch["labels"][1, len(answer):] == -100).all()
     assert (batch["topk_ids"][1] == -1).all()
@@ -233,6 +237,11 @@ def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
     assert prompt.endswith("Let's think step by step.") and rec0["question"].split()[0] in prompt
     ic = b.collate(MicroBatch([0], ["in_context_cot"]))
     assert ic["input_ids"].shape[1] > batch["input_ids"].shape[1]  # exemplar prepended
+    assert torch.isfinite(batch["topk_logprobs"]).all()  # -inf padding of the shards never reaches the loss
+    assert (batch["topk_ids"][0, 4, 1:] == -1).all()
+    from specialize.engine.batching import sample_lengths
+    by_item = [len(shards[i]["input_ids"]) + len(shards[i]["labels"]) for i in range(len(shards))]
+    assert sample_lengths(shards).tolist() == by_item
     sm = BatchBuilder(shards, tok, ExemplarSets(pool, 1, 0), 512, 512, with_teacher=False)
     assert sm.collate(MicroBatch([0], ["zero_shot_cot"]))["topk_ids"].shape[-1] == 1
 
