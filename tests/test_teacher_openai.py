@@ -1,0 +1,182 @@
+"""The `openai` teacher backend over real HTTP against tests/teacher_server.py (the official client,
+no mocks): both APIs give the records the local backend gives, faults are survived or reported,
+the API key is in no output, a changed configuration is refused, and SIGKILL at random points
+followed by a rerun leaves every (qid, sample_index) exactly once."""
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from teacher_server import TeacherServer, tiny_teacher
+
+from specialize.engine.config import TeacherConfig
+from specialize.engine.data import load_dataset_by_name
+from specialize.engine.teacher import ResumeError, generate, iter_records
+from specialize.engine.teacher.hf_backend import HFBackend
+
+SECRET = "sk-test-Zq81Xv0-do-not-leak"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hf_backend():
+    model, tok = tiny_teacher()
+    return HFBackend(model, tok, device="cpu", model_name="tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def server(hf_backend):
+    with TeacherServer(hf_backend, model_name="tiny-gpt2", lifetime=240, slow_seconds=3.0) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("TEACHER_TEST_KEY", SECRET)
+
+
+@pytest.fixture
+def questions():
+    return load_dataset_by_name("synthetic/train")[:3]
+
+
+def config(server, **kw) -> TeacherConfig:
+    base = dict(backend="openai", model="tiny-gpt2", base_url=server.base_url, api_key_env="TEACHER_TEST_KEY",
+                dataset="synthetic", samples=3, max_tokens=10, top_logprobs=3, format="zero_shot_cot", shots=0,
+                concurrency=2, timeout=2.0, max_retries=3)
+    return TeacherConfig(**{**base, **kw})
+
+
+def lines(folder) -> list[str]:
+    return sorted(line for p in Path(folder).glob("samples-*.jsonl") for line in p.read_text().splitlines())
+
+
+def assert_secret_absent(folder, *texts):
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    for text in texts:
+        assert SECRET not in text
+
+
+def test_completions_and_chat_give_the_local_backends_records(server, hf_backend, questions, tmp_path):
+    server.faults.clear()
+    for api in ("completions", "chat"):
+        s = generate(config(server, api=api), questions, str(tmp_path / api), retry_base_delay=0.001, progress=False)
+        assert (s["stored"], s["failures"]) == (9, 0)
+    generate(config(server, backend="hf"), questions, str(tmp_path / "hf"), backend=hf_backend, progress=False)
+    assert lines(tmp_path / "completions") == lines(tmp_path / "chat") == lines(tmp_path / "hf")
+    # The key really went over the wire, as a bearer token.
+    assert server.log[-1]["authorization"] == f"Bearer {SECRET}"
+
+
+def test_faults_are_retried_and_nothing_leaks(server, questions, tmp_path, capfd):
+    server.faults.clear()
+    faults = ["429", "500", "slow", "badjson", "nologprobs", "short"]
+    server.faults.extend(faults)
+    before = len(server.log)
+    # Enough retries for one request to meet every fault (two workers share them out).
+    s = generate(config(server, max_retries=len(faults)), questions, str(tmp_path), retry_base_delay=0.001,
+                 progress=False)
+    assert [e["fault"] for e in server.log[before:]][:len(faults)] == faults
+    assert (s["stored"], s["expected"], s["failures"]) == (9, 9, 0)
+    assert s["retries"] == len(faults)
+    assert not (tmp_path / "failures.jsonl").exists()
+    ledger = json.loads((tmp_path / "usage.json").read_text())
+    assert ledger["total"]["completion_tokens"] == sum(len(r["tokens"]) for r in iter_records(tmp_path))
+    out, err = capfd.readouterr()
+    assert_secret_absent(tmp_path, out, err)
+
+
+def test_persistent_malformed_response_goes_to_failures_not_samples(server, questions, tmp_path, capfd):
+    server.faults.clear()
+    cfg = config(server, max_retries=2, concurrency=1)
+    server.faults.extend(["short", "nologprobs", "badjson"])  # the first request's three attempts
+    s = generate(cfg, questions, str(tmp_path), retry_base_delay=0.001, progress=False)
+    assert (s["stored"], s["failures"]) == (6, 1)
+    failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert [(f["qid"], f["sample_indices"], f["kind"], f["attempts"]) for f in failures] == [
+        (questions[0].id, [0, 1, 2], "malformed", 3)]
+    assert questions[0].id not in {r["qid"] for r in iter_records(tmp_path)}
+    # A rerun of the same configuration asks for exactly the missing samples.
+    s = generate(cfg, questions, str(tmp_path), retry_base_delay=0.001, progress=False)
+    assert (s["requests"], s["samples"], s["stored"]) == (1, 3, 9)
+    assert_secret_absent(tmp_path, *capfd.readouterr())
+
+
+def test_resume_with_another_configuration_is_refused(server, questions, tmp_path, capfd):
+    server.faults.clear()
+    generate(config(server, samples=1), questions[:1], str(tmp_path), progress=False)
+    with pytest.raises(ResumeError, match="temperature"):
+        generate(config(server, samples=1, temperature=0.9), questions[:1], str(tmp_path), progress=False)
+    from specialize.engine.teacher.cli import main
+    argv = ["generate", "--backend", "openai", "--model", "tiny-gpt2", "--base-url", server.base_url,
+            "--api-key-env", "TEACHER_TEST_KEY", "--dataset", "synthetic", "--samples", "1", "--limit", "1",
+            "--format", "zero_shot_cot", "--shots", "0", "--max-tokens", "10", "--top-logprobs", "2",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "another configuration" in capfd.readouterr().err
+
+
+def test_missing_api_key_is_named_not_shown(server, questions, tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("TEACHER_TEST_KEY")
+    from specialize.engine.teacher.cli import main
+    assert main(["generate", "--backend", "openai", "--model", "m", "--api-key-env", "TEACHER_TEST_KEY",
+                 "--dataset", "synthetic", "--format", "zero_shot_cot", "--out", str(tmp_path)]) == 2
+    assert "TEACHER_TEST_KEY is not set" in capfd.readouterr().err
+
+
+def _count_lines(folder: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in folder.glob("samples-*.jsonl"))
+
+
+def test_sigkill_at_random_points_then_resume_gives_each_key_once(server, tmp_path):
+    server.faults.clear()
+    server.delay = 0.02  # spread the run so the kills land mid-run
+    out = tmp_path / "out"
+    limit, samples = 5, 6
+    cmd = [sys.executable, "-m", "specialize.engine.teacher.cli", "generate", "--backend", "openai",
+           "--model", "tiny-gpt2", "--base-url", server.base_url, "--api", "chat", "--api-key-env",
+           "TEACHER_TEST_KEY", "--dataset", "synthetic", "--split", "train", "--limit", str(limit),
+           "--samples", str(samples), "--samples-per-request", "2", "--max-tokens", "10", "--top-logprobs", "3",
+           "--format", "in_context_cot", "--shots", "2", "--concurrency", "3", "--timeout", "10",
+           "--retry-base-delay", "0.001", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "TEACHER_TEST_KEY": SECRET, "HF_HUB_OFFLINE": "1"}
+    rng = random.Random(5)
+    expected = limit * samples
+    logs, killed_mid_run = [], []
+    try:
+        # Kill once this many samples are on disk (a batch is 2, so each leaves work undone).
+        for round_, kill_after in enumerate(sorted(rng.sample(range(1, expected - 2), 3))):
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if out.exists() and _count_lines(out) >= kill_after:
+                    break
+                time.sleep(0.01)
+            killed_mid_run.append((proc.poll() is None, _count_lines(out) if out.exists() else 0))
+            proc.send_signal(signal.SIGKILL)
+            logs.append(proc.communicate()[0].decode())
+            if round_ == 1:  # what a kill inside write() leaves: half a line
+                shard = sorted(out.glob("samples-*.jsonl"))[-1]
+                with open(shard, "ab") as fh:
+                    fh.write(b'{"qid": "synthetic/train/0", "sample_index": 0, "te')
+        final = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.delay = 0.0
+    logs += [final.stdout, final.stderr]
+    assert final.returncode == 0, final.stderr[-2000:]
+    # (running when killed, lines on disk then): every kill landed with part of the work done.
+    assert all(running and 0 < done < expected for running, done in killed_mid_run), killed_mid_run
+    raw = [line for p in sorted(out.glob("samples-*.jsonl")) for line in p.read_text().splitlines()]
+    keys = [(r["qid"], r["sample_index"]) for r in map(json.loads, raw)]  # every line parses: no torn line left
+    assert sorted(keys) == sorted((f"synthetic/train/{q}", i) for q in range(limit) for i in range(samples))
+    assert len(keys) == len(set(keys)) == expected
+    assert_secret_absent(out, *logs)
