@@ -188,8 +188,9 @@ def stage_teacher(run: Run) -> dict:
     examples = load_examples(r, r.teacher.dataset, split=r.teacher.split)
     if r.teacher.limit:
         examples = examples[: r.teacher.limit]
-    generate(r.teacher, examples, str(run.dir("teacher")))
-    return {"questions": len(examples)}
+    pool = training_pool(r) if r.teacher.format.startswith("in_context") else None
+    summary = generate(r.teacher, examples, str(run.dir("teacher")), exemplar_pool=pool, seed=r.train.seed)
+    return {"questions": len(examples), **{k: v for k, v in (summary or {}).items() if isinstance(v, (int, float))}}
 
 
 def stage_filter(run: Run) -> dict:
@@ -202,8 +203,11 @@ def stage_align(run: Run) -> dict:
     from specialize.aligner import AlignedShards, align_teacher_dir
     r = run.recipe
     student = r.aligner.student_tokenizer or r.model.tokenizer or r.model.name_or_path
+    # Teacher records carry the teacher's own token strings; the aligner needs the teacher tokenizer (a
+    # tiktoken table) only to re-tokenize API records that lack them, so a local hf teacher passes none.
+    teacher_tok = r.aligner.teacher_tokenizer if r.teacher.backend == "openai" else None
     align_teacher_dir(str(run.dir("filter")), student, str(run.dir("align")), workers=r.aligner.workers,
-                      band=r.aligner.band, teacher_tokenizer=r.aligner.teacher_tokenizer)
+                      band=r.aligner.band, teacher_tokenizer=teacher_tok)
     return {"aligned_samples": len(AlignedShards(str(run.dir("align"))))}
 
 
@@ -283,7 +287,7 @@ def selected_checkpoints(run: Run) -> dict[str, str]:
             return found  # both signals agree: best/ is that checkpoint
         if ckpt.is_dir():
             from specialize.engine.export import export_checkpoint
-            path = export_checkpoint(ckpt, train_dir, out / "model")
+            path = export_checkpoint(ckpt, out / "model")
     if path is not None:
         found[f"selected_{other}"] = str(path)
     return found

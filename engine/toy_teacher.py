@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -230,6 +231,10 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
     from specialize.engine.tokenizers import train_byte_bpe, train_t5_unigram
     scale = scale or ToyScale()
     toy_dir = Path(toy_dir)
+    # On a busy machine (the cores already loaded) two torch threads thrash: measured 5x slower than one.
+    threads = torch.get_num_threads()
+    if os.getloadavg()[0] >= 1.0:
+        torch.set_num_threads(1)
     world = make_splits(seed=seed, sizes=sizes)
     practice = make_splits(seed=seed + 1, sizes=sizes)
     seen = {e.question for split in world.values() for e in split}
@@ -256,6 +261,7 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
                                 ToyTrainConfig(steps=scale.student_steps, lr=1e-3, seed=seed,
                                                check_every=max(1, scale.student_steps // 5)),
                                 config_name=scale.student_config, overrides=scale.student_overrides)
+    torch.set_num_threads(threads)
     return {"teacher_params": teacher["params"], "teacher_dev_acc": teacher["heldout_acc"],
             "student_params": student["params"], "teacher_dir": str(toy_dir / "teacher"),
             "student_dir": str(toy_dir / "student_start")}
