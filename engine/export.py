@@ -57,23 +57,41 @@ def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = N
     return out
 
 
-def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:
-    """A DeepSpeed checkpoint (checkpoints/step-XXXXXX of a run) as a HF model, offline, on one process.
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """A DeepSpeed checkpoint (<run>/checkpoints/step-XXXXXX) as a HF model, offline, in one process.
 
-    ZeRO shards are merged by DeepSpeed's zero_to_fp32 (fp32 master weights); the model config and the
-    tokenizer come from the run dir's recipe."""
+    ZeRO shards are merged by DeepSpeed's zero_to_fp32 (the fp32 master weights); the model config and
+    the tokenizer come from the run dir's resolved recipe.yaml."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import T5ForConditionalGeneration
 
     from specialize.engine.config import load_recipe
-    from specialize.engine.models import build_model
+    from specialize.engine.models import model_config
     from specialize.engine.tokenizers import load_tokenizer
     ckpt = Path(checkpoint_dir)
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
+    recipe = load_recipe(ckpt.parent.parent / "recipe.yaml")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    state = {k[len("t5."):] if k.startswith("t5.") else k: v for k, v in state.items()}
-    template = build_model(recipe.model, vocab_size=len(tokenizer))
-    model = T5ForConditionalGeneration(template.config)
-    model.load_state_dict(state, strict=False)
-    return export_model(model, tokenizer, out_dir, {"checkpoint": str(ckpt)})
+    state = {k[len("t5."):] if k.startswith("t5.") else k: v for k, v in state.items()}  # engine's wrapper
+    model = T5ForConditionalGeneration(model_config(recipe.model, len(tokenizer)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: weights do not fit the recipe's model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    return export_model(model.eval(), tokenizer, out_dir, {"checkpoint": str(ckpt)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m specialize.engine.export",
+                                description="Convert a DeepSpeed checkpoint of a run into a Hugging Face model.")
+    p.add_argument("checkpoint", help="<train.output_dir>/checkpoints/step-XXXXXX")
+    p.add_argument("out", help="output folder (save_pretrained + tokenizer)")
+    args = p.parse_args(argv)
+    print(export_checkpoint(args.checkpoint, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

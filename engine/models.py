@@ -61,20 +61,15 @@ def hidden_scale(config) -> float:
     return config.d_model ** -0.5 if scaled else 1.0
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None):
-    """T5ForConditionalGeneration from `name_or_path` (pretrained) or random-init from `config`.
+def model_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None):
+    """The T5Config a run trains: the pretrained model's, or the named/file config with the overrides.
 
     vocab_size: the tokenizer's size; a random-init model whose named vocab is smaller grows to it (the
-    `tiny` shape always takes it), unless `overrides.vocab_size` is set. The whole model is built on the
-    host of every rank (no zero.Init): DeepSpeed partitions it afterwards.
-    """
-    import torch
-    from transformers import T5ForConditionalGeneration
-    dtype = dtype or torch.float32
+    `tiny` shape always takes it), unless `overrides.vocab_size` is set."""
+    from transformers import T5Config
     if model_cfg.name_or_path:
         try:
-            model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, dtype=dtype,
-                                                               **model_cfg.overrides)
+            config = T5Config.from_pretrained(model_cfg.name_or_path, **model_cfg.overrides)
         except OSError as err:
             raise ConfigError(f"model.name_or_path: cannot load {model_cfg.name_or_path!r} ({err})") from None
     else:
@@ -84,10 +79,24 @@ def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=
             if model_cfg.config == "tiny" or vocab_size > named:
                 overrides["vocab_size"] = vocab_size
         config = t5_config(model_cfg.config, **overrides)
-        model = T5ForConditionalGeneration(config).to(dtype)
-    if vocab_size and model.config.vocab_size < vocab_size:
-        raise ConfigError(f"model: vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+    if vocab_size and config.vocab_size < vocab_size:
+        raise ConfigError(f"model: vocab_size {config.vocab_size} is smaller than the tokenizer's "
                           f"{vocab_size} (set model.overrides.vocab_size)")
+    return config
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None):
+    """T5ForConditionalGeneration from `name_or_path` (pretrained weights) or random-init from `config`
+    (see model_config). The whole model is built on the host of every rank (no zero.Init): DeepSpeed
+    partitions it afterwards, so ZeRO-3 needs host RAM for one full copy per rank while starting."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    dtype = dtype or torch.float32
+    config = model_config(model_cfg, vocab_size)
+    if model_cfg.name_or_path:
+        model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, config=config, dtype=dtype)
+    else:
+        model = T5ForConditionalGeneration(config).to(dtype)
     if model_cfg.gradient_checkpointing:
         model.config.use_cache = False  # the cache is useless in training and clashes with recomputation
         # transformers >= 5 renamed it; the old name still works there but warns
@@ -112,4 +121,4 @@ def describe(model) -> str:
             f"heads {c.num_heads}, vocab {c.vocab_size}, hidden_scale {hidden_scale(c):.4g})")
 
 
-__all__ = ["NAMED_CONFIGS", "t5_config", "build_model", "hidden_scale", "param_counts", "describe"]
+__all__ = ["NAMED_CONFIGS", "t5_config", "model_config", "build_model", "hidden_scale", "param_counts", "describe"]

@@ -397,8 +397,9 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     engine.train()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
     window = torch.zeros(6, dtype=torch.float64)  # loss, ce, kl, micro-batches, src tokens, tgt tokens
-    t_window = time.perf_counter()
+    train_seconds = 0.0  # time inside steps only: evaluation and saving do not count against throughput
     while step < t.max_steps:
+        t_step = time.perf_counter()
         for _ in range(t.grad_accum):
             batch = builder.collate(plan.micro_batch(consumed))
             consumed += 1
@@ -422,10 +423,11 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             engine.backward(loss)
             engine.step()
         step += 1
+        train_seconds += time.perf_counter() - t_step
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - t_window
+            elapsed = train_seconds
             n = window[3].item()
             row = {"step": step, "train/loss": window[0].item() / n, "train/ce": window[1].item() / n,
                    "train/kl": window[2].item() / n, "lr": scheduler.get_last_lr()[0],
@@ -443,7 +445,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                         writer.add_scalar(k, v, step)
                 bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['lr']:.2e}")
             window.zero_()
-            t_window = time.perf_counter()
+            train_seconds = 0.0
         if t.eval_every > 0 and dev_sets and (step % t.eval_every == 0 or step == t.max_steps):
             evaluate_and_select()
         if step % t.save_every == 0 or step == t.max_steps:

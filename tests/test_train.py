@@ -124,6 +124,13 @@ def test_zero3_dm_trains_and_exports_gathered_weights(world, tmp_path):
     assert "ZeRO-3 fp32" in proc.stdout
     _falls(loss_curve(tmp_path / "run"))
     _same_generations(tmp_path / "run", STEPS)
+    # offline conversion of the ZeRO-3 shards (fp32 master weights) gives the exported weights
+    from transformers import T5ForConditionalGeneration
+    from specialize.engine.export import export_checkpoint
+    out = export_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}", tmp_path / "converted")
+    a = T5ForConditionalGeneration.from_pretrained(out).state_dict()
+    b = T5ForConditionalGeneration.from_pretrained(tmp_path / "run" / "best").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
