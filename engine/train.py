@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from specialize.engine.config import ConfigError, Recipe, load_recipe
+from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
 
 NAN_EXIT = 3
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
@@ -133,6 +133,22 @@ def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def on_rank0(fn, rank: int) -> None:
+    """Run fn on rank 0 only; when it raises, every rank raises, so no rank is left waiting in a collective."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 — re-raised below on every rank
+            error = err
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[0]}")
 
 
 def rng_state() -> dict:
@@ -255,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(recipe, args.resume, args.local_rank)
+    except ConfigError as err:
+        print(f"specialize train: {err}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteLoss as err:
         print(f"specialize train: {err}", file=sys.stderr, flush=True)
         return NAN_EXIT
@@ -282,9 +301,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
-    if is_main:
-        prepare_run_dir(recipe, world, resume)
-    dist.barrier()
+    on_rank0(lambda: prepare_run_dir(recipe, world, resume), rank)
 
     ds_config = build_ds_config(recipe, world)
     if not d.aligned_dir:
@@ -334,6 +351,10 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             _, client = engine.load_checkpoint(str(ckpt_root), tag=last_dir.name)
             step, consumed = client["step"], client["micro_batches"]
             best, best_step = client.get("best"), client.get("best_step")
+            if client.get("recipe_hash") != recipe_hash(recipe) and is_main:
+                print(f"[train] warning: the recipe (hash {recipe_hash(recipe)}) differs from the one "
+                      f"{last_dir.name} was trained with ({client.get('recipe_hash')}): the run will not "
+                      f"continue exactly as an uninterrupted one", flush=True)
             rng_file = last_dir / f"rng-rank{rank}.pt"
             if rng_file.is_file():
                 set_rng_state(torch.load(rng_file, weights_only=False))
@@ -358,7 +379,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     def save_checkpoint() -> None:
         tag = f"step-{step:06d}"
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={
-            "step": step, "micro_batches": consumed, "best": best, "best_step": best_step})
+            "step": step, "micro_batches": consumed, "best": best, "best_step": best_step,
+            "recipe_hash": recipe_hash(recipe)})
         torch.save(rng_state(), ckpt_root / tag / f"rng-rank{rank}.pt")
         dist.barrier()  # every rank's files are on disk before the checkpoint counts as complete
         if is_main:

@@ -143,3 +143,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     assert ckpts == ["step-000002"] and (tmp_path / "run" / "checkpoints" / "step-000002" / "complete.json").is_file()
     assert max(loss_curve(tmp_path / "run")) == 2
     assert not (tmp_path / "run" / "best").exists()
+    # a fresh start on top of it is refused on every rank (none hangs), pointing at --resume
+    again = torchrun(recipe)
+    _check(again, rc=1)
+    assert "already holds checkpoints: pass --resume" in again.stderr
