@@ -43,7 +43,8 @@ def _sparse_kl_ce_fwd_kernel(
     # scalars
     alpha, inv_tau, tau, ignore_index, tail_eps,
     # compile-time
-    TAIL_MODE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAIL_MODE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_TAU: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program per row: sweep 1 = online max / two logsumexps (z and z/τ) over V; then the
     gather of z at the target and the K teacher ids; sweep 2 (COMPUTE_GRAD) = dense softmax terms
@@ -73,8 +74,11 @@ def _sparse_kl_ce_fwd_kernel(
         z = tl.load(logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        st = st * tl.exp((m - m_new) * inv_tau) + tl.sum(tl.exp((z - m_new) * inv_tau), axis=0)
+        if HAS_TAU:  # τ = 1 shares the exponentials: one exp per element instead of two
+            st = st * tl.exp((m - m_new) * inv_tau) + tl.sum(tl.exp((z - m_new) * inv_tau), axis=0)
         m = m_new
+    if not HAS_TAU:
+        st = s1
     # Work relative to the max: (z − m) is exact near the max and log(s) is small, so log q and
     # 1 − Σq keep their precision even when m/τ is large.
     log_s1 = tl.log(s1)
@@ -129,7 +133,10 @@ def _sparse_kl_ce_fwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             z = tl.load(logits_ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-            g = coef_soft * tl.exp(z - m - log_s1) + coef_q * tl.exp((z - m) * inv_tau - log_st)
+            if HAS_TAU:
+                g = coef_soft * tl.exp(z - m - log_s1) + coef_q * tl.exp((z - m) * inv_tau - log_st)
+            else:
+                g = (coef_soft + coef_q) * tl.exp(z - m - log_s1)
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
         # The sparse positions are rewritten from the values gathered before sweep 2 (so an in-place
         # grad buffer is safe); barriers order the dense, target and top-k stores of this program.
@@ -165,7 +172,8 @@ def rows_triton(logits, topk_ids, topk_logprobs, target, grad, scale, alpha, tem
         logits.stride(0), topk_ids.stride(0), topk_logprobs.stride(0),
         scale.stride(0) if scale.numel() > 1 else 0, grad_arg.stride(0),
         float(alpha), 1.0 / float(temperature), float(temperature), int(ignore_index), TAIL_EPS,
-        TAIL_MODE=TAIL_MODES[tail], COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, BLOCK_K=block_k,
+        TAIL_MODE=TAIL_MODES[tail], COMPUTE_GRAD=compute_grad, HAS_TAU=float(temperature) != 1.0,
+        BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=num_warps,
     )
     return loss, ce, kl
