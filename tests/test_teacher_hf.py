@@ -46,6 +46,36 @@ def test_logprobs_equal_a_direct_forward_pass(backend, temperature):
         assert len({s.text for s in comp.samples}) == 1
 
 
+def _assert_forward_pass_logprobs(backend, prompt, sample, temperature):
+    prompt_ids = backend.encode(prompt)
+    with torch.no_grad():
+        logits = backend.model(torch.tensor([prompt_ids + sample.token_ids])).logits[0].double()
+    ref = torch.log_softmax(logits / temperature, dim=-1)
+    positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(sample.token_ids))
+    torch.testing.assert_close(torch.tensor(sample.token_logprobs, dtype=torch.float64),
+                               ref[positions, torch.tensor(sample.token_ids)], atol=1e-4, rtol=0)
+
+
+def test_batched_prompts_of_different_lengths_are_exact(backend):
+    """Left-padded rows of several requests: each sample's logprobs still match its own unpadded
+    forward pass, and a request's samples are those it gets alone (its own seeded generator)."""
+    prompts = [PROMPT, "Q: 2 + 2?\nA:", PROMPT + " First, 3 + 4 = 7."]
+    results = backend.sample_batch_sync([(p, 2, 10 + i) for i, p in enumerate(prompts)], 0.8, 16, 3)
+    for i, (prompt, comp) in enumerate(zip(prompts, results)):
+        assert len(comp.samples) == 2
+        for s in comp.samples:
+            assert s.token_ids and "".join(s.tokens) == s.text
+            _assert_forward_pass_logprobs(backend, prompt, s, 0.8)
+        alone = backend.sample_sync(prompt, 2, temperature=0.8, max_tokens=16, top_logprobs=3, seed=10 + i)
+        assert [s.token_ids for s in alone.samples] == [s.token_ids for s in comp.samples]
+
+
+def test_prompt_longer_than_the_model_fails_only_its_request(backend):
+    too_long = "Q: " + "one two three " * 400
+    ok, bad = backend.sample_batch_sync([(PROMPT, 1, 0), (too_long, 1, 0)], 1.0, 4, 2)
+    assert len(ok.samples) == 1 and "does not fit" in str(bad)
+
+
 def test_same_seed_same_samples(backend):
     a = backend.sample_sync(PROMPT, 2, temperature=0.7, max_tokens=10, top_logprobs=2, seed=3)
     b = backend.sample_sync(PROMPT, 2, temperature=0.7, max_tokens=10, top_logprobs=2, seed=3)

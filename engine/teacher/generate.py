@@ -169,7 +169,12 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
         for job in jobs:  # one shared iterator: each job is taken by exactly one worker
             await one(*job)
 
-    await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
+    workers = max(1, cfg.concurrency)
+    if getattr(backend, "max_batch_rows", None):
+        # A local model batches whatever requests wait together; concurrency is about servers, so
+        # keep enough requests in flight to fill a batch.
+        workers = max(workers, backend.max_batch_rows // max(1, max(len(t[2]) for t in todo) if todo else 1))
+    await asyncio.gather(*(worker() for _ in range(workers)))
     bar.close()
     stats["cost_usd"] = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
     return stats

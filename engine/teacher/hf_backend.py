@@ -1,7 +1,9 @@
-"""`hf` backend: a local transformers causal LM sampled with its KV cache, n samples per prompt.
+"""`hf` backend: a local transformers causal LM sampled with its KV cache.
 
-The n samples of one prompt run as one batch of n identical rows (no padding, so the cache and the
-positions are exact). Logprobs are those of the distribution actually sampled from, i.e. the
+Requests that wait together are merged into one batch of up to `max_batch_rows` rows (n rows per
+request, prompts left-padded, positions counted from each row's first real token), so a small
+model on a GPU or CPU is not fed one prompt at a time. Each request samples with its own seeded
+generator, so its samples do not depend on what it was batched with. Logprobs are those of the distribution actually sampled from, i.e. the
 temperature-scaled softmax(logits / T) (at T = 0, greedy, the plain softmax): `token_logprobs[t]`
 equals log_softmax(model(prompt + sampled ids).logits / T) at the sampled id, which the tests check
 against a direct forward pass. Token strings are the decoded text pieces (see backends.decoded_pieces).
@@ -48,82 +50,163 @@ def _token_byte_table(tokenizer) -> list[bytes]:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: Optional[str] = None, model_name: Optional[str] = None):
+    def __init__(self, model, tokenizer, device: Optional[str] = None, model_name: Optional[str] = None,
+                 max_batch_rows: int = 64):
         import torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.byte_table = _token_byte_table(tokenizer)
         cfg = model.config
         self.max_positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        self.max_batch_rows = max_batch_rows
         # One generation at a time: torch already uses every core, and the model is not re-entrant.
         self._lock = threading.Lock()
+        self._pending: list = []
+        self._drainer = None
 
     @classmethod
-    def from_pretrained(cls, path: str, device: Optional[str] = None) -> "HFBackend":
+    def from_pretrained(cls, path: str, device: Optional[str] = None, **kw) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                   device=device, model_name=str(path))
+                   device=device, model_name=str(path), **kw)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
 
+    # ------------------------------------------------------------------ async: merge waiting requests
+
     async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
                      seed: Optional[int] = None) -> Completion:
-        return await asyncio.to_thread(self.sample_sync, prompt, n, temperature=temperature,
-                                       max_tokens=max_tokens, top_logprobs=top_logprobs, seed=seed)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append(((prompt, n, seed), (temperature, max_tokens, top_logprobs), fut))
+        if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
+            self._drainer = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let the other workers queue their requests first
+            settings = self._pending[0][1]
+            batch, rows = [], 0
+            for item in self._pending:
+                n = item[0][1]
+                if item[1] == settings and (not batch or rows + n <= self.max_batch_rows):
+                    batch.append(item)
+                    rows += n
+            taken = {id(item) for item in batch}
+            self._pending = [item for item in self._pending if id(item) not in taken]
+            try:
+                results = await asyncio.to_thread(self.sample_batch_sync, [b[0] for b in batch], *settings)
+            except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                results = [e] * len(batch)
+            for (_, _, fut), res in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    # ------------------------------------------------------------------ sync: one batch on the model
 
     def sample_sync(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
                     seed: Optional[int] = None) -> Completion:
+        (result,) = self.sample_batch_sync([(prompt, n, seed)], temperature, max_tokens, top_logprobs)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def sample_batch_sync(self, requests: list[tuple[str, int, Optional[int]]], temperature: float,
+                          max_tokens: int, top_logprobs: int) -> list:
+        """One Completion (or the exception for that request) per (prompt, n, seed)."""
         import torch
-        ids = self.encode(prompt)
-        steps = max_tokens
-        if self.max_positions:
-            if len(ids) >= self.max_positions:
-                raise TeacherBackendError(f"prompt of {len(ids)} tokens does not fit the model's "
-                                          f"{self.max_positions} positions")
-            steps = min(steps, self.max_positions - len(ids))
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(0 if seed is None else seed)
+        results: list = [None] * len(requests)
+        live_reqs = []  # (request index, prompt ids, n, seed)
+        for r, (prompt, n, seed) in enumerate(requests):
+            ids = self.encode(prompt)
+            if self.max_positions and len(ids) >= self.max_positions:
+                results[r] = TeacherBackendError(f"prompt of {len(ids)} tokens does not fit the model's "
+                                                 f"{self.max_positions} positions")
+            else:
+                live_reqs.append((r, ids, n, seed))
+        if not live_reqs:
+            return results
+        row_ids = [ids for _, ids, n, _ in live_reqs for _ in range(n)]
+        # Each row may run until max_tokens or the model's last position, whichever comes first.
+        limits = [min(max_tokens, self.max_positions - len(ids)) if self.max_positions else max_tokens
+                  for ids in row_ids]
+        width = max(map(len, row_ids))
         k = max(0, min(top_logprobs, len(self.byte_table)))
-        rows = [[] for _ in range(n)]
-        lps: list[list[float]] = [[] for _ in range(n)]
-        tops: list[list] = [[] for _ in range(n)]
-        reasons = ["length"] * n
-        live = list(range(n))
+        R = len(row_ids)
+        out_ids = [[] for _ in range(R)]
+        lps: list[list[float]] = [[] for _ in range(R)]
+        tops: list[list] = [[] for _ in range(R)]
+        reasons = ["length"] * R
+        live = [r for r in range(R) if limits[r] > 0]
+        gens = []
+        for _, _, _, seed in live_reqs:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(0 if seed is None else seed)
+            gens.append(gen)
+        spans, start = [], 0
+        for _, _, n, _ in live_reqs:
+            spans.append((start, start + n))
+            start += n
         with self._lock, torch.no_grad():
-            cur = torch.tensor([ids] * n, device=self.device)
+            dev = self.device
+            cur = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in row_ids], device=dev)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in row_ids], device=dev)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             past = None
-            for _ in range(steps):
-                out = self.model(input_ids=cur, past_key_values=past, use_cache=True)
+            for step in range(max(limits, default=0)):
+                out = self.model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1].float()
                 if temperature > 0:
                     logp = torch.log_softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+                    probs = logp.exp()
+                    nxt = torch.cat([torch.multinomial(probs[a:b], 1, generator=g).squeeze(1)
+                                     for (a, b), g in zip(spans, gens)])
                 else:
                     logp = torch.log_softmax(logits, dim=-1)
                     nxt = logp.argmax(-1)
                 chosen = logp.gather(1, nxt[:, None]).squeeze(1).tolist()
-                top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], nxt[:, None][:, :0])
-                nxt_l, top_v, top_i = nxt.tolist(), top_v.tolist(), top_i.tolist()
+                if k:
+                    top_v, top_i = logp.topk(k, dim=-1)
+                    top_v, top_i = top_v.tolist(), top_i.tolist()
+                else:
+                    top_v = top_i = [[] for _ in range(R)]
+                nxt_l = nxt.tolist()
                 for r in list(live):
                     if nxt_l[r] == self.eos_id:
                         reasons[r] = "stop"
                         live.remove(r)
                         continue
-                    rows[r].append(nxt_l[r])
+                    out_ids[r].append(nxt_l[r])
                     lps[r].append(chosen[r])
                     tops[r].append([(token_string(self.byte_table[i]), v) for i, v in zip(top_i[r], top_v[r])])
+                    if len(out_ids[r]) >= limits[r]:
+                        live.remove(r)
                 if not live:
                     break
                 cur = nxt[:, None]
-        samples = []
-        for r in range(n):
-            raw = [self.byte_table[i] for i in rows[r]]
-            text = "".join(decoded_pieces(raw))
-            samples.append(build_sample(text, raw, lps[r], tops[r], reasons[r], f"hf sample {r}", token_ids=rows[r]))
-        return Completion(samples=samples, prompt_tokens=len(ids), completion_tokens=sum(map(len, rows)),
-                          model=self.model_name)
+                mask = torch.cat([mask, mask.new_ones(R, 1)], dim=1)
+                pos = pos[:, -1:] + 1
+        for j, (r, ids, n, _) in enumerate(live_reqs):
+            a, b = spans[j]
+            samples = []
+            for row in range(a, b):
+                raw = [self.byte_table[i] for i in out_ids[row]]
+                text = "".join(decoded_pieces(raw))
+                samples.append(build_sample(text, raw, lps[row], tops[row], reasons[row], f"hf sample {row - a}",
+                                            token_ids=out_ids[row]))
+            results[r] = Completion(samples=samples, prompt_tokens=len(ids),
+                                    completion_tokens=sum(len(out_ids[row]) for row in range(a, b)),
+                                    model=self.model_name)
+        return results
