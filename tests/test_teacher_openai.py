@@ -2,7 +2,6 @@
 no mocks): both APIs give the records the local backend gives, faults are survived or reported,
 the API key is in no output, a changed configuration is refused, and SIGKILL at random points
 followed by a rerun leaves every (qid, sample_index) exactly once."""
-import dataclasses
 import json
 import os
 import random

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 from .records import MANIFEST, SHARD_GLOB, iter_records, read_manifest, shard_name
@@ -44,7 +43,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True) -> dict:
     if not any(in_dir.glob(SHARD_GLOB)):
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    per_q: "OrderedDict[str, list[int]]" = OrderedDict()
+    per_q: dict[str, list[int]] = {}  # qid -> [samples, correct], in first-seen order
     seen, kept_lines = set(), []
     for rec in iter_records(in_dir):
         key = (rec["qid"], rec["sample_index"])

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import os
 import time
-from dataclasses import asdict
 from typing import Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm

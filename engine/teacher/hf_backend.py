@@ -3,8 +3,10 @@
 Requests that wait together are merged into one batch of up to `max_batch_rows` rows (n rows per
 request, prompts left-padded, positions counted from each row's first real token), so a small
 model on a GPU or CPU is not fed one prompt at a time. Each request samples with its own seeded
-generator, so its samples do not depend on what it was batched with. Logprobs are those of the distribution actually sampled from, i.e. the
-temperature-scaled softmax(logits / T) (at T = 0, greedy, the plain softmax): `token_logprobs[t]`
+generator, so its samples do not depend on what it was batched with.
+
+Logprobs are those of the distribution actually sampled from, i.e. the temperature-scaled
+softmax(logits / T) (at T = 0, greedy, the plain softmax): `token_logprobs[t]`
 equals log_softmax(model(prompt + sampled ids).logits / T) at the sampled id, which the tests check
 against a direct forward pass. Token strings are the decoded text pieces (see backends.decoded_pieces).
 """

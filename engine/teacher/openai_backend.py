@@ -66,7 +66,7 @@ class OpenAIBackend:
                     model=self.model, messages=[{"role": "user", "content": prompt}], n=n,
                     temperature=temperature, max_tokens=max_tokens, logprobs=True, seed=seed, **extra)
         except oa.RateLimitError as e:
-            raise TransientError(f"HTTP 429 rate limited", _retry_after(e.response)) from None
+            raise TransientError("HTTP 429 rate limited", _retry_after(e.response)) from None
         except oa.APITimeoutError:
             raise TransientError("request timed out") from None
         except oa.APIConnectionError as e:
