@@ -50,6 +50,7 @@ def test_store_drops_torn_last_line_and_never_duplicates(tmp_path):
     shard = tmp_path / "samples-00000.jsonl"
     with open(shard, "ab") as fh:  # what a SIGKILL in the middle of a write leaves
         fh.write(json.dumps(record("q2", 1)).encode()[:40])
+    assert len(list(iter_records(tmp_path))) == 3  # readers skip the torn tail too
     store = ShardStore(tmp_path, SETTINGS)
     assert store.torn_bytes == 40
     assert store.done == {("q1", 0), ("q1", 1), ("q2", 0)}
@@ -105,6 +106,15 @@ def test_backoff_grows_with_jitter_and_honours_retry_after():
     assert 0.05 <= delays[0] < 0.15 and 0.2 <= delays[2] < 0.6  # base x 2^attempt x [0.5, 1.5)
     assert all(d < 1.5 for d in delays)  # capped (before jitter)
     assert backoff_delay(0, 0.01, retry_after=2.0) == 2.0
+
+
+def test_retry_after_headers_are_read():
+    import httpx
+    from specialize.engine.teacher.openai_backend import _retry_after
+    assert _retry_after(httpx.Response(429, headers={"Retry-After": "2"})) == 2.0
+    assert _retry_after(httpx.Response(429, headers={"retry-after-ms": "250", "Retry-After": "9"})) == 0.25
+    assert _retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
+    assert _retry_after(httpx.Response(500)) is None
 
 
 def test_token_bucket_delays(monkeypatch):
