@@ -109,12 +109,14 @@ def test_backoff_grows_with_jitter_and_honours_retry_after():
 
 
 def test_retry_after_headers_are_read():
-    import httpx
+    from types import SimpleNamespace
     from specialize.engine.teacher.openai_backend import _retry_after
-    assert _retry_after(httpx.Response(429, headers={"Retry-After": "2"})) == 2.0
-    assert _retry_after(httpx.Response(429, headers={"retry-after-ms": "250", "Retry-After": "9"})) == 0.25
-    assert _retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
-    assert _retry_after(httpx.Response(500)) is None
+    # (the client's header mapping is case-insensitive; lower case stands in for it here)
+    reply = lambda **h: SimpleNamespace(headers={k.replace("_", "-"): v for k, v in h.items()})  # noqa: E731
+    assert _retry_after(reply(retry_after="2")) == 2.0
+    assert _retry_after(reply(retry_after_ms="250", retry_after="9")) == 0.25
+    assert _retry_after(reply(retry_after="Wed, 21 Oct 2015 07:28:00 GMT")) is None
+    assert _retry_after(reply()) is None
 
 
 def test_token_bucket_delays(monkeypatch):
