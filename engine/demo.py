@@ -42,7 +42,7 @@ SCALES = {
         # The data layer's default sizes (cheap to generate) so the engine's dev sets are the same
         # draw; the limits below keep the work small.
         sizes={},
-        teacher=dict(samples=2, limit=24, max_tokens=48),
+        teacher=dict(samples=2, limit=24, max_tokens=40),
         train=dict(micro_batch_size=4, max_steps=6, eval_every=3, save_every=3, keep_last=2, dev_limit=4),
         eval_limit=4),
 }
