@@ -179,24 +179,25 @@ def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | 
     """Align many pairs in one parallel Numba call (prange over pairs).
 
     teacher/student/gaps: sequences of 1-D integer arrays. Returns a list of
-    (cost, path, s2t) like `align_codes`.
+    (cost, path, s2t) like `align_codes` (views into shared output arrays).
     """
     if len(teacher) != len(student):
         raise ValueError(f"{len(teacher)} teacher sequences but {len(student)} student sequences")
     if band < 0:
         raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
-    if gaps is None:
-        gaps = [np.ones(len(t), np.int32) for t in teacher]
-    t_len = np.array([len(t) for t in teacher], np.int64)
-    s_len = np.array([len(s) for s in student], np.int64)
-    if any(len(g) != n for g, n in zip(gaps, t_len)):
+    t_len = np.fromiter(map(len, teacher), np.int64, len(teacher))
+    s_len = np.fromiter(map(len, student), np.int64, len(student))
+    if gaps is not None and not np.array_equal(np.fromiter(map(len, gaps), np.int64, len(gaps)), t_len):
         raise ValueError("each gap array must have one entry per teacher token")
-    t_off = np.concatenate([[0], np.cumsum(t_len)])
-    s_off = np.concatenate([[0], np.cumsum(s_len)])
-    path_off = np.concatenate([[0], np.cumsum(t_len + s_len)])
-    cat = lambda seqs: (np.concatenate([np.asarray(x, np.int32) for x in seqs]) if len(seqs)
+    t_off = np.zeros(len(teacher) + 1, np.int64)
+    np.cumsum(t_len, out=t_off[1:])
+    s_off = np.zeros(len(student) + 1, np.int64)
+    np.cumsum(s_len, out=s_off[1:])
+    path_off = t_off + s_off  # pair p's path has at most N_p + M_p steps
+    cat = lambda seqs: (np.concatenate(seqs, dtype=np.int32, casting="same_kind") if len(seqs)  # noqa: E731
                         else np.zeros(0, np.int32))
-    t_all, s_all, g_all = cat(teacher), cat(student), cat(gaps)
+    t_all, s_all = cat(teacher), cat(student)
+    g_all = np.ones(len(t_all), np.int32) if gaps is None else cat(gaps)
     path_out = np.empty((int(path_off[-1]), 2), np.int32)
     s2t = np.empty(int(s_off[-1]), np.int32)
     path_len = np.zeros(len(teacher), np.int64)
@@ -208,5 +209,8 @@ def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | 
         _align_many_core(t_all, t_off, s_all, s_off, g_all, int(band), path_out, path_off, path_len, s2t, costs)
     finally:
         numba.set_num_threads(old)
-    return [(int(costs[p]), path_out[path_off[p]:path_off[p] + path_len[p]].copy(), s2t[s_off[p]:s_off[p + 1]].copy())
-            for p in range(len(teacher))]
+    # views into the shared output arrays (no per-pair copies)
+    ends = (path_off[:-1] + path_len).tolist()
+    starts, s_starts = path_off[:-1].tolist(), s_off.tolist()
+    return [(c, path_out[starts[p]:ends[p]], s2t[s_starts[p]:s_starts[p + 1]])
+            for p, c in enumerate(costs.tolist())]

@@ -168,3 +168,15 @@ def test_cli_malformed_line_names_file_and_line(teacher_dir, tmp_path, capsys):
     assert "samples-00000.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert specialize_main(args[:2] + [str(tmp_path / "nothing")] + args[3:]) == 1
     assert "no teacher shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs_and_writes_json(tmp_path, shared_data, capsys):
+    from specialize.benchmarks.bench_aligner import main as bench_main
+    out = tmp_path / "aligner_quick.json"
+    assert bench_main(["--quick", "--data", str(shared_data), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    providers = {r["provider"] for r in result["rows"]}
+    assert {"python-ref", "numba-1t", "numba-2t", "numba-2t-b16"} <= providers
+    assert result["config"]["pairs"] == 400 and result["projection_300k"]["end_to_end_cpu_on_2_cores_min"] > 0
+    assert "python-ref" in capsys.readouterr().out

@@ -1,0 +1,228 @@
+"""Aligner benchmark: aligned pairs per second on GSM8K train rationales, Numba vs the
+plain-Python reference (tests/naive_aligner.py), in one run.
+
+    python -m specialize.benchmarks.bench_aligner           # all 7473 rationales, writes results/aligner.json
+    python -m specialize.benchmarks.bench_aligner --quick   # 400 rationales, seconds, writes nothing
+
+Pairs: p50k_base token strings of each rationale (teacher) vs a T5-style Unigram (vocab
+4000, trained on 3000 rationales) on the student side — the same set-up as the tests.
+Providers, all on the same integer-coded pairs:
+  python-ref   naive_align over surface strings; run on the first --ref-pairs pairs only
+               (it is ~60x slower) and compared per pair with Numba on those same pairs
+  numba-1t     align_codes_many, one thread;  numba-2t   two threads (prange over pairs)
+  numba-2t-b16 the banded variant, band 16
+Times are wall clock (median, p20, p80 of --repeats runs after a warm-up call that loads
+the Numba cache) and CPU time (all threads and child processes): on a shared, busy
+machine the CPU time per pair is the steadier measure, so speed-ups are given for both. End to end: `align_teacher_dir --workers 2` (JSON parse, student
+tokenizer, normalisation, DP, top-5 mapping, shard writing) over the same rationales as
+teacher records with synthetic top-5, from which the 300,000-pair projection is made.
+The machine is shared; its load average is recorded with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "aligner.json"
+PAPER_MINUTES, PAPER_PAIRS = 58.0, 7473 * 40
+PROJECTED_PAIRS = 300_000
+
+
+def _cpu_s():
+    """CPU seconds of this process and its finished children (all threads)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn, repeats):
+    """Median wall (with p20/p80) and median CPU seconds over `repeats` runs."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = _cpu_s(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_s() - c0)
+    q = statistics.quantiles(walls, n=5) if len(walls) > 1 else [walls[0]] * 4
+    return statistics.median(walls), q[0], q[3], statistics.median(cpus)
+
+
+def _git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_pairs(data_dir: Path, n_texts: int | None, student_texts: int, vocab: int):
+    from specialize.aligner.teacher_tokenizers import load_teacher_tokenizer, tokenize_text
+    from specialize.engine.data import load_gsm8k
+    from specialize.engine.tokenizers import train_t5_unigram
+
+    train = load_gsm8k("train", data_dir / "gsm8k")[:n_texts]
+    texts = [ex.rationale for ex in train]
+    student = train_t5_unigram(texts[:student_texts], vocab_size=vocab)
+    enc = load_teacher_tokenizer(str(data_dir / "tokenizers" / "p50k_base.tiktoken"))
+    teacher = [tokenize_text(enc, t) for t in texts]
+    labels = student(texts)["input_ids"]
+    return train, texts, student, teacher, labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_aligner", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="400 rationales, 1 repeat; writes nothing unless --out")
+    ap.add_argument("--data", default=os.environ.get("SPECIALIZE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--ref-pairs", type=int, default=None, help="pairs for the Python reference (default 1000)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 5)")
+    ap.add_argument("--out", default=None, help=f"JSON path (default {RESULTS.relative_to(REPO)}; none with --quick)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO / "tests"))
+    from naive_aligner import naive_align
+
+    from specialize.aligner import align_codes_many, align_teacher_dir
+    from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
+
+    quick = args.quick
+    n_texts = 400 if quick else None
+    ref_pairs = args.ref_pairs or (60 if quick else 1000)
+    repeats = args.repeats or (1 if quick else 5)
+    t0 = time.perf_counter()
+    train, texts, student, teacher, labels = build_pairs(Path(args.data), n_texts, 300 if quick else 3000,
+                                                         1000 if quick else 4000)
+    setup_s = time.perf_counter() - t0
+
+    # integer codes for Numba, surface strings for the reference (normalisation timed on its own)
+    t0 = time.perf_counter()
+    codes, surfaces = [], []
+    for toks, lab in zip(teacher, labels):
+        t_surf, _ = teacher_surfaces(toks)
+        s_surf = student_surfaces(student.convert_ids_to_tokens(lab[:-1]))
+        unknown = [i == student.unk_token_id for i in lab[:-1]]
+        codes.append(encode_surfaces(t_surf, s_surf, unknown))
+        surfaces.append((t_surf, s_surf, unknown))
+    normalise_s = time.perf_counter() - t0
+    n = len(codes)
+    cells = sum(len(c[0]) * len(c[1]) for c in codes)
+    T = [c[0] for c in codes]
+    S = [c[1] for c in codes]
+    G = [c[2] for c in codes]
+    t0 = time.perf_counter()
+    align_codes_many(T[:2], S[:2], G[:2], threads=2)
+    align_codes_many(T[:2], S[:2], G[:2], band=16, threads=1)
+    warmup_s = time.perf_counter() - t0
+
+    rows = []
+
+    def add(provider, pairs, timing, note=""):
+        med, p20, p80, cpu = timing
+        rows.append({"provider": provider, "pairs": pairs, "median_s": med, "p20_s": p20, "p80_s": p80,
+                     "pairs_per_s": pairs / med, "us_per_pair": med / pairs * 1e6, "cpu_s": cpu,
+                     "cpu_us_per_pair": cpu / pairs * 1e6, "note": note})
+
+    k = min(ref_pairs, n)
+    ref_surf = surfaces[:k]
+    add("python-ref", k, _timed(lambda: [naive_align(t, s, [0 if x == "" else 1 for x in t], 0, u)
+                                         for t, s, u in ref_surf], 1 if quick else 2), f"first {k} pairs")
+    for threads in (1, 2):
+        add(f"numba-{threads}t", k, _timed(lambda: align_codes_many(T[:k], S[:k], G[:k], threads=threads), repeats),
+            f"first {k} pairs")
+    for threads in (1, 2):
+        add(f"numba-{threads}t", n, _timed(lambda: align_codes_many(T, S, G, threads=threads), repeats), "all pairs")
+    add("numba-2t-b16", n, _timed(lambda: align_codes_many(T, S, G, band=16, threads=2), repeats), "all pairs")
+
+    # end to end through the bulk API, as `specialize align --workers 2` runs it
+    rng = np.random.default_rng(0)
+    e2e_workers = 1 if quick else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "teacher").mkdir()
+        student.save_pretrained(tmp / "student")
+        half = (n + 1) // 2
+        for shard in range(2):
+            with open(tmp / "teacher" / f"samples-{shard:05d}.jsonl", "w") as fh:
+                for ex, text, toks in list(zip(train, texts, teacher))[shard * half:(shard + 1) * half]:
+                    probs = rng.dirichlet(np.ones(6), size=len(toks))[:, :5]
+                    top = [[[t, float(math.log(p[0]))], [" " + t.lstrip(), float(math.log(p[1]))],
+                            ["\n", float(math.log(p[2]))], [" the", float(math.log(p[3]))],
+                            [".", float(math.log(p[4]))]] for t, p in zip(toks, probs)]
+                    fh.write(json.dumps({"qid": ex.id, "sample_index": 0, "question": ex.question, "gold": ex.answer,
+                                         "text": text, "tokens": toks, "top_logprobs": top}) + "\n")
+        c0, t0 = _cpu_s(), time.perf_counter()
+        # --quick: one in-process worker (two spawned processes would cost more than the work)
+        summary = align_teacher_dir(tmp / "teacher", str(tmp / "student"), tmp / "out", workers=e2e_workers,
+                                    progress=False)
+        e2e_s, e2e_cpu = time.perf_counter() - t0, _cpu_s() - c0
+    e2e_rate = n / e2e_s
+
+    by = {(r["provider"], r["note"]): r for r in rows}
+    ref = by[("python-ref", f"first {k} pairs")]
+    for r in rows:
+        same = by.get((r["provider"], f"first {k} pairs"))
+        r["speedup_vs_ref_same_pairs"] = ref["us_per_pair"] / same["us_per_pair"] if same else None
+        r["cpu_speedup_vs_ref_same_pairs"] = ref["cpu_us_per_pair"] / same["cpu_us_per_pair"] if same else None
+    dp_2t = by[("numba-2t", "all pairs")]
+    result = {
+        "benchmark": "aligner", "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "loadavg_1min": os.getloadavg()[0], "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "version": _git_hash(), "quick": quick,
+        "config": {"pairs": n, "mean_teacher_tokens": float(np.mean([len(t) for t in T])),
+                   "mean_student_tokens": float(np.mean([len(s) for s in S])), "dp_cells": cells,
+                   "ref_pairs": k, "repeats": repeats, "student_vocab": len(student.get_vocab())},
+        "setup_s": setup_s, "normalise_s": normalise_s, "normalise_us_per_pair": normalise_s / n * 1e6,
+        "numba_warmup_s": warmup_s, "rows": rows,
+        "end_to_end": {"workers": e2e_workers, "pairs": n, "seconds": e2e_s, "pairs_per_s": e2e_rate, "cpu_s": e2e_cpu,
+                       "cpu_us_per_pair": e2e_cpu / n * 1e6,
+                       "mapped_share": sum(r["mapped"] for r in summary) / max(1, sum(r["positions"] for r in summary))},
+        # wall-clock rates on a busy shared machine understate what 2 free cores do, so the
+        # projection also divides the measured CPU time per pair by 2 cores
+        "projection_300k": {"dp_only_wall_min": PROJECTED_PAIRS / dp_2t["pairs_per_s"] / 60,
+                            "dp_only_cpu_on_2_cores_min": PROJECTED_PAIRS * dp_2t["cpu_us_per_pair"] / 1e6 / 2 / 60,
+                            "end_to_end_wall_min": PROJECTED_PAIRS / e2e_rate / 60,
+                            "end_to_end_cpu_on_2_cores_min": PROJECTED_PAIRS * e2e_cpu / n / 2 / 60,
+                            "paper_min_for_7473x40": PAPER_MINUTES},
+    }
+
+    print(f"aligner benchmark: {n} GSM8K rationales ({result['config']['mean_teacher_tokens']:.0f} teacher x "
+          f"{result['config']['mean_student_tokens']:.0f} student tokens on average), load avg "
+          f"{result['loadavg_1min']:.1f}, Numba warm-up {warmup_s:.2f} s")
+    head = (f"{'provider':<14} {'pairs':>6} {'median s':>9} {'p20':>8} {'p80':>8} {'pairs/s':>9} {'us/pair':>8} "
+            f"{'x ref':>6} {'cpu us/pair':>11} {'x ref cpu':>9}  note")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        sp, spc = r["speedup_vs_ref_same_pairs"], r["cpu_speedup_vs_ref_same_pairs"]
+        print(f"{r['provider']:<14} {r['pairs']:>6} {r['median_s']:>9.4f} {r['p20_s']:>8.4f} {r['p80_s']:>8.4f} "
+              f"{r['pairs_per_s']:>9.0f} {r['us_per_pair']:>8.1f} {('%.0f' % sp) if sp else '':>6} "
+              f"{r['cpu_us_per_pair']:>11.1f} {('%.0f' % spc) if spc else '':>9}  {r['note']}")
+    print(f"normalise + encode (Python, both sides): {result['normalise_us_per_pair']:.0f} us/pair")
+    print(f"end to end, align_teacher_dir --workers {e2e_workers}: {n} pairs in {e2e_s:.1f} s wall = {e2e_rate:.0f} pairs/s "
+          f"({e2e_cpu / n * 1e6:.0f} CPU us/pair incl. process start), mapped "
+          f"{result['end_to_end']['mapped_share']:.1%} of positions")
+    p = result["projection_300k"]
+    print(f"300,000 pairs on 2 cores: DP only {p['dp_only_wall_min'] * 60:.0f} s wall-rate / "
+          f"{p['dp_only_cpu_on_2_cores_min'] * 60:.0f} s from CPU time; end to end {p['end_to_end_wall_min']:.1f} min "
+          f"wall-rate / {p['end_to_end_cpu_on_2_cores_min']:.1f} min from CPU time "
+          f"(paper: {PAPER_MINUTES:.0f} min for {PAPER_PAIRS:,} pairs)")
+    out = args.out or (None if quick else str(RESULTS))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
