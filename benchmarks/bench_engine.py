@@ -9,7 +9,8 @@ Each configuration runs in its own process (the engine through its real entry po
 through `--hf-worker`) on the synthetic world of benchmarks/engine_runs.py: every micro-batch is exactly
 B × S source and B × T target tokens, so both sides count the same tokens. Tokens/s = (S + T)·B per step,
 median over the steps after warm-up. MFU = 6·(P_enc·S + (P_dec + P_lm_head)·T)·B / step time / peak
-(the engine's own formula); on CPU the peak is this machine's measured fp32 GEMM rate, so CPU "MFU" is a
+(the engine's own formula). "peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
+RSS on CPU; "host GiB" is the peak RSS of the whole process tree (sampled). On CPU the peak is this machine's measured fp32 GEMM rate, so CPU "MFU" is a
 fraction of what a matmul alone reaches here, not of a datasheet figure.
 The engine trains with distribution matching (sparse top-k KL + CE) — strictly more work than the
 baseline's plain cross-entropy. Targets on one H100 (gpu-xl): >= 40% MFU and >= 1.3x HF tokens/s.
@@ -24,8 +25,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specialize.benchmarks.engine_runs import (REPO, engine_recipe, run_engine, scratch_dir, steady,
-                                               subprocess_env, synthetic_world)
+from specialize.benchmarks.engine_runs import (REPO, engine_recipe, run_engine, run_watched, scratch_dir,
+                                               steady, subprocess_env, synthetic_world)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -41,7 +42,7 @@ MODES = {
                    steps=20, zeros=[2], offload=[], optimizer="adamw", checkpointing=False),
     "gpu-xxl": dict(model="flan-t5-xxl", overrides={}, precision="bf16", micro_batch=4, src_len=512,
                     tgt_len=256, steps=8, zeros=[3], offload=["optimizer", "param"], optimizer="adafactor",
-                    checkpointing=True),
+                    checkpointing=True, hf=False),  # HF's fp32 host copy of 11B (44 GB) would not leave room
 }
 
 
@@ -138,18 +139,18 @@ def hf_worker(spec_path: str) -> int:
 
 
 def run_hf(recipe: dict, root: Path, nproc: int, timeout: int = 1800) -> dict:
-    import subprocess
     spec = {"recipe": recipe, "out_dir": str(root / "hf_out"), "result": str(root / "hf_result.json")}
     spec_path = root / "hf_spec.json"
     spec_path.write_text(json.dumps(spec))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    proc = subprocess.run(launcher + ["-m", "specialize.benchmarks.bench_engine", "--hf-worker", str(spec_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    rc, peak_rss, stderr = run_watched(
+        launcher + ["-m", "specialize.benchmarks.bench_engine", "--hf-worker", str(spec_path)],
+        subprocess_env(), timeout, root / "hf.stderr")
     result = Path(spec["result"])
-    if proc.returncode != 0 or not result.is_file():
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
-    return json.loads(result.read_text())
+    if rc != 0 or not result.is_file():
+        return {"error": f"exit {rc}: {stderr[-1500:]}"}
+    return {**json.loads(result.read_text()), "peak_host_rss_gb": peak_rss / 2 ** 30}
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -187,10 +188,11 @@ def bench(mode: str, steps: int | None, zeros: list[int] | None, nproc: int, ski
                 else:
                     row.update(tokens_per_s_per_gpu=steady(run["rows"], "tokens_per_second_per_gpu", skip),
                                mfu=steady(run["rows"], "mfu", skip),
-                               peak_mem_gb=max(r["peak_mem_gb"] for r in run["rows"]))
+                               peak_mem_gb=max(r["peak_mem_gb"] for r in run["rows"]),
+                               peak_host_rss_gb=run["peak_host_rss_gb"])
                 rows.append(row)
                 shutil.rmtree(root / f"z{zero}-fused{int(fused)}", ignore_errors=True)
-            if skip_hf:
+            if skip_hf or not cfg.get("hf", True):
                 continue
             hf_root = root / f"hf-z{zero}"
             hf_root.mkdir()
@@ -206,6 +208,7 @@ def bench(mode: str, steps: int | None, zeros: list[int] | None, nproc: int, ski
                 import numpy as np
                 step_t = float(np.median(res["step_times"][skip:] or res["step_times"]))
                 row.update(tokens_per_s_per_gpu=B * (S + T) / step_t, peak_mem_gb=res["peak_mem_gb"],
+                           peak_host_rss_gb=res["peak_host_rss_gb"],
                            mfu=(model_flops_per_step(res["counts"], B, S, T) / step_t / (peak_tflops * 1e12)
                                 if peak_tflops else None))
             rows.append(row)
@@ -220,7 +223,8 @@ def bench(mode: str, steps: int | None, zeros: list[int] | None, nproc: int, ski
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'provider':<22}{'loss':<18}{'ZeRO':>5}{'tokens/s/gpu':>14}{'MFU':>8}{'peak GiB':>10}{'vs HF':>8}"
+    head = (f"{'provider':<22}{'loss':<18}{'ZeRO':>5}{'tokens/s/gpu':>14}{'MFU':>8}{'peak GiB':>10}"
+            f"{'host GiB':>10}{'vs HF':>8}")
     lines = [head]
     for r in rows:
         if r.get("error"):
@@ -229,7 +233,7 @@ def format_table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         sp = f"{r['speedup_vs_hf']:.2f}x" if r.get("speedup_vs_hf") else "-"
         lines.append(f"{r['provider']:<22}{r['loss']:<18}{r['zero']:>5}{r['tokens_per_s_per_gpu']:>14.1f}"
-                     f"{mfu:>8}{r['peak_mem_gb']:>10.3f}{sp:>8}")
+                     f"{mfu:>8}{r['peak_mem_gb']:>10.3f}{r.get('peak_host_rss_gb', 0):>10.3f}{sp:>8}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,8 @@ def engine_recipe(world: dict, out_dir: Path, *, model: str, overrides: dict | N
         "loss": {"kind": loss, "alpha": 0.5, "fused_linear": fused},
         "deepspeed": {"config": None, "zero_stage": zero, "offload": list(offload or [])},
         "train": {"output_dir": str(out_dir), "seed": 0, "micro_batch_size": micro_batch, "grad_accum": 1,
-                  "max_steps": steps, "lr": 1e-4, "warmup_steps": 0, "optimizer": optimizer,
+                  # one step more than measured: run_engine stops the engine after `steps` (see there)
+                  "max_steps": steps + 1, "lr": 1e-4, "warmup_steps": 0, "optimizer": optimizer,
                   "precision": precision, "log_every": 1, "eval_every": 0, "save_every": 10 ** 9,
                   "keep_last": 1},
     }
@@ -91,11 +93,13 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_engine(recipe: dict, nproc: int = 1, timeout: int = 900, env: dict | None = None) -> dict:
-    """Run `specialize.engine.train` on the recipe in a fresh process; returns its per-step log rows.
+def run_engine(recipe: dict, nproc: int = 1, timeout: int = 1800, env: dict | None = None) -> dict:
+    """Run `specialize.engine.train` on the recipe in a fresh process; returns its per-step log rows and
+    the peak host RSS of the whole process tree (see run_watched).
 
-    The engine saves a checkpoint and the best/ export at its last step; the recipe's output_dir is a
-    throwaway directory for that reason."""
+    The engine checkpoints and exports at its last step (minutes and tens of GB for a 3B model), which a
+    throughput run does not want: the recipe asks for one step more than measured and the engine's own
+    SPECIALIZE_EXIT_AFTER_STEP hook ends every rank right after the last measured step is logged."""
     import yaml
     out = Path(recipe["train"]["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,11 +108,40 @@ def run_engine(recipe: dict, nproc: int = 1, timeout: int = 900, env: dict | Non
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     cmd = launcher + ["-m", "specialize.engine.train", "--recipe", str(path)]
-    proc = subprocess.run(cmd, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    stop = {"SPECIALIZE_EXIT_AFTER_STEP": str(recipe["train"]["max_steps"] - 1)}
+    rc, peak_rss, stderr = run_watched(cmd, subprocess_env({**stop, **(env or {})}), timeout,
+                                       out.parent / f"{out.name}.stderr")
     log = out / "train_log.jsonl"
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
-    return {"returncode": proc.returncode, "rows": rows, "stderr_tail": proc.stderr[-3000:]}
+    return {"returncode": rc, "rows": rows, "stderr_tail": stderr[-3000:], "peak_host_rss_gb": peak_rss / 2 ** 30}
+
+
+def run_watched(cmd: list[str], env: dict, timeout: float, stderr_path: Path) -> tuple[int, int, str]:
+    """Run `cmd` (stderr to a file, no pipes to fill up), sampling the RSS of its whole process tree;
+    returns (exit status, peak RSS bytes, stderr text). Killed past `timeout` seconds."""
+    import psutil
+    peak = 0
+    with open(stderr_path, "w") as err, open(os.devnull, "w") as devnull:
+        proc = subprocess.Popen(cmd, env=env, stdout=devnull, stderr=err, cwd=REPO)
+        t0 = time.monotonic()
+        try:
+            tree = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    peak = max(peak, sum(p.memory_info().rss for p in [tree, *tree.children(True)]))
+                except psutil.Error:
+                    pass
+                try:
+                    proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+                if time.monotonic() - t0 > timeout:
+                    proc.kill()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return proc.returncode, peak, Path(stderr_path).read_text()
 
 
 def steady(rows: list[dict], key: str, skip: int) -> float | None:

@@ -217,7 +217,11 @@ def estimate(cfg, s: Setup) -> dict:
 
 def deepspeed_estimate(cfg, s: Setup) -> dict | None:
     """DeepSpeed's own model-state estimators (no activations) for the same setup, where one exists."""
+    import contextlib
     try:
+        # DeepSpeed's logger binds to the stdout of its first import and warns there: keep --json clean
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
         if s.zero in (1, 2):
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
             cpu, gpu = estimate_zero2_model_states_mem_needs(
@@ -277,6 +281,7 @@ def measure(s: Setup, steps: int = 3, keep: bool = False, baseline: bool = True)
         result["error"] = f"engine exited with {run['returncode']}: {run['stderr_tail'][-1500:]}"
         return result
     result["peak_gb"] = max(r["peak_mem_gb"] for r in run["rows"])
+    result["peak_host_rss_gb"] = run["peak_host_rss_gb"]  # the whole process tree, sampled
     result["tokens_per_second_per_gpu"] = steady(run["rows"], "tokens_per_second_per_gpu", 1)
     if not cuda and baseline:
         base = runtime_baseline_gb()
