@@ -44,7 +44,9 @@ SCALES = {
         sizes={},
         teacher=dict(samples=2, limit=24, max_tokens=40),
         train=dict(micro_batch_size=4, max_steps=6, eval_every=3, save_every=3, keep_last=2, dev_limit=4),
-        eval_limit=4),
+        eval_limit=4,
+        # one split per column of the table: in-dist, OOD, generic
+        eval_datasets=[IN_DIST, OOD[0], GENERIC[2]], dev_ood=[OOD[0]]),
 }
 
 
@@ -69,8 +71,9 @@ def demo_recipe(out: Path, scale: dict, kind: str) -> dict:
                                  "steps_per_print": 100000}, "zero_stage": 0},
         "train": {"seed": 0, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 20, "precision": "fp32",
                   "log_every": 5, "selection": "in_dist", "dev_in_dist": "synthetic/dev",
-                  "dev_ood": ["synthetic/ood_steps", "synthetic/ood_templates"], **scale["train"]},
-        "eval": {"datasets": [IN_DIST] + OOD + GENERIC, "format": "zero_shot_cot", "limit": scale["eval_limit"],
+                  "dev_ood": scale.get("dev_ood", OOD[:2]), **scale["train"]},
+        "eval": {"datasets": scale.get("eval_datasets", [IN_DIST] + OOD + GENERIC), "format": "zero_shot_cot",
+                 "limit": scale["eval_limit"],
                  "batch_size": 32, "max_new_tokens": scale["teacher"]["max_tokens"]},
         "plot": {"plots": ["training_curves", "tradeoff", "in_dist_vs_ood"], "out_dir": str(out / "plots")},
     }
