@@ -25,7 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> candidate modules, and how to tell the entry where its JSON goes (None: the entry's default)
 ENTRIES = {
-    "aligner": (("specialize.benchmarks.bench_aligner", "specialize.aligner.bench"), None),
+    "aligner": (("specialize.benchmarks.bench_aligner", "specialize.aligner.bench"),
+                lambda d: ["--out", str(d / "aligner.json")]),
     "loss_cpu": (("specialize.benchmarks.bench_loss_cpu",), lambda d: ["--out", str(d / "loss_cpu.json")]),
     "engine": (("specialize.benchmarks.bench_engine",), lambda d: ["--out", str(d)]),
 }
