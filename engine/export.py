@@ -57,11 +57,11 @@ def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = N
     return out
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None, out_dir: str | Path) -> Path:
     """A DeepSpeed checkpoint (<run>/checkpoints/step-XXXXXX) as a HF model, offline, in one process.
 
     ZeRO shards are merged by DeepSpeed's zero_to_fp32 (the fp32 master weights); the model config and
-    the tokenizer come from the run dir's resolved recipe.yaml."""
+    the tokenizer come from the run dir's resolved recipe.yaml (run_dir None: the checkpoint's run)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import T5ForConditionalGeneration
 
@@ -69,9 +69,13 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from specialize.engine.models import model_config
     from specialize.engine.tokenizers import load_tokenizer
     ckpt = Path(checkpoint_dir)
-    recipe = load_recipe(ckpt.parent.parent / "recipe.yaml")
+    recipe = load_recipe(Path(run_dir or ckpt.parent.parent) / "recipe.yaml")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:  # ZeRO stage 0: no shards, rank 0's model states hold the whole module
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        state = {k: v.float() for k, v in state.items()}
     state = {k[len("t5."):] if k.startswith("t5.") else k: v for k, v in state.items()}  # engine's wrapper
     model = T5ForConditionalGeneration(model_config(recipe.model, len(tokenizer)))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="<train.output_dir>/checkpoints/step-XXXXXX")
     p.add_argument("out", help="output folder (save_pretrained + tokenizer)")
     args = p.parse_args(argv)
-    print(export_checkpoint(args.checkpoint, args.out))
+    print(export_checkpoint(args.checkpoint, None, args.out))
     return 0
 
 

@@ -80,8 +80,19 @@ def test_zero1_dm_trains_and_writes_the_run_dir(zero1_run):
     assert kept == ["step-000006", "step-000012"]
 
 
-def test_zero1_export_reloads_and_generates_the_same(zero1_run):
+def _converted_equals_best(run: Path, step: int, out: Path) -> None:
+    """Offline conversion of a DeepSpeed checkpoint (fp32 master weights) gives the exported weights."""
+    from transformers import T5ForConditionalGeneration
+    from specialize.engine.export import export_checkpoint
+    conv = export_checkpoint(run / "checkpoints" / f"step-{step:06d}", run, out)
+    a = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
+    b = T5ForConditionalGeneration.from_pretrained(run / "best").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero1_export_reloads_and_generates_the_same(zero1_run, tmp_path):
     _same_generations(zero1_run[0], STEPS)
+    _converted_equals_best(zero1_run[0], STEPS, tmp_path / "converted")
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(world, zero1_run, tmp_path):
@@ -124,18 +135,12 @@ def test_zero3_dm_trains_and_exports_gathered_weights(world, tmp_path):
     assert "ZeRO-3 fp32" in proc.stdout
     _falls(loss_curve(tmp_path / "run"))
     _same_generations(tmp_path / "run", STEPS)
-    # offline conversion of the ZeRO-3 shards (fp32 master weights) gives the exported weights
-    from transformers import T5ForConditionalGeneration
-    from specialize.engine.export import export_checkpoint
-    out = export_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{STEPS:06d}", tmp_path / "converted")
-    a = T5ForConditionalGeneration.from_pretrained(out).state_dict()
-    b = T5ForConditionalGeneration.from_pretrained(tmp_path / "run" / "best").state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _converted_equals_best(tmp_path / "run", STEPS, tmp_path / "converted")
 
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", train={
-        "max_steps": 6, "save_every": 2}))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", deepspeed={"zero_stage": 0},
+                                                           train={"max_steps": 6, "save_every": 2}))
     proc = torchrun(recipe, env_extra={"SPECIALIZE_INJECT_NAN_AT_STEP": "3"})
     _check(proc, rc=1)  # torchrun reports the ranks' exit status 3 as a failed job
     assert "non-finite loss in step 3" in proc.stderr and "step-000002" in proc.stderr
@@ -143,6 +148,11 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     assert ckpts == ["step-000002"] and (tmp_path / "run" / "checkpoints" / "step-000002" / "complete.json").is_file()
     assert max(loss_curve(tmp_path / "run")) == 2
     assert not (tmp_path / "run" / "best").exists()
+    from specialize.engine.export import export_checkpoint
+    from transformers import T5ForConditionalGeneration
+    conv = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", None, tmp_path / "conv")
+    params = T5ForConditionalGeneration.from_pretrained(conv).state_dict().values()
+    assert all(torch.isfinite(p).all() for p in params)  # the kept checkpoint is the good one
     # a fresh start on top of it is refused on every rank (none hangs), pointing at --resume
     again = torchrun(recipe)
     _check(again, rc=1)
