@@ -105,17 +105,21 @@ def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=
     return model
 
 
+def _numel(p) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 leaves an empty local tensor
+
+
 def param_counts(model) -> dict[str, int]:
-    """Parameters by part, for the MFU estimate: encoder (with shared embedding), decoder, lm_head."""
-    def count(module):
-        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters())
-    lm = model.lm_head.weight
-    lm_numel = lm.ds_numel if hasattr(lm, "ds_numel") else lm.numel()
-    return {"encoder": count(model.encoder), "decoder": count(model.decoder), "lm_head": lm_numel}
+    """Matmul parameters by part, for the MFU estimate: encoder and decoder stacks without the embedding
+    (a lookup, not a matmul), and the lm_head ([V, H], one matmul per target token even when tied)."""
+    emb = _numel(model.shared.weight)
+    return {"encoder": sum(_numel(p) for p in model.encoder.parameters()) - emb,
+            "decoder": sum(_numel(p) for p in model.decoder.parameters()) - emb,
+            "lm_head": _numel(model.lm_head.weight)}
 
 
 def describe(model) -> str:
-    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    n = sum(_numel(p) for p in model.parameters())
     c = model.config
     return (f"T5 {n / 1e6:.2f}M params (d_model {c.d_model}, layers {c.num_layers}/{c.num_decoder_layers}, "
             f"heads {c.num_heads}, vocab {c.vocab_size}, hidden_scale {hidden_scale(c):.4g})")

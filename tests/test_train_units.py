@@ -53,6 +53,16 @@ def test_named_xxl_has_11b_parameters_on_meta():
     assert 10.9e9 < n < 11.2e9
 
 
+def test_param_counts_split_the_matmul_weights():
+    from specialize.engine.models import param_counts
+    model = tiny_t5(scaled=False)
+    c = param_counts(model)
+    total = sum(p.numel() for p in model.parameters())  # a tied embedding/lm_head is counted once here
+    untied_embedding = 0 if model.lm_head.weight is model.shared.weight else model.shared.weight.numel()
+    assert c["lm_head"] == model.config.vocab_size * model.config.d_model
+    assert c["encoder"] + c["decoder"] + c["lm_head"] == total - untied_embedding
+
+
 def test_build_model_tiny_takes_the_tokenizer_vocab_and_checkpointing():
     from specialize.engine.config import ModelConfig
     model = build_model(ModelConfig(config="tiny", overrides={"d_model": 32}, gradient_checkpointing=True),
