@@ -8,7 +8,7 @@ Pairs: p50k_base token strings of each rationale (teacher) vs a T5-style Unigram
 4000, trained on 3000 rationales) on the student side — the same set-up as the tests.
 Providers, all on the same integer-coded pairs:
   python-ref   naive_align over surface strings; run on the first --ref-pairs pairs only
-               (it is ~60x slower) and compared per pair with Numba on those same pairs
+               (tens of times slower) and compared per pair with Numba on those same pairs
   numba-1t     align_codes_many, one thread;  numba-2t   two threads (prange over pairs)
   numba-2t-b16 the banded variant, band 16
 Times are wall clock (median, p20, p80 of --repeats runs after a warm-up call that loads
