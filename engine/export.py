@@ -57,11 +57,18 @@ def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = N
     return out
 
 
-def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = None,
+                      out_dir: str | Path | None = None) -> Path:
     """A DeepSpeed checkpoint (<run>/checkpoints/step-XXXXXX) as a HF model, offline, in one process.
 
-    ZeRO shards are merged by DeepSpeed's zero_to_fp32 (the fp32 master weights); the model config and
-    the tokenizer come from the run dir's resolved recipe.yaml (run_dir None: the checkpoint's run)."""
+    Called as (checkpoint, run_dir, out_dir) or (checkpoint, out_dir): with two arguments the second is
+    the output and the run is the checkpoint's own (<run>/checkpoints/step-X). ZeRO shards are merged by
+    DeepSpeed's zero_to_fp32 (the fp32 master weights); the model config and the tokenizer come from the
+    run dir's resolved recipe.yaml."""
+    if out_dir is None:
+        if run_dir is None:
+            raise TypeError("export_checkpoint needs an output folder")
+        run_dir, out_dir = None, run_dir
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import T5ForConditionalGeneration
 

@@ -150,7 +150,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     assert not (tmp_path / "run" / "best").exists()
     from specialize.engine.export import export_checkpoint
     from transformers import T5ForConditionalGeneration
-    conv = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", None, tmp_path / "conv")
+    conv = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", tmp_path / "conv")  # run implied
     params = T5ForConditionalGeneration.from_pretrained(conv).state_dict().values()
     assert all(torch.isfinite(p).all() for p in params)  # the kept checkpoint is the good one
     # a fresh start on top of it is refused on every rank (none hangs), pointing at --resume
