@@ -15,27 +15,41 @@ from typing import Optional
 import torch
 
 
+def _host_copy(state: dict) -> dict:
+    """Host copies of a state dict; tied entries (embedding / lm_head) share one copy, as in the model."""
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = v.data_ptr() if v.numel() else id(v)
+        if key not in copies:
+            copies[key] = v.detach().to("cpu", copy=True)
+        out[k] = copies[key]
+    return out
+
+
 def gathered_state_dict(t5) -> dict:
     """Full (unpartitioned) weights of `t5` as host tensors, on every rank."""
     params = list(t5.parameters())
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: parameters live in shards across ranks
         import deepspeed
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in t5.state_dict().items()}
+            return _host_copy(t5.state_dict())
+    return _host_copy(t5.state_dict())
 
 
 def plain_model(t5, device: Optional[torch.device] = None):
-    """An ordinary T5ForConditionalGeneration with `t5`'s config and full weights (eval mode)."""
+    """An ordinary T5ForConditionalGeneration with `t5`'s config and full weights (eval mode).
+    Built on the meta device and filled in place, so the only full copy is the gathered one."""
     from transformers import T5ForConditionalGeneration
     state = gathered_state_dict(t5)
-    dtype = next(iter(state.values())).dtype
-    model = T5ForConditionalGeneration(t5.config).to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied copies (encoder/decoder embed_tokens, lm_head) may be absent from the state dict; nothing else
-    missing = [k for k in missing if not k.endswith(("embed_tokens.weight", "lm_head.weight"))]
-    if missing or unexpected:
-        raise RuntimeError(f"exported weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(t5.config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left or unexpected:
+        raise RuntimeError(f"exported weights do not fit the model: missing {left or missing}, "
+                           f"unexpected {unexpected}")
     return model.to(device or "cpu").eval()
 
 
