@@ -347,7 +347,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     if resume:
         done = complete_checkpoints(ckpt_root)
         if done:
-            last_step, last_dir = done[-1]
+            _, last_dir = done[-1]
             _, client = engine.load_checkpoint(str(ckpt_root), tag=last_dir.name)
             step, consumed = client["step"], client["micro_batches"]
             best, best_step = client.get("best"), client.get("best_step")

@@ -3,8 +3,6 @@ export round trip, DeepSpeed config derivation, the seeded batch plan and the co
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
