@@ -65,6 +65,10 @@ setup(
         "PyYAML==6.0.3",
         "psutil>=5.9",
     ],
-    extras_require={"test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.170.15"]},
+    extras_require={
+        # accelerate: the Seq2SeqTrainer baseline of benchmarks/bench_engine.py needs it (the engine does not).
+        "bench": ["accelerate==1.15.0"],
+        "test": ["pytest==9.2.0", "pytest-benchmark==5.3.1", "hypothesis==6.170.15", "accelerate==1.15.0"],
+    },
     entry_points={"console_scripts": ["specialize=specialize.engine.cli:main"]},
 )

@@ -141,6 +141,9 @@ def hf_worker(spec_path: str) -> int:
 
 
 def run_hf(recipe: dict, root: Path, nproc: int, timeout: int = 1800) -> dict:
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:  # Trainer refuses to start without it
+        return {"error": "the Seq2SeqTrainer baseline needs accelerate: pip install -e '.[bench]' (or pass --no-hf)"}
     spec = {"recipe": recipe, "out_dir": str(root / "hf_out"), "result": str(root / "hf_result.json")}
     spec_path = root / "hf_spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -184,7 +187,8 @@ def bench(mode: str, steps: int | None, zeros: list[int] | None, nproc: int, ski
                                        optimizer=cfg["optimizer"], precision=cfg["precision"], micro_batch=B,
                                        steps=steps, fused=fused, checkpointing=cfg["checkpointing"])
                 run = run_engine(recipe, nproc=nproc, env=env)
-                row = dict(base, provider="specialize", loss="dm fused" if fused else "dm unfused", zero=zero)
+                row = dict(base, provider="specialize", loss="dm fused" if fused else "dm unfused", zero=zero,
+                           load_avg_1m=os.getloadavg()[0])  # the machine may be shared: judge the figure by it
                 if run["returncode"] != 0 or not run["rows"]:
                     row["error"] = f"engine exit {run['returncode']}: {run['stderr_tail'][-800:]}"
                 else:
@@ -203,7 +207,8 @@ def bench(mode: str, steps: int | None, zeros: list[int] | None, nproc: int, ski
                                    precision=cfg["precision"], micro_batch=B, steps=steps,
                                    checkpointing=cfg["checkpointing"])
             res = run_hf(recipe, hf_root, nproc)
-            row = dict(base, provider="hf-seq2seq+deepspeed", loss="ce (full logits)", zero=zero)
+            row = dict(base, provider="hf-seq2seq+deepspeed", loss="ce (full logits)", zero=zero,
+                       load_avg_1m=os.getloadavg()[0])
             if "error" in res:
                 row["error"] = res["error"]
             else:
