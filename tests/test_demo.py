@@ -51,3 +51,14 @@ def test_rerun_reuses_finished_stages(tiny_demo, capsys):
     out = capsys.readouterr().out
     for stage in ("toy", "teacher", "filter", "align", "train", "eval"):
         assert f"{stage} done, reusing" in out
+
+
+@pytest.mark.parametrize("better,worse,n,expect", [
+    (0.20, 0.10, 100, "reproduced"),           # 10 points, 2 SE = 9.8 points
+    (0.11, 0.10, 100, "within noise"),
+    (0.030, 0.023, 300, "within noise"),       # the gap the first full demo called a reproduction
+    (0.10, 0.30, 100, "opposite"),
+    (None, 0.10, 100, "n/a"),
+])
+def test_verdict_needs_a_gap_beyond_sampling_noise(better, worse, n, expect):
+    assert expect in demo.verdict(better, worse, n, n)
