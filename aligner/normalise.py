@@ -80,10 +80,11 @@ def encode_surfaces(t_surfaces: Sequence[str], s_surfaces: Sequence[str],
     particular text. An empty teacher surface (vanished whitespace) costs 0 to skip.
     """
     table: dict[str, int] = {}
-    t_codes = np.array([table.setdefault(s, len(table)) for s in t_surfaces], np.int64)
-    s_codes = np.array([table.setdefault(s, len(table)) for s in s_surfaces], np.int64)
+    # int32, the DP's type: align_codes_many then packs the pairs without a cast copy
+    t_codes = np.array([table.setdefault(s, len(table)) for s in t_surfaces], np.int32)
+    s_codes = np.array([table.setdefault(s, len(table)) for s in s_surfaces], np.int32)
     if s_unknown is not None:
         unk = np.asarray(s_unknown, bool)
         s_codes[unk] = -1 - np.flatnonzero(unk)
-    t_gap = np.array([0 if s == "" else 1 for s in t_surfaces], np.int64)
+    t_gap = np.array([0 if s == "" else 1 for s in t_surfaces], np.int32)
     return t_codes, s_codes, t_gap
