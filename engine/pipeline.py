@@ -126,7 +126,11 @@ def stage_key(run: Run, stage: str) -> str:
         return _hash([stage, data_src, teacher])
     if stage == "align":
         aligner = {k: v for k, v in d["aligner"].items() if k not in ("workers", "out_dir")}
-        return _hash([data_src, teacher, aligner, d["model"]["tokenizer"]])
+        # the tokenizer the stage really uses (as stage_align picks it), so runs of different model
+        # sizes that name one shared student vocabulary share one aligned folder
+        r = run.recipe
+        aligner["student_tokenizer"] = r.aligner.student_tokenizer or r.model.tokenizer or r.model.name_or_path
+        return _hash([data_src, teacher, aligner])
     if stage == "train":
         return _hash({k: d[k] for k in ("model", "data", "teacher", "aligner", "loss", "deepspeed", "train")})
     return _hash({k: v for k, v in d.items() if k not in ("plot", "stages", "description")})

@@ -68,6 +68,23 @@ def test_sweeps_zip_and_tag_runs(tmp_path):
         pipeline.expand_runs([str(REPO / "recipes/dm_vs_sm.yaml")], [], ["loss.kind=[dm, fancy]"])
 
 
+def test_recipes_sharing_a_folder_share_its_stage_key(monkeypatch):
+    """Recipes (and their swept runs, as their header commands run them) that point at one teacher or
+    aligned folder must agree on what goes in it, or the second `specialize run` refuses the folder."""
+    monkeypatch.chdir(REPO)
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for path in RECIPES:
+        args = pipeline.build_parser().parse_args(header_command(path))
+        for run in pipeline.expand_runs(args.recipes, args.sets, args.sweeps):
+            for stage in ("teacher", "filter", "align"):
+                groups.setdefault((stage, str(run.dir(stage).resolve())), {})[run.name] = \
+                    pipeline.stage_key(run, stage)
+    shared = {k: v for k, v in groups.items() if len(v) > 1}
+    assert any(stage == "align" and len(v) >= 4 for (stage, _), v in shared.items())  # the GSM8K recipes
+    for (stage, folder), keys in shared.items():
+        assert len(set(keys.values())) == 1, f"{stage} folder {folder}: {keys}"
+
+
 def test_dry_run_reports_mismatched_deepspeed_config(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     code = pipeline.main(["recipes/headline_flan_t5_base.yaml", "--set", "deepspeed.zero_stage=3", "--dry-run"])
