@@ -10,7 +10,7 @@ from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
 from specialize.engine.teacher import build_prompts, generate, iter_records
 from specialize.engine.teacher.hf_backend import HFBackend
-from specialize.engine.teacher.records import RECORD_FIELDS
+from specialize.engine.teacher.records import RECORD_FIELDS, ResumeError
 
 PROMPT = "Q: Ann has 3 apples and buys 4 more. How many apples does she have?\nA: Let's think step by step."
 
@@ -111,3 +111,6 @@ def test_generate_with_hf_backend_writes_every_key_once(backend, tmp_path, capsy
     # Run again: nothing is missing, so nothing is asked for.
     again = generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False)
     assert (again["requests"], again["samples"], again["stored"]) == (0, 0, 12)
+    # Another exemplar seed means other prompts: the folder refuses it rather than mixing the two.
+    with pytest.raises(ResumeError, match="exemplar_seed"):
+        generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False, seed=7)

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (field, kind) in _FLAGS.items():
         g.add_argument(flag, dest=field, type=kind, default=None)
     g.add_argument("--data-dir", help="folder holding gsm8k/, multiarith/, ... (default: the recipe's data.data_dir)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the exemplar draw")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the exemplar draw (default: the recipe's train.seed, 42 without a recipe, "
+                        "as `specialize run` uses; part of the folder's configuration hash)")
     g.add_argument("--samples-per-request", type=int, default=None,
                    help="samples asked for in one request (default: all of a question's)")
     g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff delay in seconds")
@@ -73,7 +75,8 @@ def _generate(args) -> int:
         raise ValueError("no output folder: give --out (or teacher.out_dir in the recipe)")
     pool = load_questions(cfg.dataset, cfg.split, args.data_dir or recipe.data.data_dir, recipe)
     questions = pool[: cfg.limit] if cfg.limit else pool
-    summary = generate(cfg, questions, cfg.out_dir, exemplar_pool=pool, seed=args.seed,
+    seed = recipe.train.seed if args.seed is None else args.seed
+    summary = generate(cfg, questions, cfg.out_dir, exemplar_pool=pool, seed=seed,
                        samples_per_request=args.samples_per_request, retry_base_delay=args.retry_base_delay,
                        progress=not args.no_progress)
     if summary["stored"] < summary["expected"]:

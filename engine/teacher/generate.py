@@ -87,7 +87,10 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     failures, tokens, cost). Rerunning completes an interrupted run; another configuration is refused."""
     cfg = config
     backend = backend or make_backend(cfg)
-    store = ShardStore(out_dir, hashed_settings(cfg, backend))
+    settings = hashed_settings(cfg, backend)
+    if cfg.format.startswith("in_context") and cfg.shots:
+        settings["exemplar_seed"] = seed  # it picks the exemplars, so the prompts: part of what a folder holds
+    store = ShardStore(out_dir, settings)
     pool = list(exemplar_pool) if exemplar_pool is not None else list(examples)
     prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed)
     per_request = max(1, samples_per_request or cfg.samples)
