@@ -45,7 +45,6 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"specialize.engine": ["configs/*.json", "configs/*.yaml"]},
     install_requires=[
         # CPU build on machines without CUDA; CUDA users install their own torch first.
         "torch==2.13.0",

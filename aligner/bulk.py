@@ -40,7 +40,7 @@ def _load_student(student_tokenizer):
 
 
 def read_teacher_records(path: Path, teacher_enc=None) -> list[dict]:
-    """Parse and check one `samples-*.jsonl` shard (CONTRACTS.md "Teacher records")."""
+    """Parse and check one `samples-*.jsonl` shard (the record fields of specialize.engine.teacher.records)."""
     records = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -17,7 +17,8 @@ token strings are rewritten the same way, token by token:
 Surfaces are case-preserving. "Ġ" and " " markers from byte-level vocabularies (the
 student's pieces, or top-k strings of an HF teacher vocabulary) are read as "▁" only
 where a caller says the strings use them (`byte_level=True`); teacher records hold real
-characters (CONTRACTS.md), so a literal "Ġ" there is a letter.
+characters (the teacher writes decoded text, see engine/teacher/records.py), so a literal "Ġ"
+there is a letter.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     specialize run recipes/X.yaml [more.yaml ...] [--set k=v ...] [--sweep k=[a,b] ...]
                    [--stages train eval] [--dry-run] [--launcher "deepspeed --hostfile hostfile"]
 
-Each stage calls the owning module's Python API (CONTRACTS.md) and, when it finishes, writes a
+Each stage calls the owning module's Python API and, when it finishes, writes a
 done-marker `.done-<stage>.json` into its output directory holding a hash of the recipe fields the
 stage depends on. A rerun skips a stage whose marker matches, and refuses (names the directory) when
 the marker belongs to a different configuration, so stale outputs are never silently reused.

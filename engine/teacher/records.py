@@ -2,7 +2,7 @@
 
 Layout of an output folder:
   manifest.json          configuration (no secrets) and its hash; a resume with another hash is refused
-  samples-00000.jsonl    one record per line (CONTRACTS.md "Teacher records"), append-only
+  samples-00000.jsonl    one record per line (fields: RECORD_FIELDS below), append-only
   failures.jsonl         requests that stayed broken after every retry (never written as samples)
   usage.json             the usage ledger, summed over every run into this folder
 
