@@ -4,7 +4,8 @@ Rules: the recipe owns the batch shape, precision, clipping and ZeRO stage; a us
 but then they must agree (a mismatch raises ConfigError naming both). Batch fields are always derived:
 train_batch_size = micro_batch_size x grad_accum x world_size. The optimizer and the schedule come from
 `train` (the engine passes them as client objects), so a JSON "optimizer"/"scheduler" block is refused,
-except that `deepspeed.offload: [optimizer]` with AdamW asks DeepSpeed for its CPU Adam (a C++ op).
+except that optimizer offload with AdamW (`deepspeed.offload: [optimizer]`, or an offload_optimizer block
+in the JSON) asks DeepSpeed for its CPU Adam (a C++ op).
 """
 from __future__ import annotations
 
@@ -33,6 +34,18 @@ def load_user_config(recipe: Recipe) -> tuple[dict, str]:
         raise ConfigError(f"deepspeed.config: cannot read {cfg!r} ({err.strerror})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{cfg}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def effective_offload(recipe: Recipe) -> list[str]:
+    """deepspeed.offload plus what the user's JSON offloads itself (offload_optimizer / offload_param
+    with a device other than "none"): a JSON that offloads must get the same handling as the recipe key."""
+    out = list(recipe.deepspeed.offload)
+    zero = load_user_config(recipe)[0].get("zero_optimization", {})
+    for what in OFFLOADS:
+        block = zero.get(f"offload_{what}")
+        if isinstance(block, dict) and block.get("device", "none") != "none" and what not in out:
+            out.append(what)
+    return out
 
 
 def _agree(cfg: dict, key: str, want: Any, where: str, recipe_key: str) -> None:
@@ -82,14 +95,15 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
     for what in recipe.deepspeed.offload:
         if what not in OFFLOADS:
             raise ConfigError(f"deepspeed.offload: unknown {what!r} (known: {', '.join(OFFLOADS)})")
-    if "optimizer" in recipe.deepspeed.offload:
+    offload = effective_offload(recipe)
+    if "optimizer" in offload:
         if zero["stage"] == 0:
             raise ConfigError("deepspeed.offload: optimizer offload needs zero_stage >= 1")
         zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
         if t.optimizer != "adamw":
             # a torch optimizer stepping on the host copy; DeepSpeed otherwise insists on its CPU Adam
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    if "param" in recipe.deepspeed.offload:
+    if "param" in offload:
         if zero["stage"] != 3:
             raise ConfigError("deepspeed.offload: param offload needs zero_stage 3")
         zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
@@ -106,7 +120,7 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
 
 def uses_deepspeed_optimizer(recipe: Recipe) -> bool:
     """Optimizer offload with AdamW: DeepSpeed builds its CPU Adam (the fast host step) from the config."""
-    return "optimizer" in recipe.deepspeed.offload and recipe.train.optimizer == "adamw"
+    return "optimizer" in effective_offload(recipe) and recipe.train.optimizer == "adamw"
 
 
 def deepspeed_optimizer_block(recipe: Recipe) -> dict:

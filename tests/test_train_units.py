@@ -3,6 +3,7 @@ export round trip, DeepSpeed config derivation, the seeded batch plan and the co
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,21 @@ def test_selection_metric(world, tmp_path):
     pick = {s: selection_score(scores, _recipe(world, tmp_path, train={"selection": s}))
             for s in ("in_dist", "ood", "mean")}
     assert pick["in_dist"] == 0.5 and pick["ood"] == 0.1 and math.isclose(pick["mean"], 0.3)
+
+
+def test_offload_in_the_user_json_is_handled_like_the_recipe_key(world, tmp_path):
+    from specialize.engine.ds_config import build_ds_config, effective_offload, uses_deepspeed_optimizer
+    repo_json = Path(__file__).resolve().parents[1] / "recipes" / "ds_zero3_offload_bf16.json"
+    r = _recipe(world, tmp_path, train={"precision": "bf16"}, deepspeed={"config": str(repo_json), "zero_stage": 3})
+    assert effective_offload(r) == ["optimizer"]
+    assert uses_deepspeed_optimizer(r)  # AdamW + optimizer offload: DeepSpeed's CPU Adam, as with the recipe key
+    ada = _recipe(world, tmp_path, train={"precision": "bf16", "optimizer": "adafactor"},
+                  deepspeed={"config": str(repo_json), "zero_stage": 3})
+    assert not uses_deepspeed_optimizer(ada) and build_ds_config(ada, 1)["zero_force_ds_cpu_optimizer"] is False
+    off = _recipe(world, tmp_path, deepspeed={"config": {"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "none"}}}, "zero_stage": 2})
+    assert effective_offload(off) == [] and not uses_deepspeed_optimizer(off)
+    bad = _recipe(world, tmp_path, deepspeed={"config": {"zero_optimization": {
+        "stage": 2, "offload_param": {"device": "cpu"}}}, "zero_stage": 2})
+    with pytest.raises(ConfigError, match="param offload needs zero_stage 3"):
+        build_ds_config(bad, 1)
