@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from specialize.engine.config import Recipe, dump_recipe, recipe_hash
+from specialize.engine.config import ConfigError, Recipe, dump_recipe, recipe_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def prepare_run_dir(recipe: Recipe, world_size: int, resume: bool) -> Path:
     out = Path(recipe.train.output_dir)
     ckpts = out / "checkpoints"
     if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                               f"or choose another train.output_dir")
     out.mkdir(parents=True, exist_ok=True)
     ckpts.mkdir(exist_ok=True)

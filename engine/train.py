@@ -148,7 +148,9 @@ def on_rank0(fn, rank: int) -> None:
     if error is not None:
         raise error
     if box[0] is not None:
-        raise RuntimeError(f"rank 0 failed: {box[0]}")
+        # a usage error (ConfigError) ends every rank with its message, not a traceback
+        kind = ConfigError if box[0].startswith("ConfigError: ") else RuntimeError
+        raise kind(f"rank 0 failed: {box[0]}")
 
 
 def rng_state() -> dict:

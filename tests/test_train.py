@@ -157,3 +157,4 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     again = torchrun(recipe)
     _check(again, rc=1)
     assert "already holds checkpoints: pass --resume" in again.stderr
+    assert "engine/rundir.py" not in again.stderr  # a message on every rank, no traceback of ours (torchrun prints its own)
