@@ -58,8 +58,9 @@ class BatchBuilder:
     """Turns micro-batch plans into padded tensors for the model and the loss."""
 
     def __init__(self, shards, tokenizer, exemplars: ExemplarSets, max_source_len: int, max_target_len: int,
-                 with_teacher: bool):
+                 with_teacher: bool, vocab_size: int | None = None):
         self.shards, self.tok, self.exemplars = shards, tokenizer, exemplars
+        self.vocab_size = vocab_size  # when given, every batch's ids are checked here, on the host
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
         self.with_teacher = with_teacher
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -137,7 +138,22 @@ class BatchBuilder:
                     topk_ids[b, :t, :k] = torch.as_tensor(ids)
                     topk_lp[b, :t, :k] = torch.as_tensor(lps)
         batch["topk_ids"], batch["topk_logprobs"] = topk_ids, topk_lp
+        if self.vocab_size is not None:
+            self._check_ids(mb, labels, topk_ids, topk_lp)
         return batch
+
+    def _check_ids(self, mb: MicroBatch, labels, topk_ids, topk_lp) -> None:
+        """Id ranges and duplicate top-k ids, on the CPU tensors: the loss then runs with validate=False,
+        which spares a device-to-host sync per micro-batch on CUDA. The error names the sample."""
+        from specialize.kernels.utils import check_teacher_inputs
+        B, T, K = topk_ids.shape
+        for b in range(B):
+            try:
+                check_teacher_inputs(T, self.vocab_size, topk_ids.device, topk_ids[b], topk_lp[b], labels[b], -100)
+            except ValueError as err:
+                rec = self.shards[mb.indices[b]]
+                raise ValueError(f"aligned sample {mb.indices[b]} (qid {rec['qid']!r}) in the aligned data: "
+                                 f"{err} (student vocabulary {self.vocab_size})") from None
 
 
 def sample_lengths(shards) -> np.ndarray:

@@ -63,7 +63,8 @@ class FusedLMHead(torch.nn.Linear):
         if target is None:
             return super().forward(h)
         from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
-        kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True)
+        # ids were checked on the host by BatchBuilder; validating here would sync the device every step
+        kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True, validate=False)
         if self.fused:
             return fused_linear_sparse_kl_ce(h, self.weight, topk_ids, topk_logprobs, target,
                                              hidden_scale=self.hidden_scale, chunk_size=self.chunk_size, **kw)
@@ -336,7 +337,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     pool = load_dataset_by_name(pool_name, d.data_dir, "train", d.dev_size, t.seed,
                                 d.synthetic_sizes or None) if needs_pool and d.shots else []
     builder = BatchBuilder(shards, tokenizer, ExemplarSets(pool, d.shots, t.seed), d.max_source_len,
-                           d.max_target_len, with_teacher)
+                           d.max_target_len, with_teacher, vocab_size=t5.config.vocab_size)
     plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world)
 
     dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)

@@ -255,6 +255,21 @@ def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
     assert sm.collate(MicroBatch([0], ["zero_shot_cot"]))["topk_ids"].shape[-1] == 1
 
 
+def test_collate_checks_ids_on_the_host_and_names_the_sample(world):
+    from transformers import AutoTokenizer
+    from specialize.engine.batching import BatchBuilder, ExemplarSets, MicroBatch, open_shards
+    tok = AutoTokenizer.from_pretrained(world["tokenizer"])
+    shards = open_shards(world["aligned"])
+    rec = shards[3]
+    top = int(np.max(np.asarray(rec["topk_ids"])))
+    ok = BatchBuilder(shards, tok, ExemplarSets([], 0, 0), 512, 512, with_teacher=True, vocab_size=len(tok))
+    ok.collate(MicroBatch([3], ["zero_shot_cot"]))
+    # a student vocabulary smaller than the ids the aligner wrote: caught before the loss, sample named
+    small = BatchBuilder(shards, tok, ExemplarSets([], 0, 0), 512, 512, with_teacher=True, vocab_size=top)
+    with pytest.raises(ValueError, match=rf"aligned sample 3 \(qid '{rec['qid']}'\).*outside \[0, V={top}\)"):
+        small.collate(MicroBatch([0, 3], ["zero_shot_answer_only", "zero_shot_cot"]))
+
+
 # ----------------------------------------------------------------------------- schedule, selection
 
 def test_warmup_then_cosine_to_zero():
