@@ -99,6 +99,14 @@ def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
     # The CLI says the same and rebuilding is idempotent.
     assert main(["filter", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
     assert len(list(iter_records(tmp_path / "out"))) == 2
+    # Kept samples are spread over shards (so the aligner's workers get several); a rebuild with a
+    # larger shard size leaves no stale shard behind.
+    filter_samples(str(tmp_path / "in"), str(tmp_path / "out"), verbose=False, shard_lines=1)
+    assert sorted(p.name for p in (tmp_path / "out").glob("samples-*.jsonl")) == \
+        ["samples-00000.jsonl", "samples-00001.jsonl"]
+    assert [(r["qid"], r["sample_index"]) for r in iter_records(tmp_path / "out")] == [("q1", 0), ("q3", 0)]
+    filter_samples(str(tmp_path / "in"), str(tmp_path / "out"), verbose=False)
+    assert [p.name for p in (tmp_path / "out").glob("samples-*.jsonl")] == ["samples-00000.jsonl"]
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after():

@@ -1,6 +1,7 @@
 """`filter_samples`: keep the teacher samples whose extracted answer equals the gold answer.
 
-Writes the kept records (same schema) to `<out>/samples-00000.jsonl`, the input manifest plus
+Writes the kept records (same schema) to `<out>/samples-NNNNN.jsonl`, `shard_lines` per shard so that
+`specialize align --workers N` has shards to spread over processes, the input manifest plus
 filter counts to `<out>/manifest.json`, and per-question accuracy to `<out>/per_question.jsonl`.
 The output is rebuilt from scratch on every call (written to temporary files, then renamed), so
 rerunning after a crash or on a grown input is safe.
@@ -35,7 +36,7 @@ def _write_atomic(path: Path, lines) -> None:
     os.replace(tmp, path)
 
 
-def filter_samples(in_dir: str, out_dir: str, verbose: bool = True) -> dict:
+def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines: int = 20_000) -> dict:
     """Keep correct samples of `in_dir` in `out_dir`; returns {samples, kept, accuracy, questions,
     questions_kept, per_question_mean_accuracy}."""
     from specialize.engine.data import is_correct
@@ -58,7 +59,10 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True) -> dict:
             kept_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     for stale in out.glob(SHARD_GLOB):
         stale.unlink()
-    _write_atomic(out / shard_name(0), kept_lines)
+    if shard_lines < 1:
+        raise ValueError(f"shard_lines must be >= 1, got {shard_lines}")
+    for n, start in enumerate(range(0, max(1, len(kept_lines)), shard_lines)):
+        _write_atomic(out / shard_name(n), kept_lines[start:start + shard_lines])
     _write_atomic(out / "per_question.jsonl",
                   (json.dumps({"qid": q, "samples": n, "correct": c, "accuracy": c / n}) + "\n"
                    for q, (n, c) in per_q.items()))
