@@ -250,18 +250,8 @@ def read_prediction_file(path, names: Sequence[str], data_dir=None,
     {"id", "prediction"} lines (golds come from the dataset(s) named in `names`, matched by id), or
     teacher records {"qid", "sample_index", "text", "gold", "dataset", ...} (every sample is scored;
     the record's own gold and dataset are used; `names` filters them when `filter_records`)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, row))
+    from specialize.engine.data.loaders import read_jsonl_objects
+    rows = read_jsonl_objects(Path(path), ValueError)
     out: dict[str, tuple[list[str], list[Example]]] = {}
     if rows and "text" in rows[0][1] and "gold" in rows[0][1]:
         for lineno, row in rows:

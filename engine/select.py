@@ -51,15 +51,10 @@ def run_files_dir(run_dir) -> Path:
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
+    from specialize.engine.data.loaders import read_jsonl_objects
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    for lineno, row in read_jsonl_objects(path, ValueError):
+        if not isinstance(row.get("step"), int):
             raise ValueError(f"{path}:{lineno}: expected an object with an integer 'step'")
         rows.append(row)
     return rows

@@ -67,9 +67,10 @@ def _number_text(value, where: str) -> str:
     return repr(x)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) per non-blank line, so later field errors can name the line.
-    Blank lines hold no record (a trailing newline is common); anything else must parse."""
+def read_jsonl_objects(path: Path, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSONL file, so later field errors can name the
+    line. Blank lines hold no record (a trailing newline is common); anything else must be a JSON
+    object, or `error` is raised naming file:line. Shared by every JSONL reader of the project."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -78,9 +79,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise error(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
     return rows
 
@@ -144,7 +145,7 @@ def load_gsm8k(split: str, path=None, hub_id: str = GSM8K_HUB) -> list[Example]:
         raise ValueError(f"gsm8k split must be 'train' or 'test', got {split!r}")
     if path is not None:
         file = _resolve(path, f"{split}.jsonl", f"gsm8k/{split}.jsonl")
-        rows = [(f"{file}:{lineno}", r) for lineno, r in _read_jsonl(file)]
+        rows = [(f"{file}:{lineno}", r) for lineno, r in read_jsonl_objects(file)]
     else:
         rows = _hub_rows(hub_id, "main", [split])
     out = []
