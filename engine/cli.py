@@ -59,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         _, help_, issue = COMMANDS[name]
         print(f"specialize {name}: not yet available ({help_}; tracked in issue #{issue}).", file=sys.stderr)
         return 2
-    return int(module.main(rest) or 0)
+    from specialize.engine.config import ConfigError
+    from specialize.engine.data import DataError
+    try:
+        return int(module.main(rest) or 0)
+    except (ConfigError, DataError) as err:
+        # bad recipes and bad input files are the user's to fix: the message, not a traceback
+        print(f"specialize {name}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

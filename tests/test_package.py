@@ -58,6 +58,22 @@ def test_unknown_command_fails():
     assert out.returncode == 2 and "unknown command" in out.stderr
 
 
+def test_a_bad_recipe_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\ntrain:\n  max_stepz: 3\n")
+    out = _cli("run", str(recipe), "--dry-run")
+    assert out.returncode == 2 and "max_stepz" in out.stderr and "Traceback" not in out.stderr
+    from specialize.engine import cli
+    from specialize.engine.config import ConfigError
+    class Raises:  # a subcommand whose work ends in a ConfigError deep inside (as the demo's stage checks do)
+        @staticmethod
+        def main(argv):
+            raise ConfigError("out/demo/teacher holds 'teacher' outputs of a different configuration")
+    monkeypatch.setattr(cli, "_load", lambda name: Raises)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 2
+    assert "specialize demo: out/demo/teacher holds" in capsys.readouterr().err
+
+
 def test_console_script_installed():
     script = Path(sys.executable).parent / "specialize"
     if not script.exists():
