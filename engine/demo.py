@@ -33,7 +33,7 @@ SCALES = {
     "full": dict(
         toy=ToyScale(),
         sizes={},
-        teacher=dict(samples=4, limit=400, max_tokens=128),
+        teacher=dict(samples=4, limit=2000, max_tokens=128),  # every training question, as in the paper
         train=dict(micro_batch_size=16, max_steps=500, eval_every=50, save_every=50, keep_last=10, dev_limit=64),
         eval_limit=200),
     "tiny": dict(
