@@ -152,6 +152,12 @@ class AlignedShards:
             self._open[s] = arrays
         return arrays
 
+    def locate(self, i: int) -> tuple[Path, int]:
+        """(shard folder, row in it) of sample i, for error messages that point at the file."""
+        i %= len(self)
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self.shard_dirs[s], int(i - self._starts[s])
+
     def __getitem__(self, i: int) -> dict:
         n = len(self)
         if not -n <= i < n:

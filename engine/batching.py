@@ -151,9 +151,14 @@ class BatchBuilder:
             try:
                 check_teacher_inputs(T, self.vocab_size, topk_ids.device, topk_ids[b], topk_lp[b], labels[b], -100)
             except ValueError as err:
-                rec = self.shards[mb.indices[b]]
-                raise ValueError(f"aligned sample {mb.indices[b]} (qid {rec['qid']!r}) in the aligned data: "
-                                 f"{err} (student vocabulary {self.vocab_size})") from None
+                i = mb.indices[b]
+                rec = self.shards[i]
+                where = ""
+                if hasattr(self.shards, "locate"):
+                    shard, row = self.shards.locate(i)
+                    where = f", row {row} of shard {shard}"
+                raise ValueError(f"aligned sample {i} (qid {rec['qid']!r}{where}): {err} "
+                                 f"(student vocabulary {self.vocab_size})") from None
 
 
 def sample_lengths(shards) -> np.ndarray:

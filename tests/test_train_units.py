@@ -3,6 +3,7 @@ export round trip, DeepSpeed config derivation, the seeded batch plan and the co
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +267,9 @@ def test_collate_checks_ids_on_the_host_and_names_the_sample(world):
     ok.collate(MicroBatch([3], ["zero_shot_cot"]))
     # a student vocabulary smaller than the ids the aligner wrote: caught before the loss, sample named
     small = BatchBuilder(shards, tok, ExemplarSets([], 0, 0), 512, 512, with_teacher=True, vocab_size=top)
-    with pytest.raises(ValueError, match=rf"aligned sample 3 \(qid '{rec['qid']}'\).*outside \[0, V={top}\)"):
+    shard, row = shards.locate(3)
+    with pytest.raises(ValueError, match=rf"aligned sample 3 \(qid '{rec['qid']}', row {row} of shard "
+                                         rf"{re.escape(str(shard))}\).*outside \[0, V={top}\)"):
         small.collate(MicroBatch([0, 3], ["zero_shot_answer_only", "zero_shot_cot"]))
 
 
