@@ -85,18 +85,31 @@ def model_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None):
     return config
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None):
+def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None, ds_config: Optional[dict] = None):
     """T5ForConditionalGeneration from `name_or_path` (pretrained weights) or random-init from `config`
-    (see model_config). The whole model is built on the host of every rank (no zero.Init): DeepSpeed
-    partitions it afterwards, so ZeRO-3 needs host RAM for one full copy per rank while starting."""
+    (see model_config). With a ZeRO-3 `ds_config` the model is built under DeepSpeed's zero.Init
+    (through transformers' DeepSpeed integration): each parameter is partitioned as it is created, so
+    no rank ever holds a full copy (11B in bf16 would be 22 GB of host RAM per rank)."""
     import torch
     from transformers import T5ForConditionalGeneration
     dtype = dtype or torch.float32
     config = model_config(model_cfg, vocab_size)
-    if model_cfg.name_or_path:
-        model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, config=config, dtype=dtype)
-    else:
-        model = T5ForConditionalGeneration(config).to(dtype)
+    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 — transformers sees ZeRO-3 while this object lives
+    try:
+        if model_cfg.name_or_path:
+            model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, config=config, dtype=dtype)
+        elif zero3:
+            model = T5ForConditionalGeneration._from_config(config, dtype=dtype)  # zero.Init + gathered init
+        else:
+            model = T5ForConditionalGeneration(config).to(dtype)
+    finally:
+        if zero3:
+            # later models of this process (eval/export copies) are plain ones
+            unset_hf_deepspeed_config()
+            del hf_ds
     if model_cfg.gradient_checkpointing:
         model.config.use_cache = False  # the cache is useless in training and clashes with recomputation
         # transformers >= 5 renamed it; the old name still works there but warns

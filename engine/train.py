@@ -317,7 +317,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     seed_everything(t.seed)  # same init on every rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
-    t5 = build_model(recipe.model, vocab_size=len(tokenizer), dtype=dtype)
+    t5 = build_model(recipe.model, vocab_size=len(tokenizer), dtype=dtype, ds_config=ds_config)
+    born_partitioned = hasattr(t5.shared.weight, "ds_id")  # ZeRO-3: zero.Init partitioned it at creation
     model = Distill(t5, recipe.loss, with_teacher)
     if uses_deepspeed_optimizer(recipe):
         ds_config["optimizer"] = deepspeed_optimizer_block(recipe)
@@ -373,7 +374,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
         print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{ds_config['zero_optimization']['stage']} "
-              f"{t.precision}; {world} rank(s) on {device.type}; {len(shards)} aligned samples; "
+              f"{t.precision}{' (built under zero.Init)' if born_partitioned else ''}; {world} rank(s) on "
+              f"{device.type}; {len(shards)} aligned samples; "
               f"batch {t.micro_batch_size} x {t.grad_accum} x {world}", flush=True)
     inject_nan = int(os.environ.get("SPECIALIZE_INJECT_NAN_AT_STEP", "0"))
     exit_after = int(os.environ.get("SPECIALIZE_EXIT_AFTER_STEP", "0"))

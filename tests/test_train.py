@@ -132,7 +132,7 @@ def test_zero3_dm_trains_and_exports_gathered_weights(world, tmp_path):
                                                            train={"max_steps": STEPS, "eval_every": STEPS}))
     proc = torchrun(recipe)
     _check(proc)
-    assert "ZeRO-3 fp32" in proc.stdout
+    assert "ZeRO-3 fp32 (built under zero.Init)" in proc.stdout  # no rank held a full copy while starting
     _falls(loss_curve(tmp_path / "run"))
     _same_generations(tmp_path / "run", STEPS)
     _converted_equals_best(tmp_path / "run", STEPS, tmp_path / "converted")
@@ -158,3 +158,25 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     _check(again, rc=1)
     assert "already holds checkpoints: pass --resume" in again.stderr
     assert "engine/rundir.py" not in again.stderr  # a message on every rank, no traceback of ours (torchrun prints its own)
+
+
+def test_zero3_loads_pretrained_weights_into_partitions(world, tmp_path):
+    """Under ZeRO-3, from_pretrained runs inside zero.Init: the checkpoint must land in the partitions
+    intact, so the first loss equals a ZeRO-0 run's on the same weights and batch."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from specialize.engine.models import t5_config
+    tok = AutoTokenizer.from_pretrained(world["tokenizer"])
+    cfg = t5_config("tiny", vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1,
+                    num_decoder_layers=1, dropout_rate=0.0)
+    torch.manual_seed(1)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "start")
+    first = {}
+    for zero in (0, 3):
+        recipe = write_recipe(tmp_path / f"z{zero}.yaml", recipe_dict(
+            world, tmp_path / f"run{zero}", model={"name_or_path": str(tmp_path / "start"), "overrides": {}},
+            deepspeed={"zero_stage": zero}, train={"max_steps": 2}))
+        proc = torchrun(recipe)
+        _check(proc)
+        first[zero] = loss_curve(tmp_path / f"run{zero}")[1]
+    assert "(built under zero.Init)" in proc.stdout
+    assert abs(first[3] - first[0]) <= 1e-4 * abs(first[0]), first
