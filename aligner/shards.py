@@ -180,3 +180,15 @@ class AlignedShards:
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
             yield self[i]
+
+    def qids_and_sample_indices(self) -> tuple[list[str], np.ndarray]:
+        """Every sample's qid and teacher sample_index, read from the index and string arrays alone
+        (no top-k decoding): what choosing one sample per question needs."""
+        qids, sample_index = [], []
+        for s in range(len(self.shard_dirs)):
+            a = self._shard(s)
+            raw = bytes(a["strings"])
+            idx = a["index"]
+            qids += [raw[o:o + n].decode("utf-8") for o, n in zip(idx[:, 5], idx[:, 6])]
+            sample_index.append(idx[:, 4])
+        return qids, np.concatenate(sample_index) if sample_index else np.zeros(0, np.int64)

@@ -1,19 +1,21 @@
 """Training batches from the aligner's shards: prompt formats, length grouping, a seeded plan shared by all ranks.
 
-One epoch's plan is a list of micro-batches (sample indices + one format each, or a format per sample when
-mixing) computed from (seed, epoch) alone, so every rank builds the same plan without talking; rank r
-takes micro-batches r, r + world, r + 2·world, ... (disjoint slices). The position is one integer — the
+One epoch's plan is a list of step slots, each `world` micro-batches (sample indices + one format each, or
+a format per sample when mixing) computed from (seed, epoch) alone, so every rank builds the same plan
+without talking; rank r takes micro-batch r of every slot (disjoint). The position is one integer — the
 micro-batches each rank has consumed — which is all a resume needs to continue the same order.
 
 Per sample: encoder input = build_prompt(question, fmt, exemplars), tokenized (cached per question and
 format: a question's many teacher samples share one prompt). Decoder labels: CoT formats use the shard's
 labels (the teacher's CoT in student tokens) and, for distribution matching, its top-k; answer-only
 formats use the tokenized "The answer is N." and CE only (top-k all −1).
-Length grouping: inside windows of `group_batches` micro-batches the samples are sorted by length before
-cutting, then the batches are shuffled, so padding is small and order stays random.
+Length balance: inside windows of `group_steps` slots the samples are sorted by length, and each slot
+takes `world` neighbouring micro-batches, so padding is small inside a micro-batch and the ranks of one
+step wait little for each other; then the slots are shuffled, so the order stays random.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -123,6 +125,9 @@ class BatchBuilder:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "decoder_input_ids": decoder_input_ids, "formats": mb.formats,
                  "n_src_tokens": int(attention_mask.sum()), "n_tgt_tokens": int((labels != -100).sum())}
+        # the same counts as a tensor that travels (pinned, non-blocking) with the batch: the engine sums
+        # them on the device instead of building a host tensor per micro-batch
+        batch["token_counts"] = torch.tensor([batch["n_src_tokens"], batch["n_tgt_tokens"]], dtype=torch.long)
         K = max((s["topk_ids"].shape[1] for s in samples if s["topk_ids"] is not None), default=1)
         if not self.with_teacher:
             K = 1
@@ -161,90 +166,196 @@ class BatchBuilder:
                                  f"(student vocabulary {self.vocab_size})") from None
 
 
-def sample_lengths(shards) -> np.ndarray:
-    """Question + CoT length of every sample (the grouping key). Read from each shard's index.npy (columns
-    1 and 3 hold the input and label lengths, as aligner/shards.py documents) instead of decoding every
-    record; any other random-access dataset is measured item by item."""
+def sample_lengths(shards, part: str = "both") -> np.ndarray:
+    """Per-sample length, the grouping key: question + CoT ("both") or the question alone ("input").
+    Read from each shard's index.npy (columns 1 and 3 hold the input and label lengths, as
+    aligner/shards.py documents) instead of decoding every record; any other random-access dataset is
+    measured item by item."""
+    if part not in ("both", "input"):
+        raise ValueError(f"part must be 'both' or 'input', got {part!r}")
     dirs = getattr(shards, "shard_dirs", None)
     if dirs is not None:
         parts = [np.load(d / "index.npy", mmap_mode="r") for d in dirs]
-        lengths = np.concatenate([p[:, 1] + p[:, 3] for p in parts]).astype(np.int64)
+        lengths = np.concatenate([p[:, 1] + (p[:, 3] if part == "both" else 0) for p in parts]).astype(np.int64)
         if len(lengths) == len(shards):
             return lengths
-    return np.asarray([len(shards[i]["input_ids"]) + len(shards[i]["labels"]) for i in range(len(shards))],
-                      dtype=np.int64)
+    return np.asarray([len(shards[i]["input_ids"]) + (len(shards[i]["labels"]) if part == "both" else 0)
+                       for i in range(len(shards))], dtype=np.int64)
+
+
+def first_sample_per_question(shards) -> np.ndarray:
+    """Index of each question's first kept sample (lowest teacher sample_index), in index order: the one
+    sample answer-only formats train on (the paper's rule; its other samples only repeat the answer)."""
+    if hasattr(shards, "qids_and_sample_indices"):
+        qids, sample_index = shards.qids_and_sample_indices()
+    else:
+        recs = [shards[i] for i in range(len(shards))]
+        qids, sample_index = [r["qid"] for r in recs], np.asarray([r["sample_index"] for r in recs])
+    best: dict[str, int] = {}
+    for i, q in enumerate(qids):
+        j = best.get(q)
+        if j is None or sample_index[i] < sample_index[j]:
+            best[q] = i
+    return np.asarray(sorted(best.values()), dtype=np.int64)
 
 
 class BatchPlan:
-    """The seeded order of micro-batches; `rank`'s n-th micro-batch is `micro_batch(n)`."""
+    """The seeded order of micro-batches; `rank`'s n-th micro-batch is `micro_batch(n)`.
+
+    An epoch is `per_rank` optimizer-step slots; each slot holds `world` micro-batches (one per rank) of
+    one format, cut from neighbouring positions of a length-sorted window, so the ranks of one step pad
+    to similar lengths and none waits long at the gradient all-reduce. Slots are shuffled, so the order
+    stays random. Everything is a pure function of (seed, epoch).
+
+    micro_batch_sizes: rows per micro-batch by format (others use micro_batch_size), so that an
+    answer-only micro-batch can hold as many tokens as a CoT one. answer_pool: the sample indices
+    answer-only formats draw from (e.g. `first_sample_per_question`); None = every sample.
+    In per_batch mixing, formats are drawn per step slot with the ratios of `formats`; CoT formats share
+    one permutation of the samples per epoch (no sample twice), answer-only formats one of `answer_pool`
+    (cycled when an epoch asks for more)."""
 
     def __init__(self, lengths: np.ndarray, formats: dict[str, float], mixing: str, micro_batch_size: int,
-                 seed: int, rank: int, world_size: int, group_batches: int = 32):
+                 seed: int, rank: int, world_size: int, group_steps: int = 64,
+                 micro_batch_sizes: Optional[dict[str, int]] = None, answer_pool: Optional[np.ndarray] = None,
+                 answer_lengths: Optional[np.ndarray] = None):
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"data.formats: unknown format {unknown[0]!r}; known: {', '.join(FORMATS)}")
         weights = np.asarray([formats[f] for f in formats], dtype=np.float64)
         if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"data.formats: ratios must be >= 0 and not all zero, got {formats}")
+        sizes = dict(micro_batch_sizes or {})
+        extra = [f for f in sizes if f not in formats]
+        if extra:
+            raise ValueError(f"data.micro_batch_sizes: {extra[0]!r} is not one of data.formats ({', '.join(formats)})")
+        if mixing == "mixed" and any(v != micro_batch_size for v in sizes.values()):
+            raise ValueError("data.micro_batch_sizes: per-format sizes need format_mixing=per_batch "
+                             "(a mixed micro-batch holds several formats)")
         self.format_names = list(formats)
         self.probs = weights / weights.sum()
-        self.lengths, self.mixing, self.B = lengths, mixing, micro_batch_size
-        self.seed, self.rank, self.world, self.group = seed, rank, world_size, group_batches
-        n_batches = len(lengths) // micro_batch_size
-        self.per_rank = n_batches // world_size
+        self.sizes = [int(sizes.get(f, micro_batch_size)) for f in self.format_names]
+        if min(self.sizes) < 1:
+            raise ValueError(f"micro-batch sizes must be >= 1, got {dict(zip(self.format_names, self.sizes))}")
+        self.lengths, self.mixing, self.B = np.asarray(lengths, dtype=np.int64), mixing, micro_batch_size
+        # answer-only batches pad to their prompt length, not to the CoT they do not train on
+        self.answer_lengths = self.lengths if answer_lengths is None else np.asarray(answer_lengths, np.int64)
+        self.answer_pool_is_all = answer_pool is None
+        self.answer_pool = (np.arange(len(self.lengths)) if answer_pool is None
+                            else np.asarray(answer_pool, dtype=np.int64))
+        self.seed, self.rank, self.world, self.group_steps = seed, rank, world_size, group_steps
+        # an epoch: as many step slots as the samples fill at the default micro-batch size
+        self.per_rank = len(self.lengths) // (micro_batch_size * world_size)
         if self.per_rank == 0:
-            raise ValueError(f"{len(lengths)} aligned samples cannot fill one micro-batch of {micro_batch_size} "
+            raise ValueError(f"{len(self.lengths)} aligned samples cannot fill one micro-batch of {micro_batch_size} "
                              f"on each of {world_size} ranks")
+        if len(self.answer_pool) == 0 and any(f not in COT_FORMATS for f in self.format_names):
+            raise ValueError("no samples for the answer-only formats")
         self._epoch, self._plan = None, None
 
-    def _grouped(self, idx: np.ndarray, rng: np.random.Generator, key: np.ndarray) -> list[np.ndarray]:
-        """Cut `idx` into micro-batches of similar `key`, sorted inside windows, then shuffled."""
+    def _slots(self, idx: np.ndarray, rng: np.random.Generator, key: np.ndarray, B: int) -> list[np.ndarray]:
+        """Cut `idx` into step slots ([world, B] arrays of sample indices): sort inside windows of
+        `group_steps` slots by `key`, take `world` neighbouring micro-batches per slot, shuffle the slots
+        (and which rank gets which micro-batch of a slot)."""
+        per_slot = B * self.world
+        window = per_slot * self.group_steps
         out = []
-        window = self.B * self.group
-        for s in range(0, len(idx) - self.B + 1, window):
+        for s in range(0, len(idx) - per_slot + 1, window):
             w = idx[s: s + window]
-            w = w[: len(w) // self.B * self.B]
+            w = w[: len(w) // per_slot * per_slot]
             w = w[np.argsort(key[w], kind="stable")]
-            out.extend(w.reshape(-1, self.B))
-        rng.shuffle(out)
-        return out
+            for slot in w.reshape(-1, self.world, B):
+                out.append(slot[rng.permutation(self.world)])
+        order = rng.permutation(len(out))
+        return [out[i] for i in order]
+
+    @staticmethod
+    def _take(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n indices from `pool` without repeats while it lasts: one or more permutations, concatenated."""
+        parts, have = [], 0
+        while have < n:
+            parts.append(rng.permutation(pool))
+            have += len(pool)
+        return np.concatenate(parts)[:n] if parts else np.zeros(0, np.int64)
 
     def epoch_plan(self, epoch: int) -> list[MicroBatch]:
         rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.lengths))
-        n_batches = self.per_rank * self.world
-        F = len(self.format_names)
+        n_slots, F = self.per_rank, len(self.format_names)
         if self.mixing == "mixed":
+            perm = rng.permutation(len(self.lengths))
             fmt_of = rng.choice(F, size=len(perm), p=self.probs)
             # answer-only samples are short whatever the CoT length: group on the length they will have
             cot = np.array([self.format_names[f] in COT_FORMATS for f in fmt_of])
             key = np.zeros(len(self.lengths), dtype=np.int64)
-            key[perm] = np.where(cot, self.lengths[perm], 0)
-            batches = self._grouped(perm, rng, key)[:n_batches]
+            key[perm] = np.where(cot, self.lengths[perm], self.answer_lengths[perm])
             fmt_by_index = np.empty(len(self.lengths), dtype=np.int64)
             fmt_by_index[perm] = fmt_of
-            return [MicroBatch(b.tolist(), [self.format_names[fmt_by_index[i]] for i in b]) for b in batches]
-        # per_batch: draw a format per micro-batch slot, give each format its share of the permutation
-        slot_fmt = rng.choice(F, size=n_batches, p=self.probs)
-        plan: list[Optional[MicroBatch]] = [None] * n_batches
-        start = 0
-        for f in range(F):
-            slots = np.flatnonzero(slot_fmt == f)
-            if len(slots) == 0:
+            slots = self._slots(perm[: n_slots * self.world * self.B], rng, key, self.B)
+            return [MicroBatch(mb.tolist(), [self.format_names[fmt_by_index[i]] for i in mb])
+                    for slot in slots for mb in slot]
+        # per_batch: a format per step slot; each format cuts its slots from its pool's permutation
+        slot_fmt = rng.choice(F, size=n_slots, p=self.probs)
+        pools = {"all": np.arange(len(self.lengths)), "answer": self.answer_pool}
+        streams = {"all": rng.permutation(pools["all"])}
+        used = {"all": 0, "answer": 0}
+        plan: list[Optional[np.ndarray]] = [None] * n_slots
+        names: list[Optional[str]] = [None] * n_slots
+        for f, name in enumerate(self.format_names):
+            where = np.flatnonzero(slot_fmt == f)
+            if len(where) == 0:
                 continue
-            idx = perm[start: start + len(slots) * self.B]
-            start += len(slots) * self.B
-            batches = self._grouped(idx, rng, self.lengths)
-            for slot, b in zip(slots, batches):
-                plan[slot] = MicroBatch(b.tolist(), [self.format_names[f]] * self.B)
-        return [mb for mb in plan if mb is not None]
+            cot, B = name in COT_FORMATS, self.sizes[f]
+            pool = "all" if cot or self.answer_pool_is_all else "answer"
+            if pool not in streams:
+                streams[pool] = rng.permutation(pools[pool])
+            need = len(where) * self.world * B
+            if used[pool] + need <= len(streams[pool]):  # the epoch's permutation still lasts
+                idx = streams[pool][used[pool]: used[pool] + need]
+                used[pool] += need
+            else:
+                idx = self._take(pools[pool], need, rng)
+            for slot_no, slot in zip(where, self._slots(idx, rng, self.lengths if cot else self.answer_lengths, B)):
+                plan[slot_no], names[slot_no] = slot, name
+        return [MicroBatch(mb.tolist(), [name] * len(mb)) for slot, name in zip(plan, names) for mb in slot]
 
     def micro_batch(self, n: int) -> MicroBatch:
         """This rank's n-th micro-batch (counting across epochs)."""
         epoch, k = divmod(n, self.per_rank)
         if epoch != self._epoch:
             self._epoch, self._plan = epoch, self.epoch_plan(epoch)
-        return self._plan[(k * self.world + self.rank) % len(self._plan)]
+        return self._plan[k * self.world + self.rank]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """This rank's micro-batch n, collated: a pure function of n, so a DataLoader's workers can build them in
+    any process and a resume at position n continues the same sequence."""
+
+    def __init__(self, builder: "BatchBuilder", plan: BatchPlan):
+        self.builder, self.plan = builder, plan
+
+    def __len__(self) -> int:
+        return 2 ** 62  # positions count across epochs; the sampler says which ones are read
+
+    def __getitem__(self, n: int) -> dict:
+        return self.builder.collate(self.plan.micro_batch(int(n)))
+
+
+def micro_batch_loader(builder: "BatchBuilder", plan: BatchPlan, start: int, stop: int, workers: int,
+                       pin_memory: bool, prefetch: int = 4, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Micro-batches start..stop-1 of this rank, collated ahead of use by `workers` processes (0 = in the
+    training process), in pinned memory when the model is on CUDA so copies can be non-blocking."""
+    # its own generator: a DataLoader draws a base seed when iterated, and drawing it from the global RNG
+    # would shift the dropout stream of a resumed run against the uninterrupted one
+    generator = torch.Generator().manual_seed(_stable_int(seed, start))
+    return torch.utils.data.DataLoader(
+        MicroBatches(builder, plan), batch_size=None, sampler=range(start, stop), num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=prefetch if workers else None, generator=generator,
+        worker_init_fn=functools.partial(_seed_worker, seed, start) if workers else None)
+
+
+def _seed_worker(seed: int, start: int, worker_id: int) -> None:
+    # collation is deterministic; seeding each worker from the position keeps any randomness in it exact too
+    np.random.seed(_stable_int(seed, start, worker_id))
+    torch.manual_seed(_stable_int(seed, start, worker_id))
 
 
 def open_shards(path: str):

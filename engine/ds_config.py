@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +79,11 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
             raise ConfigError(f"{where}: {name}.enabled={enabled} disagrees with train.precision={t.precision}")
         block["enabled"] = want
     if t.precision == "fp16":
-        warnings.warn("train.precision=fp16: T5 activations overflow fp16 (use bf16 where the hardware has it)",
-                      stacklevel=2)
+        raise ConfigError(
+            "train.precision=fp16: not supported. The loss kernels write the logit gradient during forward, "
+            "in the logits' dtype and before DeepSpeed's loss scale is applied; its elements are about "
+            "1/(vocab x tokens), below fp16's smallest value, so every gradient would silently be zero (and T5 "
+            "activations overflow fp16 besides). Use train.precision=bf16 (Ampere or newer) or fp32.")
 
     zero = cfg.setdefault("zero_optimization", {})
     stage = zero.get("stage")

@@ -140,20 +140,32 @@ def prompt_for(example: Example, fmt: str, exemplars: Sequence[Example] = (), da
 
 
 def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 256,
-             num_beams: int = 1, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy (num_beams=1) or beam-search outputs for `prompts`, in their order."""
+             num_beams: int = 1, progress: bool = True, desc: str = "generate", synced_gpus: bool = False,
+             min_batches: int = 0, filler_prompt: Optional[str] = None) -> list[str]:
+    """Greedy (num_beams=1) or beam-search outputs for `prompts`, in their order.
+
+    synced_gpus: the model is ZeRO-3 partitioned and every rank takes part in each forward (DeepSpeed
+    gathers a module's weights on all ranks around its forward). Then every rank must run the same
+    number of `generate` calls with the same number of forwards: HF's synced_gpus keeps finished ranks
+    stepping, and `min_batches` pads a rank with fewer prompts with batches of `filler_prompt`, whose
+    outputs are dropped."""
     import torch
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not prompts:
+    if not prompts and not min_batches:
         return []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
     # Longest first: the slowest batch comes first, so the rate on the bar settles quickly and an
     # out-of-memory error shows up at once rather than at the end.
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if len(batches) < min_batches:
+        if filler_prompt is None:
+            raise ValueError("generate: min_batches needs a filler_prompt")
+        batches += [None] * (min_batches - len(batches))
     out: list[Optional[str]] = [None] * len(prompts)
     device = next(model.parameters()).device
     was_training = model.training
@@ -165,12 +177,17 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
             tokenizer.pad_token = tokenizer.eos_token
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+        # no_grad, not inference_mode, around a partitioned model: DeepSpeed's gathered weights must stay
+        # ordinary tensors that training can write to again
+        with torch.no_grad() if synced_gpus else torch.inference_mode():
+            for idx in batches:
+                texts = [filler_prompt] if idx is None else [prompts[i] for i in idx]
+                enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     synced_gpus=synced_gpus)
+                if idx is None:
+                    continue
                 if not encoder_decoder:
                     gen = gen[:, enc["input_ids"].shape[1]:]
                 for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
@@ -185,14 +202,18 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
 
 def evaluate_model(model, tokenizer, examples: Sequence[Example], dataset: str, fmt: str = "zero_shot_cot",
                    exemplars: Sequence[Example] = (), batch_size: int = 32, max_new_tokens: int = 256,
-                   num_beams: int = 1, progress: bool = True, data_dir=None, seed: int = 0) -> EvalResult:
+                   num_beams: int = 1, progress: bool = True, data_dir=None, seed: int = 0,
+                   synced_gpus: bool = False, min_batches: int = 0, filler: Optional[Example] = None) -> EvalResult:
     """Generate for every example and score it. `data_dir` locates BBH's CoT prompts offline
-    (None = fetched); `seed` seeds the bootstrap interval."""
+    (None = fetched); `seed` seeds the bootstrap interval. synced_gpus / min_batches / filler: see
+    `generate` (ZeRO-3 dev evaluation, every rank in step)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     t0 = time.perf_counter()
     prompts = [prompt_for(ex, fmt, exemplars, data_dir) for ex in examples]
-    texts = generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress, desc=dataset)
+    filler_prompt = prompt_for(filler, fmt, exemplars, data_dir) if filler is not None else None
+    texts = generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress, desc=dataset,
+                     synced_gpus=synced_gpus, min_batches=min_batches, filler_prompt=filler_prompt)
     result = score_predictions(texts, examples, dataset, seed=seed)
     result.seconds = time.perf_counter() - t0
     return result

@@ -1,8 +1,8 @@
 """Plain Hugging Face models out of the engine: gathered weights, `save_pretrained` (safetensors) + tokenizer.
 
-`plain_model(t5)` returns an ordinary T5ForConditionalGeneration holding the full weights of the (possibly
-ZeRO-3 partitioned) training module — used for dev evaluation and export. Under ZeRO-3 every rank must call
-it (the gather is collective). `export_model` writes the folder atomically (tmp dir, then rename), so a
+`rank0_state_dict` gives the full weights of the (possibly ZeRO-3 partitioned) training module on rank 0
+only; `model_from_state` makes an ordinary T5ForConditionalGeneration of them for `export_model`.
+`export_model` writes the folder atomically (tmp dir, then rename), so a
 crash never leaves a half-written best/. `export_checkpoint` converts a saved DeepSpeed checkpoint offline.
 """
 from __future__ import annotations
@@ -27,23 +27,28 @@ def _host_copy(state: dict) -> dict:
     return out
 
 
-def gathered_state_dict(t5) -> dict:
-    """Full (unpartitioned) weights of `t5` as host tensors, on every rank."""
-    params = list(t5.parameters())
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: parameters live in shards across ranks
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return _host_copy(t5.state_dict())
-    return _host_copy(t5.state_dict())
+def rank0_state_dict(engine, t5, rank: int) -> Optional[dict]:
+    """The full weights of the training module as host tensors on rank 0, None on every other rank.
+
+    ZeRO-3 (a collective: every rank calls it): DeepSpeed's consolidated 16-bit state dict, gathered
+    one module at a time and kept on rank 0 alone, so no rank ever holds the whole model on the GPU and
+    only rank 0 holds it on the host. ZeRO 0-2: every rank has the full weights already; rank 0 copies
+    them to the host, the others do nothing."""
+    if any(hasattr(p, "ds_id") for p in t5.parameters()):
+        state = engine._zero3_consolidated_16bit_state_dict()
+        if state is None:
+            return None
+        prefix = "t5."  # the engine wraps t5 in the loss module (train.Distill)
+        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return _host_copy(t5.state_dict()) if rank == 0 else None
 
 
-def plain_model(t5, device: Optional[torch.device] = None):
-    """An ordinary T5ForConditionalGeneration with `t5`'s config and full weights (eval mode).
-    Built on the meta device and filled in place, so the only full copy is the gathered one."""
+def model_from_state(config, state: dict, device: Optional[torch.device] = None):
+    """An ordinary T5ForConditionalGeneration holding `state` (eval mode). Built on the meta device and
+    filled in place, so the only full copy is `state` itself."""
     from transformers import T5ForConditionalGeneration
-    state = gathered_state_dict(t5)
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(t5.config)
+        model = T5ForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
@@ -51,6 +56,13 @@ def plain_model(t5, device: Optional[torch.device] = None):
         raise RuntimeError(f"exported weights do not fit the model: missing {left or missing}, "
                            f"unexpected {unexpected}")
     return model.to(device or "cpu").eval()
+
+
+def plain_model(t5, device: Optional[torch.device] = None):
+    """An ordinary T5ForConditionalGeneration with the (not partitioned) `t5`'s config and weights."""
+    if any(hasattr(p, "ds_id") for p in t5.parameters()):
+        raise ValueError("plain_model: ZeRO-3 partitioned weights; use rank0_state_dict (rank 0 only)")
+    return model_from_state(t5.config, _host_copy(t5.state_dict()), device)
 
 
 def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = None) -> Path:

@@ -123,11 +123,15 @@ def _numel(p) -> int:
 
 
 def param_counts(model) -> dict[str, int]:
-    """Matmul parameters by part, for the MFU estimate: encoder and decoder stacks without the embedding
-    (a lookup, not a matmul), and the lm_head ([V, H], one matmul per target token even when tied)."""
+    """Matmul parameters by part, for the MFU estimate (engine/mfu.py): encoder and decoder stacks without
+    the embedding (a lookup, not a matmul), the decoder's cross-attention K/V projections among them
+    (they run on source tokens), and the lm_head ([V, H], one matmul per target token even when tied)."""
     emb = _numel(model.shared.weight)
+    cross_kv = sum(_numel(p) for name, p in model.decoder.named_parameters()
+                   if ".EncDecAttention.k." in f".{name}" or ".EncDecAttention.v." in f".{name}")
     return {"encoder": sum(_numel(p) for p in model.encoder.parameters()) - emb,
             "decoder": sum(_numel(p) for p in model.decoder.parameters()) - emb,
+            "cross_kv": cross_kv,
             "lm_head": _numel(model.lm_head.weight)}
 
 

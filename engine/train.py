@@ -9,14 +9,17 @@ Reads top to bottom: setup (ranks, recipe, run dir, model, DeepSpeed, data, dev 
 cleanup. A step is one optimizer step (grad_accum micro-batches on every rank).
 
 Exactness of --resume: the data position, every rank's RNG states, optimizer and LR-schedule states and
-the step all come from the last complete checkpoint, so the loss curve continues as if never stopped.
-A non-finite loss (on any rank; the ranks agree by all-reduce before backward) stops the run with exit
-status 3 and no checkpoint is written after it.
+the step all come from the last complete checkpoint (rank 0 picks it and tells the others), so the loss
+curve continues as if never stopped.
+The hot loop crosses to the host once per optimizer step: losses and token counts are summed on the
+device (step_stats.py) and read at logging steps; the non-finite check is one all-reduced device flag,
+read before `engine.step()`. A non-finite loss (on any rank) stops the run with exit status 3: no
+optimizer step is taken with it and no checkpoint is written after it.
+Batches come from a DataLoader over this rank's micro-batch positions (worker processes, pinned memory,
+non-blocking copies); a step's micro-batches across ranks are cut from neighbouring lengths (batching.py).
 Test hooks (environment): SPECIALIZE_INJECT_NAN_AT_STEP=N makes rank 0's loss NaN in optimizer step N;
 SPECIALIZE_EXIT_AFTER_STEP=N hard-exits every rank (like a kill) once step N is done.
-MFU = achieved model FLOP/s ÷ peak, with model FLOPs per step = 6·(P_encoder·source_tokens +
-(P_decoder + P_lm_head)·target_tokens) (matmul FLOPs of forward+backward; attention scores ignored);
-peak from SPECIALIZE_PEAK_TFLOPS or the GPU's name (bf16 dense); not logged on CPU.
+MFU: see engine/mfu.py (the formula and the peak table); not logged on CPU.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ import torch.distributed as dist
 from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
 
 NAN_EXIT = 3
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# what the model's forward reads from a batch (the rest is bookkeeping: formats, host-side counts)
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "topk_ids", "topk_logprobs")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,18 +90,29 @@ class Distill(torch.nn.Module):
         self.t5 = t5
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, labels, topk_ids, topk_logprobs):
-        enc = self.t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        mask = additive_mask(attention_mask, self.t5.shared.weight.dtype)
+        enc = self.t5.encoder(input_ids=input_ids, attention_mask=mask)[0]
         h = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
-                            encoder_attention_mask=attention_mask, use_cache=False)[0]
+                            encoder_attention_mask=mask, use_cache=False)[0]
         K = topk_ids.shape[-1]
         return self.t5.lm_head(h.reshape(-1, h.shape[-1]), topk_ids.reshape(-1, K),
                                topk_logprobs.reshape(-1, K), labels.reshape(-1))
 
 
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 0/1 padding mask -> [B, 1, 1, S] additive mask (0 kept, dtype-min masked), on the device.
+    Given a 2-D mask, transformers asks `mask.all()` on the host (to skip masking when nothing is
+    padded) three times per forward; a prepared 4-D mask is used as it is, so the step never waits."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def _param_groups(model, weight_decay: float):
-    """Weight decay on matrices only: layer-norm scales (1-D) stay undecayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """Weight decay on matrices only: layer-norm scales (1-D) stay undecayed. The shape is the
+    parameter's real one: under ZeRO-3 every local tensor is a flat partition, `ds_shape` the original."""
+    def is_matrix(p) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    decay = [p for p in model.parameters() if p.requires_grad and is_matrix(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not is_matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -175,15 +190,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def peak_tflops() -> float | None:
-    if os.environ.get("SPECIALIZE_PEAK_TFLOPS"):
-        return float(os.environ["SPECIALIZE_PEAK_TFLOPS"])
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def peak_mem_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -191,22 +197,10 @@ def peak_mem_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every checkpoint whose save finished on all ranks, oldest first."""
-    found = []
-    for d in root.glob("step-*"):
-        if (d / "complete.json").is_file():
-            found.append((int(d.name.split("-")[1]), d))
-    return sorted(found)
-
-
-def rotate_checkpoints(root: Path, keep_last: int, best_step: int | None) -> None:
-    done = complete_checkpoints(root)
-    for step, d in done[: max(0, len(done) - keep_last)]:
-        if step != best_step:
-            shutil.rmtree(d, ignore_errors=True)
+def grad_norm_now(model) -> float:
+    """2-norm of the gradients in `.grad` (ZeRO-0 keeps them there; DeepSpeed reports no norm there)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 # ----------------------------------------------------------------------------- dev evaluation
@@ -225,19 +219,26 @@ def selection_score(scores: dict, recipe: Recipe) -> float | None:
 
 
 def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int,
-                 out_dir: Path | None) -> dict:
+                 out_dir: Path | None, partitioned: bool = False) -> dict:
     """Accuracy per dev set; each rank generates for a slice (examples rank::world), the predictions are
-    gathered and rank 0 writes them to out_dir/<name>.jsonl (for error analysis and export checks)."""
+    gathered and rank 0 writes them to out_dir/<name>.jsonl (for error analysis and export checks).
+
+    partitioned (ZeRO-3): the training model generates as it is, each module's weights gathered around
+    its forward (no full copy anywhere); all ranks then run the same number of batches in step."""
     from specialize.engine.evaluate import evaluate_model
     e = recipe.eval
     scores = {}
     for name, examples in dev_sets.items():
         mine = examples[rank::world]
         preds = []
-        if mine:
+        # the largest slice's batch count, which every rank must run when the ranks generate together
+        in_step = -(-(-(-len(examples) // world)) // e.batch_size) if partitioned else 0
+        if mine or in_step:
             res = evaluate_model(model, tokenizer, mine, name, fmt=e.format, exemplars=exemplars,
                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                 num_beams=e.num_beams, progress=rank == 0, data_dir=recipe.data.data_dir)
+                                 num_beams=e.num_beams, progress=rank == 0, data_dir=recipe.data.data_dir,
+                                 synced_gpus=partitioned, min_batches=in_step,
+                                 filler=examples[0] if examples else None)
             preds = res.predictions
         gathered = [None] * world
         dist.all_gather_object(gathered, preds)
@@ -290,23 +291,30 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     import deepspeed
     from tqdm import tqdm
 
-    from specialize.engine.batching import BatchBuilder, BatchPlan, ExemplarSets, open_shards, sample_lengths
-    from specialize.engine.data import draw_exemplars, load_dataset_by_name
+    from specialize.engine.batching import (BatchBuilder, BatchPlan, ExemplarSets, first_sample_per_question,
+                                            micro_batch_loader, open_shards, sample_lengths)
+    from specialize.engine.checkpoints import (Rotator, check_every_rank_can_load, checkpoint_tag,
+                                               choose_resume_tag, complete_checkpoints, mark_complete)
+    from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
-    from specialize.engine.export import export_model, plain_model
+    from specialize.engine.export import export_model, model_from_state, rank0_state_dict
+    from specialize.engine.mfu import mfu, peak_tflops
     from specialize.engine.models import build_model, describe, param_counts
     from specialize.engine.rundir import append_jsonl, prepare_run_dir
+    from specialize.engine.step_stats import StepStats
     from specialize.engine.tokenizers import load_tokenizer
 
     rank, world, local_rank = init_distributed(local_rank_arg)
     t, d = recipe.train, recipe.data
     is_main = rank == 0
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
     on_rank0(lambda: prepare_run_dir(recipe, world, resume), rank)
 
     ds_config = build_ds_config(recipe, world)
+    zero_stage = ds_config["zero_optimization"]["stage"]
     if not d.aligned_dir:
         raise ConfigError("data.aligned_dir: the engine trains on aligned shards; set the aligner's out dir")
     tok_name = recipe.model.tokenizer or recipe.model.name_or_path
@@ -331,6 +339,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         model_parameters=None if optimizer else _param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     counts = param_counts(t5)
+    partitioned = zero_stage == 3
 
     shards = open_shards(d.aligned_dir)
     pool_name = f"{d.dataset}/train" if d.dataset == "synthetic" else f"{d.dataset}_train"
@@ -339,7 +348,11 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                                 d.synthetic_sizes or None) if needs_pool and d.shots else []
     builder = BatchBuilder(shards, tokenizer, ExemplarSets(pool, d.shots, t.seed), d.max_source_len,
                            d.max_target_len, with_teacher, vocab_size=t5.config.vocab_size)
-    plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world)
+    answer_only = any(f not in COT_FORMATS for f in d.formats)
+    plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world,
+                     micro_batch_sizes=d.micro_batch_sizes,
+                     answer_pool=first_sample_per_question(shards) if answer_only else None,
+                     answer_lengths=sample_lengths(shards, "input") if answer_only else None)
 
     dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
     dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "test", d.dev_size, t.seed, d.synthetic_sizes or None))
@@ -349,15 +362,16 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     step, consumed, best, best_step = 0, 0, None, None
     if resume:
-        done = complete_checkpoints(ckpt_root)
-        if done:
-            _, last_dir = done[-1]
-            _, client = engine.load_checkpoint(str(ckpt_root), tag=last_dir.name)
+        tag = choose_resume_tag(ckpt_root, rank)  # rank 0 decides; every rank loads the same tag
+        if tag is not None:
+            last_dir = ckpt_root / tag
+            check_every_rank_can_load(last_dir, rank, world, zero_stage)
+            _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
             step, consumed = client["step"], client["micro_batches"]
             best, best_step = client.get("best"), client.get("best_step")
             if client.get("recipe_hash") != recipe_hash(recipe) and is_main:
                 print(f"[train] warning: the recipe (hash {recipe_hash(recipe)}) differs from the one "
-                      f"{last_dir.name} was trained with ({client.get('recipe_hash')}): the run will not "
+                      f"{tag} was trained with ({client.get('recipe_hash')}): the run will not "
                       f"continue exactly as an uninterrupted one", flush=True)
             rng_file = last_dir / f"rng-rank{rank}.pt"
             if rng_file.is_file():
@@ -373,45 +387,46 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tb"))
-        print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{ds_config['zero_optimization']['stage']} "
+        print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{zero_stage} "
               f"{t.precision}{' (built under zero.Init)' if born_partitioned else ''}; {world} rank(s) on "
               f"{device.type}; {len(shards)} aligned samples; "
               f"batch {t.micro_batch_size} x {t.grad_accum} x {world}", flush=True)
     inject_nan = int(os.environ.get("SPECIALIZE_INJECT_NAN_AT_STEP", "0"))
     exit_after = int(os.environ.get("SPECIALIZE_EXIT_AFTER_STEP", "0"))
     peak = peak_tflops()
+    rotator = Rotator(ckpt_root, t.keep_last)
 
     def save_checkpoint() -> None:
-        tag = f"step-{step:06d}"
+        tag = checkpoint_tag(step)
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={
             "step": step, "micro_batches": consumed, "best": best, "best_step": best_step,
             "recipe_hash": recipe_hash(recipe)})
         torch.save(rng_state(), ckpt_root / tag / f"rng-rank{rank}.pt")
         dist.barrier()  # every rank's files are on disk before the checkpoint counts as complete
         if is_main:
-            (ckpt_root / tag / "complete.json").write_text(json.dumps({"step": step, "best_step": best_step}))
-            rotate_checkpoints(ckpt_root, t.keep_last, best_step)
+            mark_complete(ckpt_root / tag, step, best_step, world, zero_stage)
+            rotator.rotate(best_step)  # in the background: the next collective does not wait for deletes
+
+    def export_best(info: dict) -> None:
+        """best/ from rank 0 alone; under ZeRO-3 the weights are gathered module by module onto rank 0."""
+        state = rank0_state_dict(engine, t5, rank)
+        if is_main:
+            export_model(model_from_state(t5.config, state), tokenizer, out / "best", info)
+        del state
         dist.barrier()
 
     def evaluate_and_select() -> None:
         nonlocal best, best_step
         engine.eval()
         with torch.no_grad():
-            # ZeRO-3 weights are sharded: evaluate (and export) a gathered plain copy
-            zero3 = ds_config["zero_optimization"]["stage"] == 3
-            model_for_eval = plain_model(t5, device) if zero3 else t5
-            scores = dev_evaluate(model_for_eval, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
-                                  out / "dev" / f"step-{step:06d}")
-            score = selection_score(scores, recipe)
-            improved = score is not None and not math.isnan(score) and (best is None or score > best)
-            if improved:
-                best, best_step = score, step
-                export_src = model_for_eval if zero3 else (plain_model(t5) if is_main else None)
-                if is_main:
-                    export_model(export_src, tokenizer, out / "best",
-                                 {"step": step, "selection": t.selection, "score": score, **scores})
-            del model_for_eval
+            scores = dev_evaluate(t5, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
+                                  out / "dev" / checkpoint_tag(step), partitioned=partitioned)
         engine.train()
+        score = selection_score(scores, recipe)
+        improved = score is not None and not math.isnan(score) and (best is None or score > best)
+        if improved:
+            best, best_step = score, step
+            export_best({"step": step, "selection": t.selection, "score": score, **scores})
         if is_main:
             append_jsonl(out / "dev_scores.jsonl", {"step": step, **scores, "selection_score": score})
             for k, v in scores.items():
@@ -422,57 +437,61 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     # ------------------------------------------------------------------ train
     engine.train()
+    loader = iter(micro_batch_loader(builder, plan, consumed, consumed + (t.max_steps - step) * t.grad_accum,
+                                     workers=d.num_workers, pin_memory=cuda, seed=t.seed))
     bar = tqdm(total=t.max_steps, initial=step, desc="train", disable=not is_main, dynamic_ncols=True)
-    window = torch.zeros(6, dtype=torch.float64)  # loss, ce, kl, micro-batches, src tokens, tgt tokens
-    train_seconds = 0.0  # time inside steps only: evaluation and saving do not count against throughput
+    stats = StepStats(device)
+    train_seconds = data_wait = 0.0  # time inside steps only: evaluation and saving do not count
     while step < t.max_steps:
         t_step = time.perf_counter()
-        for _ in range(t.grad_accum):
-            batch = builder.collate(plan.micro_batch(consumed))
+        logging = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps
+        for micro in range(t.grad_accum):
+            t_wait = time.perf_counter()
+            batch = next(loader)
+            data_wait += time.perf_counter() - t_wait
             consumed += 1
-            tensors = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "decoder_input_ids",
-                                                         "labels", "topk_ids", "topk_logprobs")}
+            tensors = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
             loss, ce, kl = engine(**tensors)
             if inject_nan and step + 1 == inject_nan and rank == 0:
                 loss = loss * float("nan")
-            # all ranks agree on finiteness before backward, so none waits in a collective alone
-            stats = torch.tensor([loss.item(), float(ce), float(kl), 1.0, batch["n_src_tokens"],
-                                  batch["n_tgt_tokens"]], dtype=torch.float64)
-            dist.all_reduce(stats)
-            if not math.isfinite(stats[0].item()):
-                last = complete_checkpoints(ckpt_root)
-                where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was saved yet"
-                bar.close()
-                raise NonFiniteLoss(f"non-finite loss in step {step + 1} (loss sum over ranks = {stats[0].item()}); "
-                                    f"stopped without saving — {where}. Lower train.lr, check the data, or "
-                                    f"resume with --resume")
-            window += stats
+            stats.add(loss, ce, kl, batch["token_counts"].to(device, non_blocking=True))
             engine.backward(loss)
-            engine.step()
+            if micro < t.grad_accum - 1:
+                engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
+        finite, n_bad = stats.step_is_finite()  # all ranks agree before any optimizer step
+        if not finite:
+            last = complete_checkpoints(ckpt_root)
+            where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was saved yet"
+            bar.close()
+            raise NonFiniteLoss(f"non-finite loss in step {step + 1} ({n_bad} micro-batch(es) over all ranks); "
+                                f"stopped before the optimizer step, without saving — {where}. Lower "
+                                f"train.lr, check the data, or resume with --resume")
+        own_norm = grad_norm_now(model) if logging and zero_stage == 0 else None
+        engine.step()
         step += 1
         train_seconds += time.perf_counter() - t_step
         bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            elapsed = train_seconds
-            n = window[3].item()
-            row = {"step": step, "train/loss": window[0].item() / n, "train/ce": window[1].item() / n,
-                   "train/kl": window[2].item() / n, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_second_per_gpu": (window[4] + window[5]).item() / world / elapsed,
+        if logging:
+            w = stats.reduce_window()
+            n, elapsed = w["micro_batches"], train_seconds
+            norm = engine.get_global_grad_norm()
+            row = {"step": step, "train/loss": w["loss"] / n, "train/ce": w["ce"] / n, "train/kl": w["kl"] / n,
+                   "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(norm) if norm is not None else own_norm,
+                   "tokens_per_second_per_gpu": (w["src_tokens"] + w["tgt_tokens"]) / world / elapsed,
+                   "data_wait_ms_per_step": 1000 * data_wait / (n / world / t.grad_accum),
                    "peak_mem_gb": peak_mem_gb()}
-            if peak:
-                flops = 6 * (counts["encoder"] * window[4].item()
-                             + (counts["decoder"] + counts["lm_head"]) * window[5].item())
-                row["mfu"] = flops / elapsed / world / (peak * 1e12)
+            utilisation = mfu(counts, w["src_tokens"], w["tgt_tokens"], elapsed, world, peak)
+            if utilisation is not None:
+                row["mfu"] = utilisation
             if is_main:
                 append_jsonl(out / "train_log.jsonl", row)
                 for k, v in row.items():
-                    if k != "step":
+                    if k != "step" and v is not None:
                         writer.add_scalar(k, v, step)
                 bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['lr']:.2e}")
-            window.zero_()
-            train_seconds = 0.0
+            train_seconds = data_wait = 0.0
         if t.eval_every > 0 and dev_sets and (step % t.eval_every == 0 or step == t.max_steps):
             evaluate_and_select()
         if step % t.save_every == 0 or step == t.max_steps:
@@ -484,10 +503,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     # ------------------------------------------------------------------ save
     if best_step is None:  # no dev signal: the final weights are the export
-        final = plain_model(t5)
-        if is_main:
-            export_model(final, tokenizer, out / "best", {"step": step, "selection": None})
-        dist.barrier()
+        export_best({"step": step, "selection": None})
+    rotator.wait()
     if is_main:
         print(f"[train] done at step {step}; best step {best_step} ({t.selection} {best}); "
               f"model in {out / 'best'}", flush=True)

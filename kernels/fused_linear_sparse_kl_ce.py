@@ -103,9 +103,10 @@ class FusedLinearSparseKLCEFunction(torch.autograd.Function):
                                              want_h, want_w)
         else:
             grad_h, grad_w = ctx.saved_tensors
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-                grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+            # Always scale, never test grad_loss == 1 first: that test reads the device from the host
+            # (a sync per backward), and DeepSpeed's 1/grad_accum makes it != 1 anyway. x * 1.0 is exact.
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
         return (grad_h, grad_w) + (None,) * 12
 
 

@@ -308,7 +308,8 @@ class SparseKLCEFunction(torch.autograd.Function):
             return (None,) * 11
         if ctx.reduction == "none":
             grad = grad * grad_loss.to(grad.dtype)[:, None]
-        elif not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        else:
+            # always scale, never test grad_loss == 1 first (a host sync per backward); x * 1.0 is exact
             grad = grad * grad_loss.to(grad.dtype)
         return (grad,) + (None,) * 10
 

@@ -186,7 +186,8 @@ def test_ds_config_user_json_must_agree(world, tmp_path):
         build_ds_config(_recipe(world, tmp_path, deepspeed={"zero_stage": 2, "offload": ["param"]}), 2)
     with pytest.raises(ConfigError, match="optimizer"):
         build_ds_config(_recipe(world, tmp_path, deepspeed={"config": {"optimizer": {"type": "Adam"}}}), 2)
-    with pytest.warns(UserWarning, match="overflow"):
+    # fp16: the fused/sparse loss gradients would underflow to zero — refused, naming bf16
+    with pytest.raises(ConfigError, match=r"fp16.*silently be zero.*bf16"):
         build_ds_config(_recipe(world, tmp_path, train={"precision": "fp16"}), 1)
 
 

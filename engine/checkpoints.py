@@ -1,0 +1,122 @@
+"""Checkpoints across ranks and nodes: the complete ones, the one to resume, whether every rank can read
+it, and rotation that never holds up a collective.
+
+A checkpoint is `<output_dir>/checkpoints/step-XXXXXX/`: DeepSpeed's files, one `rng-rank{r}.pt` per rank
+and, written by rank 0 after every rank's files are on disk, `complete.json`. Only rank 0 lists the
+folder and picks the tag to resume; it broadcasts it, so ranks that see the filesystem differently
+(node-local disks, a slow shared mount) cannot load different steps and hang. Each rank then checks that
+its own files of that tag exist, and all ranks stop with one message if any rank's are missing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from specialize.engine.config import ConfigError
+
+
+class CheckpointUnreadable(ConfigError):
+    """A rank cannot see its files of the checkpoint rank 0 chose (the run folder is not shared)."""
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint whose save finished on all ranks, oldest first."""
+    found = []
+    for d in Path(root).glob("step-*"):
+        if (d / "complete.json").is_file():
+            found.append((int(d.name.split("-")[1]), d))
+    return sorted(found)
+
+
+def mark_complete(ckpt_dir: Path, step: int, best_step: Optional[int], world: int, zero_stage: int) -> None:
+    (ckpt_dir / "complete.json").write_text(json.dumps({"step": step, "best_step": best_step, "world": world,
+                                                        "zero_stage": zero_stage}))
+
+
+def choose_resume_tag(root: Path, rank: int) -> Optional[str]:
+    """Rank 0's newest complete checkpoint tag (None: there is none), the same on every rank."""
+    box = [None]
+    if rank == 0:
+        done = complete_checkpoints(root)
+        box[0] = done[-1][1].name if done else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def files_this_rank_reads(ckpt_dir: Path, rank: int, zero_stage: int) -> list[str]:
+    """What `engine.load_checkpoint` opens on `rank` (DeepSpeed's naming), plus its RNG state: the
+    module states of rank 0 under ZeRO 0-2 (every rank loads them), the rank's own partition of
+    the model (ZeRO-3) and of the optimizer (ZeRO >= 1). Globs name the ZeRO files, whose dtype prefix
+    (bf16_/fp16_/none) depends on the precision."""
+    wanted = [f"rng-rank{rank}.pt"]
+    if zero_stage <= 2:
+        wanted.append("mp_rank_00_model_states.pt")
+    else:
+        wanted.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    if zero_stage >= 1:
+        wanted.append(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    return wanted
+
+
+def check_every_rank_can_load(ckpt_dir: Path, rank: int, world: int, zero_stage: int) -> None:
+    """Every rank checks its own files of `ckpt_dir`; if any rank misses one, every rank raises
+    CheckpointUnreadable naming the ranks and paths (a collective: all ranks call it)."""
+    info = {}
+    if (ckpt_dir / "complete.json").is_file():
+        info = json.loads((ckpt_dir / "complete.json").read_text())
+    written_by = info.get("world", world)
+    missing = []
+    if not (ckpt_dir / "complete.json").is_file():
+        missing.append(str(ckpt_dir / "complete.json"))
+    elif rank < written_by:  # a rank beyond the world that wrote it has no files of its own there
+        for pattern in files_this_rank_reads(ckpt_dir, rank, zero_stage):
+            if not list(ckpt_dir.glob(pattern)):
+                missing.append(str(ckpt_dir / pattern))
+    everyone = [missing]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, missing)
+    lines = [f"  rank {r}: {', '.join(m)}" for r, m in enumerate(everyone) if m]
+    if lines:
+        raise CheckpointUnreadable(
+            f"cannot resume from {ckpt_dir} (chosen by rank 0): files missing on\n" + "\n".join(lines) +
+            "\nEvery rank reads the checkpoint rank 0 chose, so train.output_dir must be one folder on a "
+            "filesystem shared by all nodes (and fully written: check that no copy or sync is still running)")
+
+
+class Rotator:
+    """Deletes old checkpoints on rank 0 in a background thread: removing 100+ GB can take longer than
+    the collective timeout, and the other ranks must not wait for it in a barrier."""
+
+    def __init__(self, root: Path, keep_last: int):
+        self.root, self.keep_last = Path(root), keep_last
+        self._thread: Optional[threading.Thread] = None
+
+    def rotate(self, best_step: Optional[int]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._delete_old, args=(best_step,), name="rotate-checkpoints",
+                                        daemon=False)
+        self._thread.start()
+
+    def _delete_old(self, best_step: Optional[int]) -> None:
+        done = complete_checkpoints(self.root)
+        for step, d in done[: max(0, len(done) - self.keep_last)]:
+            if step != best_step:
+                # not complete first: an interrupted delete never leaves a "complete" half checkpoint
+                (d / "complete.json").unlink(missing_ok=True)
+                shutil.rmtree(d, ignore_errors=True)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
