@@ -1,0 +1,112 @@
+"""The engine's real entry point, instrumented for tests (run under torchrun like the engine itself).
+
+PROBE=syncs: counts host reads of tensor values (`Tensor.item`, `__float__`, `__int__`, `__bool__`,
+`tolist`, `torch.equal`) made in the training process, by whose code asked (see _owner), and their running
+totals at each optimizer step; on a GPU each read of a device tensor waits for the device. PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
+full host state dict built, per rank. Each rank writes <PROBE_OUT>/probe-rank<r>.json at exit.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+MODE, OUT = os.environ["PROBE"], Path(os.environ["PROBE_OUT"])
+record: dict = {"reads": {}, "where": {}, "reads_at_step": [], "gathers": [], "full_state_dicts": 0, "training": False}
+
+
+def _owner(frame) -> str:
+    """Whose code asked for the value: the nearest caller that is DeepSpeed's, torch.optim's step counter
+    (a host tensor on GPUs too, unless fused/capturable), or anything else (ours, transformers', torch's)."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/deepspeed/" in name:
+            return "deepspeed"
+        if name.endswith("torch/optim/optimizer.py"):
+            return "optimizer_step_counter"
+        if "/transformers/" in name or "/specialize/" in name or name.startswith(str(Path(__file__).parents[1])):
+            return "ours"
+        frame = frame.f_back
+    return "ours"
+
+
+def _counted(fn):
+    def wrapper(*args, **kwargs):
+        caller = sys._getframe(1)
+        owner = _owner(caller)
+        record["reads"][owner] = record["reads"].get(owner, 0) + 1
+        where = f"{owner} {caller.f_code.co_filename}:{caller.f_lineno}"
+        record["where"][where] = record["where"].get(where, 0) + 1  # which code reads, when over budget
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _install_sync_counters() -> None:
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        setattr(torch.Tensor, name, _counted(getattr(torch.Tensor, name)))
+    torch.equal = _counted(torch.equal)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    step = DeepSpeedEngine.step
+
+    def counted_step(self, *args, **kwargs):
+        if self.is_gradient_accumulation_boundary():  # an optimizer step, not a micro-step
+            record["reads_at_step"].append(dict(record["reads"]))
+        return step(self, *args, **kwargs)
+    DeepSpeedEngine.step = counted_step
+
+
+def _install_gather_recorder() -> None:
+    import deepspeed
+    from specialize.engine import export
+    gathered = deepspeed.zero.GatheredParameters
+
+    class Recorded(gathered):
+        def __init__(self, params, *args, **kwargs):
+            if record["training"]:  # evaluation and export; the start-up init gathers are transformers'
+                params_list = [params] if isinstance(params, torch.nn.Parameter) else list(params or [])
+                unique = {id(p): p for p in params_list}.values()  # a tied weight is one tensor
+                record["gathers"].append(sum(getattr(p, "ds_numel", p.numel()) for p in unique))
+            super().__init__(params, *args, **kwargs)
+    deepspeed.zero.GatheredParameters = Recorded
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    step = DeepSpeedEngine.step
+
+    def marked_step(self, *args, **kwargs):
+        record["training"] = True
+        return step(self, *args, **kwargs)
+    DeepSpeedEngine.step = marked_step
+    import deepspeed.runtime.engine as ds_engine
+    ds_engine.deepspeed.zero.GatheredParameters = Recorded  # the name DeepSpeed's consolidation calls
+    host_copy = export._host_copy
+
+    def counted_copy(state):
+        record["full_state_dicts"] += 1
+        return host_copy(state)
+    export._host_copy = counted_copy
+    consolidated = ds_engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict
+
+    def counted_consolidated(self, *args, **kwargs):
+        state = consolidated(self, *args, **kwargs)
+        if state is not None:
+            record["full_state_dicts"] += 1
+        return state
+    ds_engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict = counted_consolidated
+
+
+def _write() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    (OUT / f"probe-rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    {"syncs": _install_sync_counters, "gathers": _install_gather_recorder}[MODE]()
+    atexit.register(_write)
+    from specialize.engine.train import main
+    code = main(sys.argv[1:])
+    _write()
+    sys.exit(code)
