@@ -8,8 +8,7 @@
 Each configuration runs in its own process (the engine through its real entry point, the baseline
 through `--hf-worker`) on the synthetic world of benchmarks/engine_runs.py: every micro-batch is exactly
 B × S source and B × T target tokens, so both sides count the same tokens. Tokens/s = (S + T)·B per step,
-median over the steps after warm-up. MFU = 6·(P_enc·S + (P_dec + P_lm_head)·T)·B / step time / peak
-(the engine's own formula). "peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
+median over the steps after warm-up. MFU: the engine's own formula and peak table (engine/mfu.py). "peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
 RSS on CPU; "host GiB" is the peak RSS of the whole process tree (sampled). On CPU the MFU peak is
 this machine's measured fp32 GEMM rate, so CPU "MFU" is a fraction of what a matmul alone reaches
 here, not of a datasheet figure.
@@ -70,7 +69,8 @@ def cpu_gemm_tflops(n: int = 1024, reps: int = 8) -> float:
 
 
 def model_flops_per_step(counts: dict, batch: int, src: int, tgt: int) -> float:
-    return 6 * (counts["encoder"] * src + (counts["decoder"] + counts["lm_head"]) * tgt) * batch
+    from specialize.engine.mfu import model_flops  # the engine's own formula, one owner
+    return model_flops(counts, batch * src, batch * tgt)
 
 
 # ----------------------------------------------------------------------------- the HF baseline (own process)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if peak is None and mode.startswith("cpu"):
         peak = cpu_gemm_tflops()
     elif peak is None:  # the engine's table of bf16 dense peaks by GPU name (H100: 989 TFLOP/s)
-        from specialize.engine.train import peak_tflops
+        from specialize.engine.mfu import peak_tflops
         peak = peak_tflops()
     zeros = [int(z) for z in args.zero.split(",")] if args.zero else None
     rows = bench(mode, args.steps, zeros, args.gpus, args.no_hf, peak)

@@ -1,8 +1,13 @@
-"""The engine's real entry point, instrumented for tests (run under torchrun like the engine itself).
+"""The engine's real entry point, instrumented (run under torchrun like the engine itself), for the tests
+that guard the GPU path and for bench_host_syncs.
+
+    PROBE=syncs PROBE_OUT=DIR torchrun --nproc_per_node 2 benchmarks/engine_probe.py --recipe R.yaml
 
 PROBE=syncs: counts host reads of tensor values (`Tensor.item`, `__float__`, `__int__`, `__bool__`,
 `tolist`, `torch.equal`) made in the training process, by whose code asked (see _owner), and their running
-totals at each optimizer step; on a GPU each read of a device tensor waits for the device. PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
+totals at each optimizer step; on a GPU each read of a device tensor waits for the device. It also times
+batch collation done in the training process itself (`collate_s`): with DataLoader workers that is zero,
+and the wait for a batch is `data_wait_ms_per_step` in train_log.jsonl. PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
 full host state dict built, per rank. Each rank writes <PROBE_OUT>/probe-rank<r>.json at exit.
 """
 from __future__ import annotations
@@ -11,24 +16,31 @@ import atexit
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 MODE, OUT = os.environ["PROBE"], Path(os.environ["PROBE_OUT"])
-record: dict = {"reads": {}, "where": {}, "reads_at_step": [], "gathers": [], "full_state_dicts": 0, "training": False}
+# checkouts whose code counts as ours: this one, and the one being measured (PROBE_OURS) if another
+OURS = tuple(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PROBE_OURS")) if p)
+record: dict = {"reads": {}, "where": {}, "reads_at_step": [], "gathers": [], "full_state_dicts": 0, "training": False,
+                 "collate_s": 0.0, "in_collate": False}
 
 
 def _owner(frame) -> str:
-    """Whose code asked for the value: the nearest caller that is DeepSpeed's, torch.optim's step counter
-    (a host tensor on GPUs too, unless fused/capturable), or anything else (ours, transformers', torch's)."""
+    """Whose code asked for the value: batch collation (host tensors, never a device sync), the nearest
+    caller that is DeepSpeed's, torch.optim's step counter (a host tensor on GPUs too, unless
+    fused/capturable), or anything else (ours, transformers', torch's)."""
+    if record["in_collate"]:
+        return "collate_host"
     while frame is not None:
         name = frame.f_code.co_filename
         if "/deepspeed/" in name:
             return "deepspeed"
         if name.endswith("torch/optim/optimizer.py"):
             return "optimizer_step_counter"
-        if "/transformers/" in name or "/specialize/" in name or name.startswith(str(Path(__file__).parents[1])):
+        if "/transformers/" in name or "/specialize/" in name or name.startswith(OURS):
             return "ours"
         frame = frame.f_back
     return "ours"
@@ -57,6 +69,18 @@ def _install_sync_counters() -> None:
             record["reads_at_step"].append(dict(record["reads"]))
         return step(self, *args, **kwargs)
     DeepSpeedEngine.step = counted_step
+    from specialize.engine.batching import BatchBuilder
+    collate = BatchBuilder.collate
+
+    def timed_collate(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        record["in_collate"] = True
+        try:
+            return collate(self, *args, **kwargs)
+        finally:
+            record["in_collate"] = False
+            record["collate_s"] += time.perf_counter() - t0
+    BatchBuilder.collate = timed_collate  # a worker's copy adds to the worker's record, not this one
 
 
 def _install_gather_recorder() -> None:
