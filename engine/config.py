@@ -75,6 +75,16 @@ class TeacherConfig:
     top_logprobs: int = 5
     format: str = "in_context_cot"
     shots: int = 8
+    # In-context exemplars: seeded (a seeded draw from GSM8K train minus dev) or complex (the 8
+    # train exemplars with the most rationale lines, Fu et al. 2022's complexity-based prompt, in
+    # its "Question: ... Let's think step by step" style; GSM8K only).
+    prompt: Literal["seeded", "complex"] = "seeded"
+    # Stop sequences sent with every request; None = the prompt style's ("\nQ:", "\nQuestion:"),
+    # [] = none. Part of the teacher folder's configuration hash.
+    stop: Optional[list[str]] = None
+    # Cut each sample (text, tokens, logprobs, top-k) at the end of its first answer line, as the
+    # paper did; the record keeps what was cut in its "cut" field.
+    cut_at_answer: bool = True
     limit: Optional[int] = None
     concurrency: int = 16
     requests_per_minute: Optional[float] = None

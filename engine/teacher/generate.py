@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from .backends import MalformedResponse, TeacherBackendError, TransientError
 from .ratelimit import RateLimiter, backoff_delay
 from .records import ShardStore, add_usage
+from .truncate import cut_sample, resolve_stop
 
 # Settings that change what a sample is; the rest (concurrency, limits, timeouts, sample count,
 # question limit) can differ between a run and its resume.
 HASHED_FIELDS = ("backend", "model", "api", "dataset", "split", "temperature", "max_tokens", "top_logprobs",
-                 "format", "shots")
+                 "format", "shots", "prompt", "stop", "cut_at_answer")
 
 
 def prompt_hash(prompt: str) -> str:
@@ -68,6 +69,7 @@ def hashed_settings(cfg, backend=None) -> dict:
         d["model"] = getattr(backend, "model_name", None) or getattr(backend, "model", None)
     if d["backend"] != "openai":
         d["api"] = None  # only the openai backend has two APIs
+    d["stop"] = resolve_stop(cfg.stop)  # what is really sent, so None and its expansion hash alike
     return d
 
 
@@ -123,6 +125,7 @@ def _cost(cfg, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
 
 async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, progress: bool) -> dict:
     limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+    stop = resolve_stop(cfg.stop)
     redact = _Redactor(cfg.api_key_env)
     stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
     bar = tqdm(total=sum(len(t[2]) for t in todo), unit="sample", desc="teacher", disable=not progress,
@@ -139,7 +142,7 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
             try:
                 comp = await backend.sample(prompt, len(indices), temperature=cfg.temperature,
                                             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
-                                            seed=_stable_int(ex.id, indices[0]))
+                                            seed=_stable_int(ex.id, indices[0]), stop=stop or None)
             except TransientError as e:
                 error, kind, retry_after = str(e), "transient", e.retry_after
             except MalformedResponse as e:
@@ -148,7 +151,8 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
                 error, kind = str(e), "fatal"
                 break
             else:
-                records = [_record(cfg, ex, prompt, idx, s, comp) for idx, s in zip(indices, comp.samples)]
+                records = [_record(cfg, ex, prompt, idx, *_cut(cfg, s, stop), comp)
+                           for idx, s in zip(indices, comp.samples)]
                 written = store.append(records)
                 stats["samples"] += written
                 stats["prompt_tokens"] += comp.prompt_tokens
@@ -182,11 +186,22 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
     return stats
 
 
-def _record(cfg, ex, prompt: str, index: int, s, comp) -> dict:
+def _cut(cfg, sample, stop: list[str]):
+    """(sample, cut field): cut at the first answer line unless the recipe turns that off; the
+    dropped text is kept in the record so the filter can report the share kept without the cut."""
+    if not cfg.cut_at_answer:
+        return sample, None
+    kept, cut = cut_sample(sample, stop)
+    if cut is not None:
+        cut["dropped_text"] = sample.text[len(kept.text):]
+    return kept, cut
+
+
+def _record(cfg, ex, prompt: str, index: int, s, cut, comp) -> dict:
     return {"qid": ex.id, "sample_index": index, "prompt_hash": prompt_hash(prompt), "question": ex.question,
             "gold": ex.answer, "dataset": ex.source or cfg.dataset, "text": s.text, "tokens": s.tokens,
             "token_bytes": s.token_bytes, "token_logprobs": s.token_logprobs, "top_logprobs": s.top_logprobs,
-            "finish_reason": s.finish_reason,
+            "finish_reason": s.finish_reason, "cut": cut,
             "usage": {"prompt_tokens": comp.prompt_tokens, "completion_tokens": len(s.tokens)},
             "model": comp.model}
 
