@@ -45,6 +45,9 @@ class DataConfig:
     data_dir: Optional[str] = None
     # GSM8K train questions held out as in-distribution dev (the paper used a few hundred).
     dev_size: int = 300
+    # Items of each OOD set (multiarith, asdiv, svamp, synthetic/ood_*) held out as its dev part,
+    # seeded and disjoint from the test part the test stage scores (engine/data/loaders.py).
+    ood_dev_size: int = 200
     # Output of the aligner (shards the engine trains on).
     aligned_dir: Optional[str] = None
     # Mixture of prompt formats and their sampling ratios.

@@ -136,6 +136,8 @@ def format_table(choices: dict[str, Choice]) -> str:
         cells = [c.rule] + ([c.run] if multi_run else []) + [str(c.step), _pct(c.in_dist), _pct(c.ood), _pct(c.mean)]
         cells += [_pct(c.test.get(d)) for d in datasets]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\n(dev columns: the engine's dev sets, i.e. the held-out GSM8K/synthetic dev and each OOD set's dev "
+                 "part; test columns: the test part, disjoint from it; see data.ood_dev_size)")
     if any(not c.test for c in choices.values()):
         lines.append("\n(n/a test scores: run `specialize eval --run RUN --datasets ...` to fill RUN/test_scores.jsonl)")
     return "\n".join(lines)
