@@ -122,7 +122,8 @@ def stage_key(run: Run, stage: str) -> str:
     teacher = {k: v for k, v in d["teacher"].items() if k not in ("concurrency", "out_dir", "timeout", "max_retries")}
     if stage == "toy":
         return _hash([data_src, run.recipe.teacher.model, run.recipe.model.name_or_path, run.recipe.model.config])
-    if run.recipe.teacher.format.startswith("in_context") and run.recipe.teacher.shots:
+    if run.recipe.teacher.format.startswith("in_context") and run.recipe.teacher.shots \
+            and run.recipe.teacher.prompt == "seeded":
         teacher["exemplar_seed"] = run.recipe.train.seed  # stage_teacher draws the exemplars with it
     if stage in ("teacher", "filter"):
         return _hash([stage, data_src, teacher])

@@ -36,18 +36,31 @@ def _stable_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "big")
 
 
-def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0) -> list[str]:
-    """One prompt per example. In-context formats use one fixed k-shot set drawn from `pool` by `seed`
-    (the paper's single prompt for all questions); a question that is itself one of those exemplars
-    gets its own draw with it excluded, so no prompt ever contains its own question."""
+def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0,
+                  prompt: str = "seeded") -> list[str]:
+    """One prompt per example. In-context formats use one fixed k-shot set (the paper's single prompt
+    for all questions): drawn from `pool` by `seed` (prompt "seeded"), or the `shots` exemplars of
+    `pool` with the most reasoning steps in the complexity-based style (prompt "complex",
+    in_context_cot only). A question that is itself one of those exemplars gets its own set with it
+    excluded, so no prompt ever contains its own question."""
     from specialize.engine.data import build_prompt, draw_exemplars
-    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS
-    if fmt not in IN_CONTEXT_FORMATS:
+    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS, build_complex_prompt, complex_exemplars
+    if prompt not in ("seeded", "complex"):
+        raise ValueError(f"teacher.prompt must be 'seeded' or 'complex', got {prompt!r}")
+    if prompt == "complex":
+        if fmt != "in_context_cot":
+            raise ValueError(f"teacher.prompt complex is a chain-of-thought few-shot prompt: it needs "
+                             f"teacher.format in_context_cot, got {fmt!r}")
+        pick = lambda exclude=None: complex_exemplars(pool, shots, exclude_id=exclude)  # noqa: E731
+        render = build_complex_prompt
+    elif fmt in IN_CONTEXT_FORMATS:
+        pick = lambda exclude=None: draw_exemplars(pool, shots, seed, exclude_id=exclude)  # noqa: E731
+        render = lambda question, shots_: build_prompt(question, fmt, shots_)  # noqa: E731
+    else:
         return [build_prompt(ex.question, fmt) for ex in examples]
-    fixed = draw_exemplars(pool, shots, seed)
+    fixed = pick()
     fixed_ids = {e.id for e in fixed}
-    return [build_prompt(ex.question, fmt, fixed if ex.id not in fixed_ids
-                         else draw_exemplars(pool, shots, seed, exclude_id=ex.id)) for ex in examples]
+    return [render(ex.question, fixed if ex.id not in fixed_ids else pick(ex.id)) for ex in examples]
 
 
 def make_backend(cfg):
@@ -90,11 +103,11 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     cfg = config
     backend = backend or make_backend(cfg)
     settings = hashed_settings(cfg, backend)
-    if cfg.format.startswith("in_context") and cfg.shots:
+    if cfg.format.startswith("in_context") and cfg.shots and cfg.prompt == "seeded":
         settings["exemplar_seed"] = seed  # it picks the exemplars, so the prompts: part of what a folder holds
     store = ShardStore(out_dir, settings)
     pool = list(exemplar_pool) if exemplar_pool is not None else list(examples)
-    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed)
+    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed, prompt=cfg.prompt)
     per_request = max(1, samples_per_request or cfg.samples)
     todo = []
     for ex, prompt in zip(examples, prompts):
