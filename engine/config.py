@@ -54,12 +54,31 @@ class DataConfig:
     formats: dict[str, float] = field(default_factory=lambda: {"in_context_cot": 1.0})
     # per_batch: one format per micro-batch (the paper); mixed: formats mixed inside a batch.
     format_mixing: Literal["per_batch", "mixed"] = "per_batch"
+    # Per-format micro-batch size per GPU ({format: int}), so that a micro-batch holds a similar
+    # number of tokens whatever its format (the paper's conf/batch_size); a format not named, or
+    # an empty mapping, uses train.micro_batch_size. Keys must be formats of data.formats.
+    micro_batch_sizes: dict[str, int] = field(default_factory=dict)
     # Exemplars prepended by the in-context formats, drawn from train by seed.
     shots: int = 4
     max_source_len: int = 512
     max_target_len: int = 256
     # Synthetic mini-world only: how many questions per split.
     synthetic_sizes: dict[str, int] = field(default_factory=dict)
+
+    def micro_batch_size_for(self, fmt: str, default: int) -> int:
+        """The micro-batch size of `fmt`: data.micro_batch_sizes[fmt], else `default`
+        (train.micro_batch_size)."""
+        return self.micro_batch_sizes.get(fmt, default)
+
+    def __post_init__(self):
+        for fmt, size in self.micro_batch_sizes.items():
+            if fmt not in self.formats:
+                raise ConfigError(f"data.micro_batch_sizes.{fmt}: not a format of data.formats "
+                                  f"({', '.join(self.formats)})")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"data.micro_batch_sizes.{fmt}: expected a positive int, got {size!r}")
+        if self.ood_dev_size < 0:
+            raise ConfigError(f"data.ood_dev_size: expected an int >= 0, got {self.ood_dev_size}")
 
 
 @dataclass
