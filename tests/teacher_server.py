@@ -183,6 +183,7 @@ class RamblingTeacher:
         from specialize.engine.data import build_target
         self.by_question = {e.question.strip(): (build_target(e, None, "zero_shot_cot"), e.answer) for e in examples}
         self.honour_stop = honour_stop
+        self.prompts: list[str] = []
 
     def _question(self, prompt: str) -> str:
         import re
@@ -199,6 +200,7 @@ class RamblingTeacher:
                     seed=None, stop=None):
         import re
         from specialize.engine.teacher.backends import Completion, Sample
+        self.prompts.append(prompt)
         target, gold = self.by_question[self._question(prompt)]
         samples = []
         for i in range(n):

@@ -146,3 +146,27 @@ def test_hf_backend_stops_rows_at_a_stop_string_and_generate_cuts_it(hf, tmp_pat
             assert r["cut"]["reason"] == "stop_sequence"
     settings = json.loads((Path(tmp_path) / "hf" / "manifest.json").read_text())["settings"]
     assert settings["stop"] == [stop] and settings["cut_at_answer"] is True
+
+
+def test_cli_sends_the_complex_prompt_and_hashes_it(tmp_path, capsys):
+    from specialize.engine.data.prompts import build_complex_prompt, complex_exemplars
+    from specialize.engine.teacher.cli import main
+    data = "/work/shared/data"
+    train = load_dataset_by_name("gsm8k_train", data, dev_size=300, seed=42)
+    teacher = RamblingTeacher(train[:3])
+    with TeacherServer(teacher, model_name="rambling", lifetime=60) as srv:
+        argv = ["generate", "--backend", "openai", "--model", "rambling", "--base-url", srv.base_url,
+                "--api-key-env", "TEACHER_TEST_KEY", "--dataset", "gsm8k", "--split", "train", "--data-dir", data,
+                "--samples", "2", "--max-tokens", "300", "--top-logprobs", str(K), "--format", "in_context_cot",
+                "--shots", "8", "--prompt", "complex", "--limit", "3", "--seed", "42", "--no-progress",
+                "--out", str(tmp_path / "t")]
+        assert main(argv) == 0
+        assert main(argv[:-3] + ["--no-progress", "--prompt", "seeded", "--out", str(tmp_path / "t")]) == 2
+    assert "differs in" in capsys.readouterr().err  # another prompt is another configuration
+    shots = complex_exemplars(train)
+    assert teacher.prompts[0] == build_complex_prompt(train[0].question, shots)
+    settings = json.loads((tmp_path / "t" / "manifest.json").read_text())["settings"]
+    assert settings["prompt"] == "complex" and "exemplar_seed" not in settings
+    recs = list(iter_records(tmp_path / "t"))
+    assert len(recs) == 6 and all(r["cut"]["reason"] == "answer_line" for r in recs)
+    assert filter_samples(str(tmp_path / "t"), str(tmp_path / "k"), verbose=False)["kept"] == 6
