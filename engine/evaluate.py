@@ -328,7 +328,7 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
                          seed: int = 0, data_dir=None, **gen) -> list[dict]:
     """Score every kept checkpoint of a run on `datasets` (DeepSpeed ones exported to HF first, see
     `checkpoint_steps`); append one row per step to
-    RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n"}).
+    RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n", "<dataset>_split"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir() and (run / "train" / "checkpoints").is_dir():

@@ -10,7 +10,8 @@ given first. For each rule's choice we print its test scores on every dataset si
 Inputs, per run dir (the engine's <train.output_dir>, or a pipeline run dir holding train/):
   dev_scores.jsonl   written by the engine: {"step": int, "dev/<name>_acc": float, ...} per evaluation
   test_scores.jsonl  written by `specialize eval --run RUN` (evaluate.evaluate_checkpoints):
-                     {"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int}
+                     {"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int,
+                      "<dataset>_split": which part was scored, e.g. an OOD set's test part}
                      per checkpoint; the last line of a step wins
   recipe.yaml        train.dev_in_dist / train.dev_ood say which dev set is which
                      (--in-dist / --ood override; without either, gsm8k_dev or synthetic/dev is in-dist)
