@@ -81,3 +81,15 @@ def test_report_states_teacher_yield_and_ood_split(tiny_demo):
     assert scored["split"].startswith("test part")
     ids = {p["id"] for p in scored.get("predictions", [])}
     assert ids and ids <= {e.id for e in test}
+
+
+def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
+    """The engine's dev predictions (train/dev/step-*/<name>.jsonl) on the OOD split are all from its
+    dev part, so checkpoint selection never sees a test item."""
+    from specialize.engine.data import load_dataset_by_name
+    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=demo.OOD_DEV)}
+    dumps = sorted((tiny_demo / "dm" / "train" / "dev").glob(f"step-*/{demo.OOD[0].replace('/', '_')}.jsonl"))
+    assert dumps, "the engine wrote no dev predictions for the OOD dev set"
+    for path in dumps:
+        ids = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+        assert ids and ids <= dev, path
