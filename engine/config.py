@@ -45,12 +45,19 @@ class DataConfig:
     data_dir: Optional[str] = None
     # GSM8K train questions held out as in-distribution dev (the paper used a few hundred).
     dev_size: int = 300
+    # Items of each OOD set (multiarith, asdiv, svamp, synthetic/ood_*) held out as its dev part,
+    # seeded and disjoint from the test part the test stage scores (engine/data/loaders.py).
+    ood_dev_size: int = 200
     # Output of the aligner (shards the engine trains on).
     aligned_dir: Optional[str] = None
     # Mixture of prompt formats and their sampling ratios.
     formats: dict[str, float] = field(default_factory=lambda: {"in_context_cot": 1.0})
     # per_batch: one format per micro-batch (the paper); mixed: formats mixed inside a batch.
     format_mixing: Literal["per_batch", "mixed"] = "per_batch"
+    # Per-format micro-batch size per GPU ({format: int}), so that a micro-batch holds a similar
+    # number of tokens whatever its format (the paper's conf/batch_size); a format not named, or
+    # an empty mapping, uses train.micro_batch_size. Keys must be formats of data.formats.
+    micro_batch_sizes: dict[str, int] = field(default_factory=dict)
     # Exemplars prepended by the in-context formats, drawn from train by seed.
     shots: int = 4
     max_source_len: int = 512
@@ -62,6 +69,21 @@ class DataConfig:
     micro_batch_sizes: dict[str, int] = field(default_factory=dict)
     # DataLoader worker processes that collate micro-batches ahead of the step (0: in the training process).
     num_workers: int = 2
+
+    def micro_batch_size_for(self, fmt: str, default: int) -> int:
+        """The micro-batch size of `fmt`: data.micro_batch_sizes[fmt], else `default`
+        (train.micro_batch_size)."""
+        return self.micro_batch_sizes.get(fmt, default)
+
+    def __post_init__(self):
+        for fmt, size in self.micro_batch_sizes.items():
+            if fmt not in self.formats:
+                raise ConfigError(f"data.micro_batch_sizes.{fmt}: not a format of data.formats "
+                                  f"({', '.join(self.formats)})")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"data.micro_batch_sizes.{fmt}: expected a positive int, got {size!r}")
+        if self.ood_dev_size < 0:
+            raise ConfigError(f"data.ood_dev_size: expected an int >= 0, got {self.ood_dev_size}")
 
 
 @dataclass
@@ -80,6 +102,16 @@ class TeacherConfig:
     top_logprobs: int = 5
     format: str = "in_context_cot"
     shots: int = 8
+    # In-context exemplars: seeded (a seeded draw from GSM8K train minus dev) or complex (the 8
+    # train exemplars with the most rationale lines, Fu et al. 2022's complexity-based prompt, in
+    # its "Question: ... Let's think step by step" style; GSM8K only).
+    prompt: Literal["seeded", "complex"] = "seeded"
+    # Stop sequences sent with every request; None = the prompt style's ("\nQ:", "\nQuestion:"),
+    # [] = none. Part of the teacher folder's configuration hash.
+    stop: Optional[list[str]] = None
+    # Cut each sample (text, tokens, logprobs, top-k) at the end of its first answer line, as the
+    # paper did; the record keeps what was cut in its "cut" field.
+    cut_at_answer: bool = True
     limit: Optional[int] = None
     concurrency: int = 16
     requests_per_minute: Optional[float] = None

@@ -27,6 +27,7 @@ from specialize.engine.toy_teacher import ToyScale, prepare_toy_models
 IN_DIST = "synthetic/test"
 OOD = ["synthetic/ood_steps", "synthetic/ood_templates", "synthetic/ood_numbers"]
 GENERIC = ["synthetic/generic_sort", "synthetic/generic_count", "synthetic/generic_bool"]
+OOD_DEV = 64  # items of each OOD split held out as its dev part (data.ood_dev_size)
 
 # The full demo (<= 15 min on 2 cores) and the --tiny one the tests run (about a minute).
 SCALES = {
@@ -60,14 +61,15 @@ def demo_recipe(out: Path, scale: dict, kind: str) -> dict:
         "output_dir": str(out),
         "model": {"name_or_path": str(toy / "student_start"), "config": scale["toy"].student_config,
                   "tokenizer": str(toy / "student_start")},
-        "data": {"dataset": "synthetic", "dev_size": 64, "formats": {"zero_shot_cot": 1.0}, "shots": 2,
-                 "max_source_len": 256, "max_target_len": 128, "synthetic_sizes": scale["sizes"]},
+        # ood_dev_size: each OOD split's dev part (selection), disjoint from the test part scored below
+        "data": {"dataset": "synthetic", "dev_size": 64, "ood_dev_size": OOD_DEV, "formats": {"zero_shot_cot": 1.0},
+                 "shots": 2, "max_source_len": 256, "max_target_len": 128, "synthetic_sizes": scale["sizes"]},
         "teacher": {"backend": "hf", "model": str(toy / "teacher"), "dataset": "synthetic", "split": "train",
                     "format": "zero_shot_cot", "shots": 0, "temperature": 0.7, "top_logprobs": 5,
                     "concurrency": 1, "out_dir": str(out / "teacher"), **scale["teacher"]},
         "aligner": {"teacher_tokenizer": str(toy / "teacher"), "student_tokenizer": str(toy / "student_start"),
                     "out_dir": str(out / "aligned")},
-        "loss": {"kind": kind, "alpha": 0.5, "fused_linear": True},
+        "loss": {"kind": kind, "alpha": 0.0, "fused_linear": True},  # the recipes' default: KL only (DM)
         "deepspeed": {"config": {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
                                  "steps_per_print": 100000}, "zero_stage": 0},
         "train": {"seed": 0, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 20, "precision": "fp32",
@@ -169,8 +171,12 @@ def findings(runs: list[Run]) -> list[str]:
     dm, sm = scores(by["dm"]), scores(by["sm"])
     start = _summary(dm.get("start", {}))
     dm_best, sm_best = _summary(dm.get("best", {})), _summary(sm.get("best", {}))
-    limit = by["dm"].recipe.eval.limit or 0
-    n_in, n_ood, n_gen = limit, limit * len(OOD), limit * len(GENERIC)
+    # questions behind each mean: the test items really scored (an OOD split's test part is smaller
+    # than the split)
+    r = by["dm"].recipe
+    scored = {n: len(_examples(r, n, r.eval.limit)) for n in r.eval.datasets}
+    n_in = scored.get(IN_DIST, 0)
+    n_ood, n_gen = (sum(scored.get(n, 0) for n in names) for names in (OOD, GENERIC))
     out = [
         f"- Specialization raises in-distribution accuracy (paper: FlanT5 gains on GSM8K): "
         f"{_pct(start['in_dist'])}% -> {_pct(dm_best['in_dist'])}% (DM) — "
@@ -196,6 +202,43 @@ def findings(runs: list[Run]) -> list[str]:
                    f"picks step {a.step} (OOD dev {_pct(a.ood)}%), OOD picks step {b.step} (OOD dev {_pct(b.ood)}%) "
                    f"— {'reproduced' if a.step != b.step else '**not reproduced at this scale** (same checkpoint)'}.")
     return out
+
+
+def _examples(recipe, name: str, limit) -> list:
+    from specialize.engine.pipeline import load_examples
+    return load_examples(recipe, name, split="test")[: limit or None]
+
+
+def ood_split_counts(recipe) -> dict[str, tuple[int, int]]:
+    """name -> (dev items, test items) of each OOD split the run uses, as the engine and the test
+    stage load them."""
+    from specialize.engine.data import load_dataset_by_name
+    d = recipe.data
+    return {n: tuple(len(load_dataset_by_name(n, None, part, d.dev_size, recipe.train.seed, d.synthetic_sizes or None,
+                                              ood_dev_size=d.ood_dev_size)) for part in ("dev", "test"))
+            for n in OOD if n in recipe.eval.datasets or n in recipe.train.dev_ood}
+
+
+def teacher_lines(filt: dict) -> list[str]:
+    """The filter's yield with and without the cut at the first answer line."""
+    n = filt.get("samples")
+    if not n:
+        return ["Filter stage: no counts recorded."]
+    return [f"- Samples: {n}; kept (correct) after the cut at the first answer line: {filt.get('kept')} "
+            f"({100 * filt.get('kept', 0) / n:.1f}%); kept without the cut: {filt.get('kept_without_cut', 'n/a')} "
+            f"({100 * filt.get('kept_without_cut', 0) / n:.1f}%); samples cut: {filt.get('cut_samples', 'n/a')}.",
+            f"- Questions with at least one kept sample: {filt.get('questions_kept')}/{filt.get('questions')}."]
+
+
+def split_lines(recipe) -> list[str]:
+    counts = ood_split_counts(recipe)
+    rows = [f"| {n} | {dev} | {test} |" for n, (dev, test) in counts.items()]
+    return ["Each OOD split is cut once (seed 0) into a dev part, which the engine scores for checkpoint "
+            "selection, and a disjoint test part, which the results above score "
+            f"(`data.ood_dev_size` = {recipe.data.ood_dev_size}; the test stage reads at most "
+            f"`eval.limit` = {recipe.eval.limit} of it, the engine at most `train.dev_limit` = "
+            f"{recipe.train.dev_limit} of the dev part).", "",
+            "| OOD split | dev items | test items |", "|---|---:|---:|", *rows]
 
 
 def _selection_table(runs: list[Run]) -> str:
@@ -228,14 +271,19 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
         "",
         "## Results (test accuracy, %)",
         "", "```", table, "```", "",
-        "In-dist = synthetic/test; OOD = mean of " + ", ".join(OOD) + "; generic = mean of " + ", ".join(GENERIC) + ".",
+        "In-dist = synthetic/test; OOD = mean of the test parts of " + ", ".join(OOD) + "; generic = mean of "
+        + ", ".join(GENERIC) + ".",
+        "",
+        "## OOD dev/test split",
+        "", *split_lines(runs[0].recipe),
         "",
         "## Model selection (dev signals over both runs' checkpoints)",
         "", _selection_table(runs), "",
         "## Paper findings, checked",
         "", *findings(runs), "",
         "## Teacher data",
-        "", f"Filter stage: {json.dumps({k: v for k, v in kept.items() if k not in ('key', 'stage')})}", "",
+        "", *teacher_lines(kept), "",
+        f"Filter stage: {json.dumps({k: v for k, v in kept.items() if k not in ('key', 'stage')})}", "",
         "## Plots", "", *[f"![{Path(p).stem}]({Path(p).relative_to(out) if Path(p).is_relative_to(out) else p})" for p in plots], "",
         "## Stages", "", "| run | stage | status | seconds |", "|---|---|---|---|", *stage_lines, "",
     ])

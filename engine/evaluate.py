@@ -32,9 +32,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from specialize.engine.data import (
-    FORMATS, Example, build_bbh_prompt, build_prompt, draw_exemplars, extract_answer, is_correct,
-    load_dataset_by_name,
+    FORMATS, OOD_DEV_SIZE, Example, build_bbh_prompt, build_prompt, draw_exemplars, extract_answer, is_correct,
+    load_dataset_by_name, split_label,
 )
+from specialize.engine.data.loaders import SPLIT_PARTS
 
 DEFAULT_DATASETS = "gsm8k,multiarith,asdiv,svamp,bbh"
 BOOTSTRAP_SAMPLES = 2000
@@ -54,12 +55,15 @@ class EvalResult:
     predictions: list = field(default_factory=list)  # dict(id, prediction, extracted, gold, correct)
     per_task: dict = field(default_factory=dict)     # BBH: task -> {accuracy, ci_low, ci_high, n, n_correct}
     seconds: float = 0.0
+    split: str = ""  # which part of the dataset was scored (data.split_label), for reports
 
     def to_dict(self, with_predictions: bool = True) -> dict:
         d = {"dataset": self.dataset, "accuracy": self.accuracy, "ci_low": self.ci_low,
              "ci_high": self.ci_high, "n": self.n, "n_correct": self.n_correct, "seconds": round(self.seconds, 3)}
         if self.per_task:
             d["per_task"] = self.per_task
+        if self.split:
+            d["split"] = self.split
         if with_predictions:
             d["predictions"] = self.predictions
         return d
@@ -222,11 +226,12 @@ def evaluate_model(model, tokenizer, examples: Sequence[Example], dataset: str, 
 # ---------------------------------------------------------------- reports
 
 def markdown_table(results: dict[str, EvalResult]) -> str:
-    lines = ["| dataset | accuracy (%) | 95% CI | n |", "|---|---:|---:|---:|"]
+    lines = ["| dataset | split | accuracy (%) | 95% CI | n |", "|---|---|---:|---:|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {100 * r.accuracy:.1f} | {100 * r.ci_low:.1f}–{100 * r.ci_high:.1f} | {r.n} |")
+        lines.append(f"| {name} | {r.split or 'test'} | {100 * r.accuracy:.1f} | "
+                     f"{100 * r.ci_low:.1f}–{100 * r.ci_high:.1f} | {r.n} |")
         for task, t in r.per_task.items():
-            lines.append(f"| &nbsp;&nbsp;{task} | {100 * t['accuracy']:.1f} | "
+            lines.append(f"| &nbsp;&nbsp;{task} | | {100 * t['accuracy']:.1f} | "
                          f"{100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f} | {t['n']} |")
     return "\n".join(lines) + "\n"
 
@@ -298,7 +303,8 @@ def read_prediction_file(path, names: Sequence[str], data_dir=None,
             raise ValueError(f"{path}:{lineno}: expected fields 'id' and 'prediction' (a string)")
         by_id[str(row["id"])] = text
     for name in names:
-        examples = [ex for ex in load_dataset_by_name(name, data_dir) if ex.id in by_id]
+        # every item of the set: a prediction file may cover the OOD dev part as well as the test part
+        examples = [ex for ex in load_dataset_by_name(name, data_dir, split="all") if ex.id in by_id]
         if examples:
             out[name] = ([by_id[ex.id] for ex in examples], examples)
     matched = sum(len(e) for _, e in out.values())
@@ -343,7 +349,7 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
                          seed: int = 0, data_dir=None, **gen) -> list[dict]:
     """Score every kept checkpoint of a run on `datasets` (DeepSpeed ones exported to HF first, see
     `checkpoint_steps`); append one row per step to
-    RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n"}).
+    RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n", "<dataset>_split"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
     run = Path(run_dir)
     if not (run / "checkpoints").is_dir() and (run / "train" / "checkpoints").is_dir():
@@ -371,7 +377,8 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
         for name, examples in data.items():
             r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars[name], data_dir=data_dir,
                                seed=seed, **gen)
-            row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n})
+            row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n,
+                        f"{name}_split": split_label(name, "test", opts.get("ood_dev_size", OOD_DEV_SIZE))})
         with open(scores_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         written.append(row)
@@ -394,6 +401,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=4,
                    help="exemplars for in-context formats, from the training pool (GSM8K train minus dev; synthetic/train)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
+    p.add_argument("--split", choices=SPLIT_PARTS, default="test",
+                   help="for the OOD sets (multiarith, asdiv, svamp, synthetic/ood_*): their test part (default), "
+                        "the dev part held out for model selection, or all items")
+    p.add_argument("--ood-dev-size", type=int, default=OOD_DEV_SIZE,
+                   help=f"size of each OOD set's dev part (default {OOD_DEV_SIZE}, the recipes' data.ood_dev_size)")
     p.add_argument("--data-dir", default=None, help="local folder laid out like shared/data (default: the hub)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir when the model dir has none")
     p.add_argument("--batch-size", type=int, default=32)
@@ -443,9 +455,11 @@ def main(argv: list[str]) -> int:
     else:
         model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
         for name in names:
-            examples = load_dataset_by_name(name, args.data_dir)[: args.limit or None]
+            examples = load_dataset_by_name(name, args.data_dir, split=args.split,
+                                            ood_dev_size=args.ood_dev_size)[: args.limit or None]
             exemplars = _exemplars(fmt, args.shots, args.seed, args.data_dir, name)
             results[name] = evaluate_model(model, tok, examples, name, exemplars=exemplars, **opts)
+            results[name].split = split_label(name, args.split, args.ood_dev_size)
         meta = {"model": args.model, "format": fmt, "num_beams": args.num_beams, "limit": args.limit}
     path = write_results(args.out, results, meta)
     print(markdown_table(results))
@@ -472,7 +486,7 @@ def run_data_options(run_dir) -> dict:
     recipe = yaml.safe_load(path.read_text()) or {}
     data, train = recipe.get("data") or {}, recipe.get("train") or {}
     opts = {"data_dir": data.get("data_dir"), "dev_size": data.get("dev_size"), "seed": train.get("seed"),
-            "sizes": data.get("synthetic_sizes") or None}
+            "sizes": data.get("synthetic_sizes") or None, "ood_dev_size": data.get("ood_dev_size")}
     return {k: v for k, v in opts.items() if v is not None}
 
 

@@ -122,7 +122,8 @@ def stage_key(run: Run, stage: str) -> str:
     teacher = {k: v for k, v in d["teacher"].items() if k not in ("concurrency", "out_dir", "timeout", "max_retries")}
     if stage == "toy":
         return _hash([data_src, run.recipe.teacher.model, run.recipe.model.name_or_path, run.recipe.model.config])
-    if run.recipe.teacher.format.startswith("in_context") and run.recipe.teacher.shots:
+    if run.recipe.teacher.format.startswith("in_context") and run.recipe.teacher.shots \
+            and run.recipe.teacher.prompt == "seeded":
         teacher["exemplar_seed"] = run.recipe.train.seed  # stage_teacher draws the exemplars with it
     if stage in ("teacher", "filter"):
         return _hash([stage, data_src, teacher])
@@ -164,7 +165,8 @@ def mark_done(run: Run, stage: str, seconds: float, info: dict | None = None) ->
 # ----------------------------------------------------------------------------- data helpers
 
 def load_examples(recipe: Recipe, name: str, split: str = "test") -> list:
-    """Examples of a named dataset (the data layer's names); GSM8K train excludes the dev questions."""
+    """Examples of a named dataset (the data layer's names); GSM8K train excludes the dev questions, and
+    the OOD sets give their test part for split="test" (their dev part is the engine's, for selection)."""
     from specialize.engine.data import load_dataset_by_name
     if name == "synthetic":
         name = f"synthetic/{split}"
@@ -173,7 +175,8 @@ def load_examples(recipe: Recipe, name: str, split: str = "test") -> list:
         name = "gsm8k_train"
     return list(load_dataset_by_name(name, data_dir=recipe.data.data_dir, split=split,
                                      dev_size=recipe.data.dev_size, seed=recipe.train.seed,
-                                     sizes=recipe.data.synthetic_sizes or None))
+                                     sizes=recipe.data.synthetic_sizes or None,
+                                     ood_dev_size=recipe.data.ood_dev_size))
 
 
 def training_pool(recipe: Recipe) -> list:
@@ -255,7 +258,7 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1) -> dict:
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str) -> dict:
     """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies."""
-    from specialize.engine.data import draw_exemplars
+    from specialize.engine.data import draw_exemplars, split_label
     from specialize.engine.evaluate import evaluate_model, load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(model_dir, recipe.model.tokenizer)
     shots = recipe.data.shots if recipe.eval.format.startswith("in_context") else 0
@@ -267,6 +270,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: st
                              batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
                              num_beams=recipe.eval.num_beams, progress=True, data_dir=recipe.data.data_dir,
                              seed=recipe.train.seed)
+        res.split = split_label(name, "test", recipe.data.ood_dev_size)
         results[name] = res.to_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{label}.json").write_text(json.dumps({"model": model_dir, "results": results}, indent=1))
@@ -341,7 +345,7 @@ def evaluate_start(run: Run) -> dict:
     of a recipe (every arm of a sweep starts from the same model)."""
     r = run.recipe
     key = _hash([r.model.name_or_path, recipe_to_dict(r)["eval"], r.data.shots, r.data.synthetic_sizes,
-                 r.data.data_dir, r.train.seed])
+                 r.data.data_dir, r.train.seed, r.data.ood_dev_size])
     cache = run.root / "eval_start" / key
     if (cache / "start.json").exists():
         results = json.loads((cache / "start.json").read_text())["results"]
@@ -494,7 +498,8 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
             raise ValueError(f"{run.source}: data format {fmt}: no answer can be read back from target {target!r}")
         lengths.append(f"{fmt} src={len(tok(source)['input_ids'])} tgt={len(tok(target)['input_ids'])}")
     rows.append(("data", f"{data_note}; tokenizer {tok_note}; " + ", ".join(lengths)))
-    rows.append(("teacher", f"{r.teacher.backend}:{r.teacher.model} {r.teacher.format} {r.teacher.shots}-shot, "
+    rows.append(("teacher", f"{r.teacher.backend}:{r.teacher.model} {r.teacher.format} {r.teacher.shots}-shot "
+                            f"({r.teacher.prompt} prompt{', cut at the answer' if r.teacher.cut_at_answer else ''}), "
                             f"{r.teacher.samples} samples, T={r.teacher.temperature}, top-{r.teacher.top_logprobs}"))
 
     # Aligned shards in the layout the engine reads, ids drawn from the true vocabulary.

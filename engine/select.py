@@ -10,7 +10,8 @@ given first. For each rule's choice we print its test scores on every dataset si
 Inputs, per run dir (the engine's <train.output_dir>, or a pipeline run dir holding train/):
   dev_scores.jsonl   written by the engine: {"step": int, "dev/<name>_acc": float, ...} per evaluation
   test_scores.jsonl  written by `specialize eval --run RUN` (evaluate.evaluate_checkpoints):
-                     {"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int}
+                     {"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int,
+                      "<dataset>_split": which part was scored, e.g. an OOD set's test part}
                      per checkpoint; the last line of a step wins
   recipe.yaml        train.dev_in_dist / train.dev_ood say which dev set is which
                      (--in-dist / --ood override; without either, gsm8k_dev or synthetic/dev is in-dist)
@@ -136,6 +137,8 @@ def format_table(choices: dict[str, Choice]) -> str:
         cells = [c.rule] + ([c.run] if multi_run else []) + [str(c.step), _pct(c.in_dist), _pct(c.ood), _pct(c.mean)]
         cells += [_pct(c.test.get(d)) for d in datasets]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\n(dev columns: the engine's dev sets, i.e. the held-out GSM8K/synthetic dev and each OOD set's dev "
+                 "part; test columns: the test part, disjoint from it; see data.ood_dev_size)")
     if any(not c.test for c in choices.values()):
         lines.append("\n(n/a test scores: run `specialize eval --run RUN --datasets ...` to fill RUN/test_scores.jsonl)")
     return "\n".join(lines)

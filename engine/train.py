@@ -355,7 +355,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                      answer_lengths=sample_lengths(shards, "input") if answer_only else None)
 
     dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
-    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "test", d.dev_size, t.seed, d.synthetic_sizes or None))
+    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "dev", d.dev_size, t.seed, d.synthetic_sizes or None,
+                                             ood_dev_size=d.ood_dev_size))
                 [: t.dev_limit or None] for n in dev_names} if t.eval_every > 0 else {}
     eval_exemplars = (draw_exemplars(pool, d.shots, t.seed) if recipe.eval.format.startswith("in_context")
                       else ())

@@ -75,6 +75,7 @@ class TeacherServer:
         self.slow_seconds, self.retry_after, self.delay = slow_seconds, retry_after, delay
         self.faults: collections.deque = collections.deque()
         self.log: list[dict] = []  # one entry per request: path, fault, authorization header
+        self.stops: list = []      # the `stop` field of every answered request
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -105,8 +106,11 @@ class TeacherServer:
         chat = path.endswith("/chat/completions")
         prompt = req["messages"][-1]["content"] if chat else req["prompt"]
         k = (req.get("top_logprobs") or 0) if chat else (req.get("logprobs") or 0)
+        stop = req.get("stop")
+        self.stops.append(stop)
         comp = self.backend.sample_sync(prompt, req.get("n", 1), temperature=req.get("temperature", 1.0),
-                                        max_tokens=req.get("max_tokens", 16), top_logprobs=k, seed=req.get("seed"))
+                                        max_tokens=req.get("max_tokens", 16), top_logprobs=k, seed=req.get("seed"),
+                                        stop=[stop] if isinstance(stop, str) else stop)
         body = (chat_body if chat else completions_body)(comp, self.model_name)
         for choice in body["choices"]:
             if fault == "nologprobs":
@@ -165,3 +169,56 @@ class TeacherServer:
                 self._send(200, json.dumps(reply).encode())
 
         return Handler
+
+
+class RamblingTeacher:
+    """A scripted completions model that does what a few-shot-prompted LM does: it answers the
+    question correctly (the gold rationale, then "The answer is N."), then keeps writing: an
+    invented next exemplar ("\n\nQ: ..." or "\nQuestion: ...") answered with another number, or a
+    second answer line. `honour_stop`: end the text before the first stop string, as OpenAI does.
+    Tokens are whitespace-separated words and newlines; a step's top-k holds the sampled word
+    except every third step, where it lists only other words (a sampled token outside the top-k)."""
+
+    def __init__(self, examples, honour_stop: bool = False):
+        from specialize.engine.data import build_target
+        self.by_question = {e.question.strip(): (build_target(e, None, "zero_shot_cot"), e.answer) for e in examples}
+        self.honour_stop = honour_stop
+        self.prompts: list[str] = []
+
+    def _question(self, prompt: str) -> str:
+        import re
+        last = re.split(r"(?:^|\n)(?:Q|Question): ", prompt)[-1]
+        return last.split("\n")[0].strip()
+
+    def _continuation(self, gold: str, variant: int) -> str:
+        wrong = str(int(float(gold)) + 7 + variant)
+        return [f"\n\nQ: Tom has 3 boxes of 4 pens. How many pens?\nA: 3 * 4 = 12. The answer is {wrong}.\n\nQ: Amy",
+                f"\nQuestion: A bus carries 9 people.\nLet's think step by step\nIt is {wrong}.\nThe answer is {wrong}.",
+                f"\nThe answer is {wrong}.\nThe answer is {wrong}."][variant % 3]
+
+    def sample_sync(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
+                    seed=None, stop=None):
+        import re
+        from specialize.engine.teacher.backends import Completion, Sample
+        self.prompts.append(prompt)
+        target, gold = self.by_question[self._question(prompt)]
+        samples = []
+        for i in range(n):
+            text = target + self._continuation(gold, (seed or 0) + i)
+            reason = "length"
+            if self.honour_stop and stop:
+                hits = [text.find(s) for s in stop if s in text]
+                if hits:
+                    text, reason = text[: min(hits)], "stop"
+            pieces = re.findall(r"\n|[^\S\n]*[^\s]+|[^\S\n]+", text)
+            raw = [p.encode("utf-8") for p in pieces]
+            lps = [-3.0 if t % 3 == 2 else -0.05 - 0.01 * (t % 5) for t in range(len(raw))]
+            tops = []
+            for t, (p, lp) in enumerate(zip(pieces, lps)):
+                others = [[f" alt{j}", -0.5 - 0.1 * j] for j in range(top_logprobs)]
+                alts = others if t % 3 == 2 else [[p, lp]] + others[: top_logprobs - 1]
+                tops.append(alts if top_logprobs else [])
+            # Built directly, not by build_sample: the wire carries the plain top-k, as a server's does.
+            samples.append(Sample(text, pieces, [list(b) for b in raw], lps, tops, reason))
+        return Completion(samples=samples, prompt_tokens=len(prompt.split()),
+                          completion_tokens=sum(len(s.tokens) for s in samples), model="rambling")

@@ -56,3 +56,22 @@ def test_optional_and_union():
     assert r.model.name_or_path is None and r.deepspeed.config == "ds.json"
     with pytest.raises(ConfigError, match="deepspeed.config"):
         recipe_from_dict({"deepspeed": {"config": 3}})
+
+
+def test_micro_batch_sizes_per_format(tmp_path):
+    text = ("data:\n  formats: {in_context_cot: 1.0, zero_shot_answer_only: 1.0}\n"
+            "  micro_batch_sizes: {in_context_cot: 2, zero_shot_answer_only: 20}\ntrain:\n  micro_batch_size: 4\n")
+    r = load_recipe(write(tmp_path, text))
+    assert r.data.micro_batch_sizes == {"in_context_cot": 2, "zero_shot_answer_only": 20}
+    assert r.data.micro_batch_size_for("zero_shot_answer_only", r.train.micro_batch_size) == 20
+    # a format not named falls back to train.micro_batch_size; so does every format by default
+    r2 = load_recipe(write(tmp_path, text), ["data.micro_batch_sizes={in_context_cot: 2}"])
+    assert r2.data.micro_batch_size_for("zero_shot_answer_only", r2.train.micro_batch_size) == 4
+    assert Recipe().data.micro_batch_sizes == {} and Recipe().data.micro_batch_size_for("in_context_cot", 8) == 8
+    for bad, what in [("{zero_shot_cot: 2}", "not a format of data.formats"), ("{in_context_cot: 0}", "positive"),
+                      ("{in_context_cot: true}", "expected int"), ("{in_context_cot: 2.5}", "expected int")]:
+        with pytest.raises(ConfigError, match=what) as err:
+            load_recipe(write(tmp_path, text), [f"data.micro_batch_sizes={bad}"])
+        assert "data.micro_batch_sizes" in str(err.value) and "r.yaml" in str(err.value)
+    with pytest.raises(ConfigError, match="data.ood_dev_size"):
+        recipe_from_dict({"data": {"ood_dev_size": -1}})

@@ -85,7 +85,8 @@ def test_load_dataset_by_name(shared_data):
     train = load_dataset_by_name("gsm8k_train", shared_data)
     assert len(dev) == 300 and len(train) == 7173 and not {e.id for e in dev} & {e.id for e in train}
     assert len(load_dataset_by_name("bbh/word_sorting", shared_data)) == 250
-    assert len(load_dataset_by_name("asdiv", shared_data)) == 2305
+    assert len(load_dataset_by_name("asdiv", shared_data, split="all")) == 2305
+    assert len(load_dataset_by_name("asdiv", shared_data)) == 2305 - 200  # the test part of the OOD split
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset_by_name("mnist", shared_data)
 

@@ -62,3 +62,34 @@ def test_rerun_reuses_finished_stages(tiny_demo, capsys):
 ])
 def test_verdict_needs_a_gap_beyond_sampling_noise(better, worse, n, expect):
     assert expect in demo.verdict(better, worse, n, n)
+
+
+def test_report_states_teacher_yield_and_ood_split(tiny_demo):
+    report = (tiny_demo / "REPORT.md").read_text()
+    filt = json.loads((tiny_demo / "teacher-correct" / ".done-filter.json").read_text())
+    assert f"kept (correct) after the cut at the first answer line: {filt['kept']}" in report
+    assert f"kept without the cut: {filt['kept_without_cut']}" in report
+    split = report.split("## OOD dev/test split")[1].split("##")[0]
+    # the counts in the report are the parts the engine and the test stage load, and they are disjoint
+    from specialize.engine.data import load_dataset_by_name
+    dev = load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=demo.OOD_DEV)
+    test = load_dataset_by_name(demo.OOD[0], split="test", seed=0, ood_dev_size=demo.OOD_DEV)
+    assert f"| {demo.OOD[0]} | {len(dev)} | {len(test)} |" in split
+    assert not {e.question for e in dev} & {e.question for e in test}
+    # the OOD items the test stage scored are all from the test part
+    scored = json.loads((tiny_demo / "dm" / "eval" / "best.json").read_text())["results"][demo.OOD[0]]
+    assert scored["split"].startswith("test part")
+    ids = {p["id"] for p in scored.get("predictions", [])}
+    assert ids and ids <= {e.id for e in test}
+
+
+def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
+    """The engine's dev predictions (train/dev/step-*/<name>.jsonl) on the OOD split are all from its
+    dev part, so checkpoint selection never sees a test item."""
+    from specialize.engine.data import load_dataset_by_name
+    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=demo.OOD_DEV)}
+    dumps = sorted((tiny_demo / "dm" / "train" / "dev").glob(f"step-*/{demo.OOD[0].replace('/', '_')}.jsonl"))
+    assert dumps, "the engine wrote no dev predictions for the OOD dev set"
+    for path in dumps:
+        ids = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
+        assert ids and ids <= dev, path

@@ -106,3 +106,41 @@ def test_done_markers_skip_and_refuse_stale(tmp_path):
                                     "stages=[teacher, filter]", "teacher.samples=9"], [])
     with pytest.raises(ConfigError, match="different configuration"):
         pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None)
+
+
+# The paper's conf/batch_size (sequences per micro-batch, one model over all its GPUs) and its
+# grad_accum_steps per size (experiments*.md), typed in from the paper's repository.
+PAPER_BATCHES = {
+    "base": ({"in_context_cot": 25, "in_context_answer_only": 35, "zero_shot_cot": 40, "zero_shot_answer_only": 60}, 3),
+    "large": ({"in_context_cot": 8, "in_context_answer_only": 12, "zero_shot_cot": 18, "zero_shot_answer_only": 30}, 20),
+    "xl": ({"in_context_cot": 2, "in_context_answer_only": 10, "zero_shot_cot": 8, "zero_shot_answer_only": 20}, 30),
+    "xxl": ({"in_context_cot": 4, "in_context_answer_only": 20, "zero_shot_cot": 15, "zero_shot_answer_only": 40}, 20),
+}
+
+
+@pytest.mark.parametrize("size", sorted(PAPER_BATCHES))
+def test_headline_recipes_carry_the_papers_mix_and_batches(size):
+    from specialize.engine.config import load_recipe
+    from specialize.engine.data import FORMATS
+    r = load_recipe(REPO / f"recipes/headline_flan_t5_{size}.yaml")
+    paper, accum = PAPER_BATCHES[size]
+    assert set(r.data.formats) == set(FORMATS) and set(r.data.micro_batch_sizes) == set(FORMATS)
+    for fmt, per_micro in paper.items():
+        ours = r.data.micro_batch_size_for(fmt, r.train.micro_batch_size) * 8 * r.train.grad_accum
+        assert 0.75 <= ours / (per_micro * accum) <= 1.34, (fmt, ours, per_micro * accum)  # sequences per step
+    # the formats' shares follow the paper's batches per epoch: CoT formats hold every kept sample
+    cot = r.data.formats["in_context_cot"] / r.data.formats["zero_shot_cot"]
+    assert cot == pytest.approx(paper["zero_shot_cot"] / paper["in_context_cot"], rel=0.05)
+    assert r.data.formats["zero_shot_answer_only"] < r.data.formats["in_context_answer_only"] < 0.05
+    assert (r.train.lr, r.train.warmup_steps, r.train.weight_decay, r.loss.alpha) == (5e-4, 10, 0.01, 0.0)
+    assert (r.teacher.prompt, r.teacher.stop, r.teacher.cut_at_answer) == ("complex", None, True)
+
+
+def test_every_gsm8k_recipe_uses_the_complex_prompt_and_dm_alpha_zero():
+    from specialize.engine.config import load_recipe
+    for path in sorted(REPO.glob("recipes/**/*.yaml")):
+        r = load_recipe(path)
+        if r.teacher.dataset == "gsm8k":
+            assert r.teacher.prompt == "complex", path
+        if r.loss.kind == "dm":
+            assert r.loss.alpha == 0.0, path

@@ -9,6 +9,7 @@ from teacher_server import tiny_teacher
 from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
 from specialize.engine.teacher import build_prompts, generate, iter_records
+from specialize.engine.teacher.backends import token_string
 from specialize.engine.teacher.hf_backend import HFBackend
 from specialize.engine.teacher.records import RECORD_FIELDS, ResumeError
 
@@ -38,8 +39,12 @@ def test_logprobs_equal_a_direct_forward_pass(backend, temperature):
         expected = ref[positions, torch.tensor(s.token_ids)]
         torch.testing.assert_close(torch.tensor(s.token_logprobs, dtype=torch.float64), expected, atol=1e-4, rtol=0)
         top_ref = ref[positions].topk(5, dim=-1).values
-        got_top = torch.tensor([[lp for _, lp in alts] for alts in s.top_logprobs], dtype=torch.float64)
+        got_top = torch.tensor([[lp for _, lp in alts[:5]] for alts in s.top_logprobs], dtype=torch.float64)
         torch.testing.assert_close(got_top, top_ref, atol=1e-4, rtol=0)
+        # a sampled token outside the top-5 is listed after it (k + 1 entries), with its own logprob
+        for raw, lp, alts in zip(s.token_bytes, s.token_logprobs, s.top_logprobs):
+            name = token_string(bytes(raw))
+            assert len(alts) == (5 if any(t == name for t, _ in alts[:5]) else 6) and [name, lp] in alts
         if temperature == 0.0:  # greedy: the sampled token is the top-1
             assert all(alts[0][1] == pytest.approx(lp, abs=1e-6) for alts, lp in zip(s.top_logprobs, s.token_logprobs))
     if temperature == 0.0:
@@ -106,7 +111,7 @@ def test_generate_with_hf_backend_writes_every_key_once(backend, tmp_path, capsy
     for r in records:
         assert tuple(r) == RECORD_FIELDS
         assert "".join(r["tokens"]) == r["text"] and r["model"] == "tiny-gpt2" and r["dataset"] == "synthetic/train"
-        assert len(r["top_logprobs"][0]) == 4 and r["usage"]["completion_tokens"] == len(r["tokens"])
+        assert len(r["top_logprobs"][0]) in (4, 5) and r["usage"]["completion_tokens"] == len(r["tokens"])
     assert "cost $" in capsys.readouterr().out
     # Run again: nothing is missing, so nothing is asked for.
     again = generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False)

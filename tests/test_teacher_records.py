@@ -14,11 +14,11 @@ from specialize.engine.teacher.records import RECORD_FIELDS, ResumeError, ShardS
 SETTINGS = {"backend": "openai", "model": "m", "temperature": 0.5}
 
 
-def record(qid, i, text="x", gold="12", dataset="gsm8k"):
+def record(qid, i, text="x", gold="12", dataset="gsm8k", cut=None):
     pieces = [text]
     return {"qid": qid, "sample_index": i, "prompt_hash": "p", "question": f"question {qid}", "gold": gold,
             "dataset": dataset, "text": text, "tokens": pieces, "token_bytes": [list(text.encode())],
-            "token_logprobs": [-0.5], "top_logprobs": [[[text, -0.5]]], "finish_reason": "stop",
+            "token_logprobs": [-0.5], "top_logprobs": [[[text, -0.5]]], "finish_reason": "stop", "cut": cut,
             "usage": {"prompt_tokens": 3, "completion_tokens": 1}, "model": "m"}
 
 
@@ -82,13 +82,16 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
 
 def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
     store = ShardStore(tmp_path / "in", SETTINGS)
-    store.append([record("q1", 0, "3 + 9 = 12. The answer is 12."), record("q1", 1, "The answer is 13."),
+    invented = {"reason": "answer_line", "dropped_text": "\nQ: more?\nA: The answer is 5."}
+    store.append([record("q1", 0, "3 + 9 = 12. The answer is 12.", cut=invented), record("q1", 1, "The answer is 13."),
                   record("q2", 0, "The answer is 7."), record("q3", 0, "So 1,200 in all. The answer is 1200.",
                                                                     gold="1200")])
     store.close()
     result = filter_samples(str(tmp_path / "in"), str(tmp_path / "out"))
     assert result == {"samples": 4, "kept": 2, "accuracy": 0.5, "questions": 3, "questions_kept": 2,
-                      "per_question_mean_accuracy": pytest.approx((0.5 + 0 + 1) / 3)}
+                      "per_question_mean_accuracy": pytest.approx((0.5 + 0 + 1) / 3),
+                      # uncut, q1's first sample ends on the invented question's answer and is lost
+                      "cut_samples": 1, "kept_without_cut": 1, "accuracy_without_cut": 0.25}
     kept = list(iter_records(tmp_path / "out"))
     assert [(r["qid"], r["sample_index"]) for r in kept] == [("q1", 0), ("q3", 0)]
     assert all(tuple(r) == RECORD_FIELDS for r in kept)

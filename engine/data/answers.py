@@ -21,6 +21,8 @@ _NUMBER = re.compile(
     r"(?:\s?/\s?(?P<den>\d+(?:\.\d+)?))?"
 )
 _ANSWER_IS = re.compile(r"answer is\s*:?", re.I)
+# The marker of a final-answer line; the teacher's output is cut after the first line holding it.
+ANSWER_IS = _ANSWER_IS
 _HASHES = re.compile(r"####")
 
 BBH_KINDS = {

@@ -312,22 +312,78 @@ def load_bbh_cot_prompt(task: str, path=None) -> str:
     return prompt
 
 
+# ---------------------------------------------------------------- OOD dev/test split
+
+# The OOD math sets have no dev split of their own. Model selection on OOD dev accuracy (the
+# paper's RQ5) must not look at the items the test stage scores, so each set is split once into a
+# dev part (train-time evaluation, checkpoint selection) and a disjoint test part (the test
+# stage), as the paper held its MultiArith validation indices out of its test set. The seed is
+# fixed, not train.seed, so the engine, `specialize run` and `specialize eval` all draw the same
+# parts whatever seed a run trains with.
+OOD_DATASETS = ("multiarith", "asdiv", "svamp")
+OOD_SPLIT_SEED = 0
+OOD_DEV_SIZE = 200  # multiarith 200 dev / 400 test, asdiv 200 / 2105, svamp 200 / 800
+SPLIT_PARTS = ("dev", "test", "all")
+
+
+def has_ood_split(name: str) -> bool:
+    """Datasets split into dev/test parts here: the OOD math sets and the synthetic world's ood_*."""
+    return name in OOD_DATASETS or name.startswith("synthetic/ood_")
+
+
+def split_ood(examples: Sequence[Example], dev_size: int = OOD_DEV_SIZE, name: str = "",
+              seed: int = OOD_SPLIT_SEED) -> tuple[list[Example], list[Example]]:
+    """(dev, test): `dev_size` items drawn by `seed` and the dataset's name, the rest test; both keep
+    file order. dev_size 0 leaves the whole set as test."""
+    if not 0 <= dev_size < len(examples):
+        raise ValueError(f"{name or 'OOD dataset'}: ood_dev_size must be in 0..{len(examples) - 1} "
+                         f"(the set has {len(examples)} items), got {dev_size}")
+    dev_idx = set(random.Random(f"{seed}/{name}").sample(range(len(examples)), dev_size))
+    return ([e for i, e in enumerate(examples) if i in dev_idx],
+            [e for i, e in enumerate(examples) if i not in dev_idx])
+
+
+def split_label(name: str, split: str = "test", ood_dev_size: int = OOD_DEV_SIZE) -> str:
+    """Which part of `name` a number comes from, for reports: "test", "dev", or for the split sets
+    "test part (OOD split: 200 dev held out, seed 0)"."""
+    if not has_ood_split(name) or split == "all" or ood_dev_size == 0:
+        return "all" if split == "all" else split
+    return f"{split} part (OOD split: {ood_dev_size} dev held out, seed {OOD_SPLIT_SEED})"
+
+
 # ---------------------------------------------------------------- one entry point by name
 
 DATASET_NAMES = ("gsm8k", "gsm8k_train", "gsm8k_dev", "multiarith", "asdiv", "svamp", "bbh")
 
 
-def load_dataset_by_name(name: str, data_dir=None, split: str = "test",
-                         dev_size: int = 300, seed: int = 0, sizes: Optional[dict] = None) -> list[Example]:
-    """name: gsm8k (split train/test, the full files), gsm8k_train (train minus dev), gsm8k_dev,
-    multiarith, asdiv, svamp, bbh, bbh/<task>, synthetic/<split>. data_dir: folder holding gsm8k/, ...
-    (e.g. /work/shared/data); None = the hub. `split` only matters for gsm8k; `dev_size`/`seed` pick
-    the GSM8K dev part (and the synthetic world's seed); `sizes` overrides synthetic split sizes."""
+def load_dataset_by_name(name: str, data_dir=None, split: str = "test", dev_size: int = 300, seed: int = 0,
+                         sizes: Optional[dict] = None, ood_dev_size: int = OOD_DEV_SIZE) -> list[Example]:
+    """name: gsm8k (split train/test/dev: the files, dev = the held-out train questions), gsm8k_train
+    (train minus dev), gsm8k_dev, multiarith, asdiv, svamp, bbh, bbh/<task>, synthetic/<split>.
+    data_dir: folder holding gsm8k/, ... (e.g. /work/shared/data); None = the hub. For gsm8k `split`
+    picks the file; for the OOD sets (multiarith, asdiv, svamp, synthetic/ood_*) it picks the part
+    of the OOD split: test (default, what the test stage scores), dev (train-time selection) or
+    all; other sets ignore it. `dev_size`/`seed` pick the GSM8K dev part (and the synthetic world's
+    seed); `sizes` overrides synthetic split sizes; `ood_dev_size` is the OOD dev part's size."""
+    if has_ood_split(name):
+        if split not in SPLIT_PARTS:
+            raise ValueError(f"{name}: split must be one of {', '.join(SPLIT_PARTS)}, got {split!r}")
+        full = _load_plain(name, data_dir, split, dev_size, seed, sizes)
+        if split == "all":
+            return full
+        dev, test = split_ood(full, ood_dev_size, name)
+        return dev if split == "dev" else test
+    return _load_plain(name, data_dir, split, dev_size, seed, sizes)
+
+
+def _load_plain(name: str, data_dir, split: str, dev_size: int, seed: int, sizes: Optional[dict]) -> list[Example]:
     root = Path(data_dir) if data_dir is not None else None
 
     def sub(folder):
         return root / folder if root is not None else None
 
+    if name == "gsm8k" and split == "dev":
+        name = "gsm8k_dev"
     if name == "gsm8k":
         return load_gsm8k(split, sub("gsm8k"))
     if name in ("gsm8k_train", "gsm8k_dev"):

@@ -81,6 +81,43 @@ def draw_exemplars(pool: Sequence[Example], k: int, seed: int,
     return random.Random(seed).sample(candidates, k)
 
 
+# ---------------------------------------------------------------- complexity-based prompt
+
+COMPLEX_TRIGGER = "Let's think step by step"
+COMPLEX_SHOTS = 8
+
+
+def reasoning_steps(example: Example) -> int:
+    """Steps of a gold rationale: its non-empty lines (GSM8K writes one computation per line)."""
+    return sum(1 for line in (example.rationale or "").splitlines() if line.strip())
+
+
+def complex_exemplars(pool: Sequence[Example], k: int = COMPLEX_SHOTS,
+                      exclude_id: Optional[str] = None) -> list[Example]:
+    """The `k` exemplars of `pool` with the most reasoning steps (Fu et al. 2022, complexity-based
+    prompting, the teacher prompt of the paper). Ties go to the earlier item of `pool`, so the choice
+    is a function of the pool alone; `pool` must already leave out the dev questions (GSM8K train
+    minus dev, as every stage loads it) and `exclude_id` (the question being asked) is never chosen.
+    Returned most-steps first, the order they appear in the prompt."""
+    ranked = sorted((ex for ex in pool if ex.id != exclude_id and ex.rationale),
+                    key=lambda ex: -reasoning_steps(ex))  # sorted() is stable: ties keep pool order
+    if len(ranked) < k:
+        raise ValueError(f"the complex prompt needs {k} exemplars with a rationale, the pool has {len(ranked)}")
+    return ranked[:k]
+
+
+def build_complex_prompt(question: str, exemplars: Sequence[Example]) -> str:
+    """The complexity-based prompt's style: "Question: ..." / "Let's think step by step" / one line per
+    step / "The answer is N.", exemplars apart by a blank line, the asked question last. The model's
+    answer starts on the line after the trigger; the next "\nQuestion:" is a stop sequence."""
+    shots = []
+    for ex in exemplars:
+        steps = [line.strip() for line in (ex.rationale or "").splitlines() if line.strip()]
+        shots.append("\n".join([f"Question: {ex.question.strip()}", COMPLEX_TRIGGER, *steps,
+                                _answer_sentence(ex.answer)]))
+    return "\n\n".join(shots) + f"\n\nQuestion: {question.strip()}\n{COMPLEX_TRIGGER}\n"
+
+
 def build_bbh_prompt(task: str, question: str, path=None) -> str:
     """The official BBH 3-shot CoT prompt of `task` followed by the question, as in the BBH paper."""
     return f"{load_bbh_cot_prompt(task, path)}\n\nQ: {question.strip()}\nA: {ZERO_SHOT_COT_TRIGGER}"

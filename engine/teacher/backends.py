@@ -2,7 +2,8 @@
 
 A backend is any object with
     async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int,
-                     top_logprobs: int, seed: int | None = None) -> Completion
+                     top_logprobs: int, seed: int | None = None, stop: list[str] | None = None) -> Completion
+`stop`: strings that end a sample (OpenAI's `stop`); a local backend stops the row once its text holds one.
 It raises `TransientError` for what a retry may fix (429, 5xx, timeouts) and `MalformedResponse`
 for an answer that cannot be parsed into samples (retried too, then reported as a failure).
 """
@@ -53,7 +54,7 @@ class Backend(Protocol):
     name: str
 
     async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
-                     seed: Optional[int] = None) -> Completion: ...
+                     seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion: ...
 
 
 def token_string(raw: bytes) -> str:
@@ -101,7 +102,21 @@ def build_sample(text: str, raw_tokens: Sequence[bytes], logprobs: Sequence[Opti
     if any(lp is None for lp in logprobs):
         raise MalformedResponse(f"{what}: a token logprob is null")
     # Logprobs are <= 0 by definition; clamp the float noise of a log-softmax (-0.0, 1e-8).
+    tops = [[[t, min(0.0, float(lp))] for t, lp in alts] for alts in top]
     return Sample(text=text, tokens=pieces, token_bytes=[list(b) for b in raw_tokens],
                   token_logprobs=[min(0.0, float(lp)) for lp in logprobs],
-                  top_logprobs=[[[t, min(0.0, float(lp))] for t, lp in alts] for alts in top],
+                  top_logprobs=with_sampled_token(tops, raw_tokens, logprobs),
                   finish_reason=finish_reason, token_ids=token_ids)
+
+
+def with_sampled_token(tops: list[list[list]], raw_tokens: Sequence[bytes],
+                       logprobs: Sequence[float]) -> list[list[list]]:
+    """The paper listed the sampled token beside the top-k at every step: at temperature > 0 the
+    sampled token is often outside the top-k, and without it the label has no teacher mass. When
+    it is missing it is appended after the top-k (k + 1 entries there; the aligner pads every step
+    to the widest). Steps without a distribution (top_logprobs = 0) stay empty."""
+    for alts, raw, lp in zip(tops, raw_tokens, logprobs):
+        name = token_string(bytes(raw))
+        if alts and all(t != name for t, _ in alts):
+            alts.append([name, min(0.0, float(lp))])
+    return tops

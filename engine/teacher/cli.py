@@ -2,7 +2,8 @@
 
   specialize teacher generate --dataset gsm8k --split train --backend openai --model M [--base-url URL]
       [--api completions|chat] --samples 40 --temperature 0.5 --max-tokens 256 --top-logprobs 5
-      --format in_context_cot --shots 8 [--data-dir DIR] [--limit N] --out DIR
+      --format in_context_cot --shots 8 [--prompt seeded|complex] [--no-cut] [--data-dir DIR] [--limit N] --out DIR
+      (stop sequences: --set 'teacher.stop=["\nQ:"]'; default the prompt style's, [] for none)
   specialize teacher generate --recipe R.yaml [--set teacher.samples=8] [flags override the recipe]
   specialize teacher filter --in DIR --out DIR
 """
@@ -18,7 +19,7 @@ _FLAGS = {
     "--api": ("api", str), "--api-key-env": ("api_key_env", str), "--dataset": ("dataset", str),
     "--split": ("split", str), "--samples": ("samples", int), "--temperature": ("temperature", float),
     "--max-tokens": ("max_tokens", int), "--top-logprobs": ("top_logprobs", int), "--format": ("format", str),
-    "--shots": ("shots", int), "--limit": ("limit", int), "--concurrency": ("concurrency", int),
+    "--shots": ("shots", int), "--prompt": ("prompt", str), "--limit": ("limit", int), "--concurrency": ("concurrency", int),
     "--requests-per-minute": ("requests_per_minute", float), "--tokens-per-minute": ("tokens_per_minute", float),
     "--timeout": ("timeout", float), "--max-retries": ("max_retries", int),
     "--price-prompt-per-1k": ("price_prompt_per_1k", float),
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-request", type=int, default=None,
                    help="samples asked for in one request (default: all of a question's)")
     g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff delay in seconds")
+    g.add_argument("--no-cut", dest="cut_at_answer", action="store_false", default=None,
+                   help="keep each sample whole instead of cutting it after its first answer line")
     g.add_argument("--no-progress", action="store_true")
     f = sub.add_parser("filter", help="keep the samples whose answer matches the gold")
     f.add_argument("--in", dest="in_dir", required=True)
@@ -52,6 +55,8 @@ def _config(args):
     from specialize.engine.config import load_recipe, recipe_from_dict, apply_overrides
     recipe = load_recipe(args.recipe, args.set) if args.recipe else recipe_from_dict(apply_overrides({}, args.set))
     given = {field: getattr(args, field) for field, _ in _FLAGS.values() if getattr(args, field) is not None}
+    if getattr(args, "cut_at_answer", None) is not None:
+        given["cut_at_answer"] = args.cut_at_answer
     if "format" in given:
         given["format"] = given["format"].replace("-", "_")  # in-context-cot == in_context_cot
     return recipe, dataclasses.replace(recipe.teacher, **given)

@@ -38,7 +38,7 @@ def _write_atomic(path: Path, lines) -> None:
 
 def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines: int = 20_000) -> dict:
     """Keep correct samples of `in_dir` in `out_dir`; returns {samples, kept, accuracy, questions,
-    questions_kept, per_question_mean_accuracy}."""
+    questions_kept, per_question_mean_accuracy, cut_samples, kept_without_cut, accuracy_without_cut}."""
     from specialize.engine.data import is_correct
     in_dir, out = Path(in_dir), Path(out_dir)
     if not any(in_dir.glob(SHARD_GLOB)):
@@ -46,12 +46,19 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
     out.mkdir(parents=True, exist_ok=True)
     per_q: dict[str, list[int]] = {}  # qid -> [samples, correct], in first-seen order
     seen, kept_lines = set(), []
+    # What the filter would keep on the uncut text (record text + the cut's dropped_text): the
+    # share the answer-line cut saves, reported beside the real count.
+    kept_uncut = cut_count = 0
     for rec in iter_records(in_dir):
         key = (rec["qid"], rec["sample_index"])
         if key in seen:  # defensive: generate never writes a key twice
             continue
         seen.add(key)
         ok = is_correct(rec["text"], rec["gold"], rec["dataset"])
+        cut = rec.get("cut")
+        cut_count += cut is not None
+        kept_uncut += ok if cut is None else is_correct(rec["text"] + cut.get("dropped_text", ""), rec["gold"],
+                                                        rec["dataset"])
         counts = per_q.setdefault(rec["qid"], [0, 0])
         counts[0] += 1
         counts[1] += ok
@@ -70,7 +77,9 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
     accs = [c / n for n, c in per_q.values()]
     result = {"samples": samples, "kept": kept, "accuracy": kept / samples if samples else 0.0,
               "questions": len(per_q), "questions_kept": sum(c > 0 for _, c in per_q.values()),
-              "per_question_mean_accuracy": sum(accs) / len(accs) if accs else 0.0}
+              "per_question_mean_accuracy": sum(accs) / len(accs) if accs else 0.0,
+              "cut_samples": cut_count, "kept_without_cut": kept_uncut,
+              "accuracy_without_cut": kept_uncut / samples if samples else 0.0}
     manifest = read_manifest(in_dir) or {}
     _write_atomic(out / MANIFEST, [json.dumps({**manifest, "filtered_from": str(in_dir), "filter": result}, indent=1)])
     if verbose:
@@ -79,6 +88,8 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
             hist[_bucket(a)] += 1
         print(f"teacher accuracy: {kept}/{samples} samples correct ({100 * result['accuracy']:.1f}%), "
               f"mean per question {100 * result['per_question_mean_accuracy']:.1f}%")
+        print(f"answer-line cut: {cut_count} samples cut; without the cut {kept_uncut}/{samples} would be kept "
+              f"({100 * result['accuracy_without_cut']:.1f}%)")
         print("questions by teacher accuracy: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
         print(f"questions with >= 1 kept sample: {result['questions_kept']}/{result['questions']} "
               f"(per question: {out / 'per_question.jsonl'})")

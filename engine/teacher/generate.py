@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from .backends import MalformedResponse, TeacherBackendError, TransientError
 from .ratelimit import RateLimiter, backoff_delay
 from .records import ShardStore, add_usage
+from .truncate import cut_sample, resolve_stop
 
 # Settings that change what a sample is; the rest (concurrency, limits, timeouts, sample count,
 # question limit) can differ between a run and its resume.
 HASHED_FIELDS = ("backend", "model", "api", "dataset", "split", "temperature", "max_tokens", "top_logprobs",
-                 "format", "shots")
+                 "format", "shots", "prompt", "stop", "cut_at_answer")
 
 
 def prompt_hash(prompt: str) -> str:
@@ -35,18 +36,31 @@ def _stable_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "big")
 
 
-def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0) -> list[str]:
-    """One prompt per example. In-context formats use one fixed k-shot set drawn from `pool` by `seed`
-    (the paper's single prompt for all questions); a question that is itself one of those exemplars
-    gets its own draw with it excluded, so no prompt ever contains its own question."""
+def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0,
+                  prompt: str = "seeded") -> list[str]:
+    """One prompt per example. In-context formats use one fixed k-shot set (the paper's single prompt
+    for all questions): drawn from `pool` by `seed` (prompt "seeded"), or the `shots` exemplars of
+    `pool` with the most reasoning steps in the complexity-based style (prompt "complex",
+    in_context_cot only). A question that is itself one of those exemplars gets its own set with it
+    excluded, so no prompt ever contains its own question."""
     from specialize.engine.data import build_prompt, draw_exemplars
-    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS
-    if fmt not in IN_CONTEXT_FORMATS:
+    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS, build_complex_prompt, complex_exemplars
+    if prompt not in ("seeded", "complex"):
+        raise ValueError(f"teacher.prompt must be 'seeded' or 'complex', got {prompt!r}")
+    if prompt == "complex":
+        if fmt != "in_context_cot":
+            raise ValueError(f"teacher.prompt complex is a chain-of-thought few-shot prompt: it needs "
+                             f"teacher.format in_context_cot, got {fmt!r}")
+        pick = lambda exclude=None: complex_exemplars(pool, shots, exclude_id=exclude)  # noqa: E731
+        render = build_complex_prompt
+    elif fmt in IN_CONTEXT_FORMATS:
+        pick = lambda exclude=None: draw_exemplars(pool, shots, seed, exclude_id=exclude)  # noqa: E731
+        render = lambda question, shots_: build_prompt(question, fmt, shots_)  # noqa: E731
+    else:
         return [build_prompt(ex.question, fmt) for ex in examples]
-    fixed = draw_exemplars(pool, shots, seed)
+    fixed = pick()
     fixed_ids = {e.id for e in fixed}
-    return [build_prompt(ex.question, fmt, fixed if ex.id not in fixed_ids
-                         else draw_exemplars(pool, shots, seed, exclude_id=ex.id)) for ex in examples]
+    return [render(ex.question, fixed if ex.id not in fixed_ids else pick(ex.id)) for ex in examples]
 
 
 def make_backend(cfg):
@@ -68,6 +82,7 @@ def hashed_settings(cfg, backend=None) -> dict:
         d["model"] = getattr(backend, "model_name", None) or getattr(backend, "model", None)
     if d["backend"] != "openai":
         d["api"] = None  # only the openai backend has two APIs
+    d["stop"] = resolve_stop(cfg.stop)  # what is really sent, so None and its expansion hash alike
     return d
 
 
@@ -88,11 +103,11 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     cfg = config
     backend = backend or make_backend(cfg)
     settings = hashed_settings(cfg, backend)
-    if cfg.format.startswith("in_context") and cfg.shots:
+    if cfg.format.startswith("in_context") and cfg.shots and cfg.prompt == "seeded":
         settings["exemplar_seed"] = seed  # it picks the exemplars, so the prompts: part of what a folder holds
     store = ShardStore(out_dir, settings)
     pool = list(exemplar_pool) if exemplar_pool is not None else list(examples)
-    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed)
+    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed, prompt=cfg.prompt)
     per_request = max(1, samples_per_request or cfg.samples)
     todo = []
     for ex, prompt in zip(examples, prompts):
@@ -123,6 +138,7 @@ def _cost(cfg, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
 
 async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, progress: bool) -> dict:
     limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+    stop = resolve_stop(cfg.stop)
     redact = _Redactor(cfg.api_key_env)
     stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
     bar = tqdm(total=sum(len(t[2]) for t in todo), unit="sample", desc="teacher", disable=not progress,
@@ -139,7 +155,7 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
             try:
                 comp = await backend.sample(prompt, len(indices), temperature=cfg.temperature,
                                             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
-                                            seed=_stable_int(ex.id, indices[0]))
+                                            seed=_stable_int(ex.id, indices[0]), stop=stop or None)
             except TransientError as e:
                 error, kind, retry_after = str(e), "transient", e.retry_after
             except MalformedResponse as e:
@@ -148,7 +164,8 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
                 error, kind = str(e), "fatal"
                 break
             else:
-                records = [_record(cfg, ex, prompt, idx, s, comp) for idx, s in zip(indices, comp.samples)]
+                records = [_record(cfg, ex, prompt, idx, *_cut(cfg, s, stop), comp)
+                           for idx, s in zip(indices, comp.samples)]
                 written = store.append(records)
                 stats["samples"] += written
                 stats["prompt_tokens"] += comp.prompt_tokens
@@ -182,11 +199,22 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
     return stats
 
 
-def _record(cfg, ex, prompt: str, index: int, s, comp) -> dict:
+def _cut(cfg, sample, stop: list[str]):
+    """(sample, cut field): cut at the first answer line unless the recipe turns that off; the
+    dropped text is kept in the record so the filter can report the share kept without the cut."""
+    if not cfg.cut_at_answer:
+        return sample, None
+    kept, cut = cut_sample(sample, stop)
+    if cut is not None:
+        cut["dropped_text"] = sample.text[len(kept.text):]
+    return kept, cut
+
+
+def _record(cfg, ex, prompt: str, index: int, s, cut, comp) -> dict:
     return {"qid": ex.id, "sample_index": index, "prompt_hash": prompt_hash(prompt), "question": ex.question,
             "gold": ex.answer, "dataset": ex.source or cfg.dataset, "text": s.text, "tokens": s.tokens,
             "token_bytes": s.token_bytes, "token_logprobs": s.token_logprobs, "top_logprobs": s.top_logprobs,
-            "finish_reason": s.finish_reason,
+            "finish_reason": s.finish_reason, "cut": cut,
             "usage": {"prompt_tokens": comp.prompt_tokens, "completion_tokens": len(s.tokens)},
             "model": comp.model}
 

@@ -82,10 +82,11 @@ class HFBackend:
     # ------------------------------------------------------------------ async: merge waiting requests
 
     async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
-                     seed: Optional[int] = None) -> Completion:
+                     seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append(((prompt, n, seed), (temperature, max_tokens, top_logprobs), fut))
+        settings = (temperature, max_tokens, top_logprobs, tuple(stop or ()))
+        self._pending.append(((prompt, n, seed), settings, fut))
         if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
             self._drainer = loop.create_task(self._drain())
         return await fut
@@ -117,15 +118,18 @@ class HFBackend:
     # ------------------------------------------------------------------ sync: one batch on the model
 
     def sample_sync(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
-                    seed: Optional[int] = None) -> Completion:
-        (result,) = self.sample_batch_sync([(prompt, n, seed)], temperature, max_tokens, top_logprobs)
+                    seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion:
+        (result,) = self.sample_batch_sync([(prompt, n, seed)], temperature, max_tokens, top_logprobs, stop)
         if isinstance(result, BaseException):
             raise result
         return result
 
     def sample_batch_sync(self, requests: list[tuple[str, int, Optional[int]]], temperature: float,
-                          max_tokens: int, top_logprobs: int) -> list:
-        """One Completion (or the exception for that request) per (prompt, n, seed)."""
+                          max_tokens: int, top_logprobs: int, stop=()) -> list:
+        """One Completion (or the exception for that request) per (prompt, n, seed). A row ends at
+        EOS, at its token limit, or once its text holds a stop string (finish_reason "stop"; the
+        stop string stays in the text, and the generator's cut removes it with the rest)."""
+        stop_bytes = [s.encode("utf-8") for s in (stop or ()) if s]
         import torch
         results: list = [None] * len(requests)
         live_reqs = []  # (request index, prompt ids, n, seed)
@@ -149,6 +153,7 @@ class HFBackend:
         lps: list[list[float]] = [[] for _ in range(R)]
         tops: list[list] = [[] for _ in range(R)]
         reasons = ["length"] * R
+        written = [bytearray() for _ in range(R)]  # each row's output bytes, for the stop strings
         live = [r for r in range(R) if limits[r] > 0]
         gens = []
         for _, _, _, seed in live_reqs:
@@ -193,7 +198,12 @@ class HFBackend:
                     out_ids[r].append(nxt_l[r])
                     lps[r].append(chosen[r])
                     tops[r].append([(token_string(self.byte_table[i]), v) for i, v in zip(top_i[r], top_v[r])])
-                    if len(out_ids[r]) >= limits[r]:
+                    piece = self.byte_table[nxt_l[r]]
+                    written[r] += piece
+                    if stop_bytes and any(s in written[r][-(len(s) + len(piece)):] for s in stop_bytes):
+                        reasons[r] = "stop"
+                        live.remove(r)
+                    elif len(out_ids[r]) >= limits[r]:
                         live.remove(r)
                 if not live:
                     break

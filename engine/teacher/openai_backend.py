@@ -53,18 +53,19 @@ class OpenAIBackend:
         self.client = openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
 
     async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
-                     seed: Optional[int] = None) -> Completion:
+                     seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion:
         oa = self._openai
+        stop = list(stop) if stop else None  # the client sends nothing for None
         try:
             if self.api == "completions":
                 resp = await self.client.completions.create(
                     model=self.model, prompt=prompt, n=n, temperature=temperature, max_tokens=max_tokens,
-                    logprobs=top_logprobs, seed=seed)
+                    logprobs=top_logprobs, seed=seed, stop=stop)
             else:
                 extra = {"top_logprobs": top_logprobs} if top_logprobs else {}
                 resp = await self.client.chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": prompt}], n=n,
-                    temperature=temperature, max_tokens=max_tokens, logprobs=True, seed=seed, **extra)
+                    temperature=temperature, max_tokens=max_tokens, logprobs=True, seed=seed, stop=stop, **extra)
         except oa.RateLimitError as e:
             raise TransientError("HTTP 429 rate limited", _retry_after(e.response)) from None
         except oa.APITimeoutError:

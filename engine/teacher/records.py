@@ -25,7 +25,7 @@ USAGE = "usage.json"
 SHARD_GLOB = "samples-*.jsonl"
 
 RECORD_FIELDS = ("qid", "sample_index", "prompt_hash", "question", "gold", "dataset", "text", "tokens",
-                 "token_bytes", "token_logprobs", "top_logprobs", "finish_reason", "usage", "model")
+                 "token_bytes", "token_logprobs", "top_logprobs", "finish_reason", "cut", "usage", "model")
 
 
 class ResumeError(RuntimeError):
