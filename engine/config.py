@@ -64,9 +64,6 @@ class DataConfig:
     max_target_len: int = 256
     # Synthetic mini-world only: how many questions per split.
     synthetic_sizes: dict[str, int] = field(default_factory=dict)
-    # Rows per micro-batch by format (per_batch mixing), e.g. {zero_shot_answer_only: 32}; formats not
-    # named use train.micro_batch_size. Lets a short answer-only batch hold as many tokens as a CoT one.
-    micro_batch_sizes: dict[str, int] = field(default_factory=dict)
     # DataLoader worker processes that collate micro-batches ahead of the step (0: in the training process).
     num_workers: int = 2
 

@@ -350,7 +350,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                            d.max_target_len, with_teacher, vocab_size=t5.config.vocab_size)
     answer_only = any(f not in COT_FORMATS for f in d.formats)
     plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world,
-                     micro_batch_sizes=d.micro_batch_sizes,
+                     micro_batch_sizes={f: d.micro_batch_size_for(f, t.micro_batch_size) for f in d.formats},
                      answer_pool=first_sample_per_question(shards) if answer_only else None,
                      answer_lengths=sample_lengths(shards, "input") if answer_only else None)
 
