@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,19 @@ def worker_kernel_checks(out: Path, dry: bool) -> None:
     out.write_text(json.dumps(fig))
 
 
+ERROR_KEYS = ("loss", "grad", "grad_h", "grad_w")
+
+
+def kernel_check_failures(fig: dict) -> list[str]:
+    """What of worker_kernel_checks' figures misses its bar (NaN misses every bar)."""
+    bad = [f"in-place != separate buffer: {r['dtype']} V={r['V']} tail={r['tail']} ({r['differ']} elements)"
+           for r in fig["in_place"] if not r["bitwise_equal"]]
+    for r in fig["rel_err"]:
+        bad += [f"{r['kernel']} {r['dtype']} tail={r['tail']} {k}: {v:.2e} > {r['limit']:.0e}"
+                for k, v in r.items() if k in ERROR_KEYS and not v <= r["limit"]]
+    return bad
+
+
 WORKERS = {"env": worker_env, "kernel_checks": worker_kernel_checks}
 
 
@@ -242,10 +256,12 @@ class Run:
                 rc = proc.wait(timeout=budget)
                 status = "ok" if rc == 0 else f"exit {rc}"
             except subprocess.TimeoutExpired:
-                import signal
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 status = "timeout"
+            except KeyboardInterrupt:  # its own session would outlive us: take it down first
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
         tail = log.read_text(errors="replace")[-6000:]
         print("\n".join(tail.splitlines()[-25:]))
         return status, tail
@@ -334,6 +350,16 @@ def stage_kernel_tests(run: Run):
     return go
 
 
+def stage_kernel_checks(run: Run):
+    def go(budget):
+        rec = run.worker("kernel_checks", budget)
+        failures = kernel_check_failures(rec["figures"]) if rec["status"] == "ok" else []
+        if failures:
+            rec.update(status="failed", note=f"{len(failures)} checks failed")
+        return rec
+    return go
+
+
 def stage_loss(run: Run):
     def go(budget):
         out = run.work / "loss_gpu.json"
@@ -400,12 +426,10 @@ def _figure_lines(rec: dict) -> list[str]:
         lines.append(f"in-place == separate-buffer gradient, bitwise: {eq}/{len(f['in_place'])} "
                      f"(seed {f['seed']}, N={f['N']} V={f['V']})")
         for dt in REL_ERR_LIMIT:
-            errs = [v for r in f["rel_err"] if r["dtype"] == dt for k, v in r.items()
-                    if k in ("loss", "grad", "grad_h", "grad_w")]
-            worst = max(errs, default=float("nan"))
-            ok = all(e <= REL_ERR_LIMIT[dt] for e in errs)  # NaN fails
-            lines.append(f"{dt} vs float64: worst ||out-ref||/||ref|| {worst:.2e} (limit {REL_ERR_LIMIT[dt]:.0e}: "
-                         f"{'ok' if ok else 'EXCEEDED'})")
+            errs = [v for r in f["rel_err"] if r["dtype"] == dt for k, v in r.items() if k in ERROR_KEYS]
+            worst = float("nan") if any(e != e for e in errs) else max(errs, default=float("nan"))
+            lines.append(f"{dt} vs float64: worst ||out-ref||/||ref|| {worst:.2e} (limit {REL_ERR_LIMIT[dt]:.0e})")
+        lines += [f"FAILED {x}" for x in kernel_check_failures(f)[:5]]
     elif name == "loss" and f.get("rows"):
         rows = f["rows"]
         get = lambda **k: next((r for r in rows if all(r.get(a) == b for a, b in k.items())), None)  # noqa: E731
@@ -519,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             run.stage("install", stage_install(run, args.install))
         run.stage("env", lambda b: run.worker("env", b))
         run.stage("kernel_tests", stage_kernel_tests(run))
-        run.stage("kernel_checks", lambda b: run.worker("kernel_checks", b))
+        run.stage("kernel_checks", stage_kernel_checks(run))
         run.stage("loss", stage_loss(run))
         if args.dry:  # the tiny CPU world stands in for both engine modes
             xl = ["--mode", "cpu", "--quick", "--fused-only"]

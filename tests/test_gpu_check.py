@@ -137,3 +137,41 @@ def test_stage_past_its_budget_is_killed_with_its_children(tmp_path):
 def test_bad_budget_is_refused():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--budget", "nope=3"])
+
+
+def test_kernel_check_failures_catch_bit_differences_errors_and_nan():
+    good = dict(in_place=[dict(dtype="bf16", V=300, tail="none", bitwise_equal=True, differ=0)],
+                rel_err=[dict(kernel="sparse_kl_ce", dtype="bf16", tail="none", loss=1e-6, grad=4e-3, limit=1e-2)])
+    assert gpu_check.kernel_check_failures(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["in_place"][0].update(bitwise_equal=False, differ=3)
+    bad["rel_err"].append(dict(kernel="fused_linear_sparse_kl_ce", dtype="fp32", tail="tail", loss=float("nan"),
+                               grad_h=2e-4, grad_w=1e-7, limit=1e-4))
+    found = gpu_check.kernel_check_failures(bad)
+    assert len(found) == 3 and "3 elements" in found[0]
+    assert any("loss: nan" in x for x in found) and any("grad_h" in x for x in found)
+
+
+def test_gpu_shaped_figures_give_targets_in_the_table():
+    """The lines only a GPU run produces: the bandwidth target and bench_engine's gpu-xl verdicts."""
+    cfg = dict(N=8192, H=4096, V=32128, K=20, dtype="bf16")
+    loss_rows = [dict(kernel="device_copy", provider="torch", mode="full", metric="bandwidth", median=4300.0),
+                 dict(kernel="sparse_kl_ce", mode="full", metric="time", median=0.5, p20=0.49, p80=0.52, config=cfg),
+                 dict(kernel="sparse_kl_ce", mode="full", metric="bandwidth", median=3600.0),
+                 dict(kernel="sparse_kl_ce", mode="full", metric="pct_of_copy_bandwidth", median=83.7),
+                 dict(kernel="fused_linear_sparse_kl_ce", provider="liger_flce_ce_only", mode="full",
+                      metric="unavailable", median=None, note="not importable (No module named 'liger_kernel')")]
+    lines = gpu_check.summary_lines(dict(stage="loss", status="ok", figures=dict(rows=loss_rows)))
+    assert "83.7% of copy 4300 GB/s (target >= 80%: met)" in lines[0]
+    assert lines[1].startswith("liger_flce_ce_only: not importable")
+    base = dict(mode="gpu-xl", model="flan-t5-xl", precision="bf16", micro_batch=4, src_len=512, tgt_len=256,
+                steps=20, zero=2, peak_mem_gb=60.0, peak_host_rss_gb=20.0, peak_tflops=989.0)
+    rows = [dict(base, provider="specialize", loss="dm fused", tokens_per_s_per_gpu=9000.0, mfu=0.35,
+                 speedup_vs_hf=1.4),
+            dict(base, provider="hf-seq2seq+deepspeed", loss="ce (full logits)", tokens_per_s_per_gpu=6400.0,
+                 mfu=0.25)]
+    lines = gpu_check.summary_lines(dict(stage="engine_xl", status="ok", figures=dict(rows=rows),
+                                         matmul_tflops=790.0))
+    assert lines[0] == "flan-t5-xl bf16, micro-batch 4, seq 512->256, 20 steps"
+    assert "43.8% of the measured matmul rate 790 TFLOP/s" in "\n".join(lines)
+    assert "target MFU >= 40%: 35.0% (NOT met)" in lines and "target >= 1.3x HF tokens/s: 1.40x (met)" in lines
