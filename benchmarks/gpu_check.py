@@ -62,7 +62,7 @@ STAGES = {
     "install": (45, 60, 5),
     "env": (40, 60, 5),
     "kernel_tests": (120, 120, 20),
-    "kernel_checks": (40, 60, 5),
+    "kernel_checks": (60, 60, 5),
     "loss": (75, 90, 10),
     "engine_xl": (240, 240, 90),
     "engine_xxl": (None, None, 90),  # None: whatever the total leaves
@@ -424,7 +424,7 @@ def _figure_lines(rec: dict) -> list[str]:
     elif name == "kernel_checks" and f:
         eq = sum(r["bitwise_equal"] for r in f["in_place"])
         lines.append(f"in-place == separate-buffer gradient, bitwise: {eq}/{len(f['in_place'])} "
-                     f"(seed {f['seed']}, N={f['N']} V={f['V']})")
+                     f"(on {f['device']}, seed {f['seed']}, N={f['N']} V={f['V']})")
         for dt in REL_ERR_LIMIT:
             errs = [v for r in f["rel_err"] if r["dtype"] == dt for k, v in r.items() if k in ERROR_KEYS]
             worst = float("nan") if any(e != e for e in errs) else max(errs, default=float("nan"))
