@@ -308,7 +308,8 @@ def stage_install(run: Run, wheels: Path):
             return dict(status="timeout" if status == "timeout" else "failed", note=_last_error(tail, status))
         sys.path.insert(0, str(run.site))
         return dict(status="ok", figures=dict(site=str(run.site), installed=[f.name for f in todo],
-                                              already_there=kept))
+                                              already_there=kept,
+                                              wheels_mib=round(sum(f.stat().st_size for f in files) / 2 ** 20, 2)))
     return go
 
 
@@ -405,7 +406,9 @@ def _figure_lines(rec: dict) -> list[str]:
     f, name = rec.get("figures") or {}, rec["stage"]
     lines = []
     if name == "install" and f:
-        lines.append(f"{len(f['installed'])} wheels into {f['site']}; already there: {', '.join(f['already_there']) or '-'}")
+        lines.append(f"{len(f['installed'])} of {len(f['installed']) + len(f['already_there'])} wheels "
+                     f"({f['wheels_mib']} MiB in the set) into {f['site']}")
+        lines.append(f"already there: {', '.join(f['already_there']) or '-'}")
     elif name == "env" and f:
         lines.append(f"{f['device']}" + (f", {f['memory_gib']} GiB" if f.get("memory_gib") else "")
                      + f"; torch {f['torch']}, triton {f['triton']}, CUDA {f['cuda_runtime']}")
@@ -533,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("TRITON_INTERPRET", "1")
         WORKERS[args.worker](args.worker_out, args.dry)
         return 0
+    if not args.dry:
+        import torch
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA GPU is visible here, nothing was run (--dry runs the same stages on the "
+                  "CPU at toy sizes)", file=sys.stderr)
+            return 2
     out = args.out or (Path(tempfile.gettempdir()) / "gpu_check_dry.json" if args.dry else RESULTS)
     total = args.total or TOTAL["dry" if args.dry else "gpu"]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -21,7 +21,8 @@
 # Last, the set is checked: installed with `pip install --no-index --no-deps --target` under CPython 3.12
 # manylinux tags (as gpu_check --install does there), then imported (deepspeed, pydantic, liger_kernel)
 # from a scratch target with this machine's torch. When the local interpreter is not 3.12, that import
-# check installs the same pure wheels plus the local-ABI twin of each binary wheel (same version).
+# check installs the same pure wheels plus the local-ABI twin of each binary wheel (same version); a
+# CPython 3.12 found here (PY312, python3.12, pyenv's) also loads pydantic-core's cp312 build itself.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,6 +71,23 @@ DS_BUILD_OPS=0 DS_ACCELERATOR=cuda "$PY" -m pip wheel -q --no-deps -w "$DEST" "$
 
 echo "== checking the set installs under CPython 3.12 manylinux tags (no index, no deps)"
 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site312" "${TAGS[@]}" "$DEST"/*.whl
+
+# A CPython 3.12 here (PY312, python3.12 on the PATH, or pyenv's) loads the cp312 binary wheels themselves.
+if [ -z "${PY312:-}" ]; then  # the first candidate that really runs (a pyenv shim may not)
+  for cand in $(command -v python3.12 || true) "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if [ -x "$cand" ] && "$cand" -c pass 2>/dev/null; then PY312="$cand"; break; fi
+  done
+fi
+if [ -n "${PY312:-}" ]; then
+  echo "== importing pydantic (its cp312 pydantic-core) and hjson from that target with $PY312"
+  PYTHONPATH="$WORK/site312" "$PY312" -c 'import sys, hjson, pydantic, pydantic_core
+site = sys.argv[1]
+assert pydantic_core.__file__.startswith(site), pydantic_core.__file__
+class Probe(pydantic.BaseModel):
+    stage: int
+assert Probe(stage="3").stage == 3 and hjson.loads("{a: 1}") == {"a": 1}
+print(f"   pydantic {pydantic.VERSION} / pydantic-core {pydantic_core.__version__} load under Python {sys.version.split()[0]}")' "$WORK/site312"
+fi
 
 echo "== checking deepspeed imports from a scratch target with this machine's torch"
 local_tag="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"

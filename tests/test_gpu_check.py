@@ -134,6 +134,12 @@ def test_stage_past_its_budget_is_killed_with_its_children(tmp_path):
     assert not _running(pid), "the stage's child process outlived the stage"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without CUDA")
+def test_without_cuda_only_dry_runs(capsys):
+    assert gpu_check.main(["--out", "/nonexistent/never-written.json"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
 def test_bad_budget_is_refused():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--budget", "nope=3"])
