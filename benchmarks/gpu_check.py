@@ -470,7 +470,7 @@ def _figure_lines(rec: dict) -> list[str]:
             if r.get("mfu") and r.get("peak_tflops") and rec.get("matmul_tflops"):
                 # the same work over the matmul rate measured in the env stage, beside the datasheet MFU
                 lines.append(f"  = {100 * r['mfu'] * r['peak_tflops'] / rec['matmul_tflops']:.1f}% of the measured "
-                             f"matmul rate {rec['matmul_tflops']:.0f} TFLOP/s (MFU uses {r['peak_tflops']:.0f})")
+                             f"matmul rate {rec['matmul_tflops']:.3g} TFLOP/s (MFU uses {r['peak_tflops']:.3g})")
         if rows:
             r0 = rows[0]
             lines.insert(0, f"{r0['model']} {r0['precision']}, micro-batch {r0['micro_batch']}, "
