@@ -31,3 +31,15 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# One GPU acceptance run (benchmarks/gpu_check.py, <= 10 minutes): on the GPU machine, with the wheels
+# that benchmarks/gpu_wheels.sh put in .whl/ on a machine with the package index. It uses that machine's
+# python3 (its torch/Triton), never this project's venv or pins.
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check.json
+.PHONY: gpu-wheels gpu-check
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh .whl
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --install .whl --out $(GPU_CHECK_OUT)

@@ -273,6 +273,8 @@ def parse_args(argv):
     ap.add_argument("--zero", default=None, help="comma list of ZeRO stages (default: the mode's)")
     ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs, or CPU ranks)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Seq2SeqTrainer baseline")
+    ap.add_argument("--fused-only", action="store_true",
+                    help="skip the unfused-loss engine run (one process less; benchmarks/gpu_check.py uses it)")
     ap.add_argument("--out", default=None,
                     help=f"folder for engine_<mode>.json (default {RESULTS} for a full run, none for --quick)")
     ap.add_argument("--hf-worker", metavar="SPEC.json", help=argparse.SUPPRESS)
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(the CPU benchmark is --mode cpu)", file=sys.stderr)
         return 2
     mode = "cpu-quick" if args.quick and args.mode == "cpu" else args.mode
+    if args.fused_only:
+        MODES[mode] = {**MODES[mode], "unfused": False}
     peak = float(os.environ["SPECIALIZE_PEAK_TFLOPS"]) if os.environ.get("SPECIALIZE_PEAK_TFLOPS") else None
     if peak is None and mode.startswith("cpu"):
         peak = cpu_gemm_tflops()

@@ -2,6 +2,8 @@
 
     python -m specialize.benchmarks.bench_loss_gpu                # N=8192 H=4096 V=32128 K=20 bf16
     python -m specialize.benchmarks.bench_loss_gpu --quick        # small shapes, a smoke run
+    python -m specialize.benchmarks.bench_loss_gpu --dry          # CPU, Triton interpreter, toy shapes:
+                                                                  # the plumbing only, no figure to keep
 
 1. HBM bandwidth, measured here: do_bench of a 2 GiB device-to-device copy (bytes read + written).
 2. sparse_kl_ce on [N, V] logits: forward-only (no grad) and forward+backward time; achieved GB/s
@@ -10,13 +12,15 @@
 3. lm_head + loss, forward+backward time and peak memory (max_memory_allocated above the inputs):
    naive PyTorch (materialised logits, fp32 log_softmax), this package's fused_linear_sparse_kl_ce
    (alpha=0.5: the distillation loss; alpha=1: CE only, the same math as Liger's), and Liger-Kernel's
-   LigerFusedLinearCrossEntropyLoss (CE only) when it is importable.
-Times: triton.testing.do_bench, median with p20/p80, ms. Results go to benchmarks/results/loss_gpu.json.
+   LigerFusedLinearCrossEntropyLoss (CE only); where Liger is not importable its row says so.
+Times: triton.testing.do_bench, median with p20/p80, ms (--dry: host timer on the CPU). Results go to
+benchmarks/results/loss_gpu.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,11 +38,15 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--tail", choices=["none", "renorm", "tail"], default="none")
     ap.add_argument("--quick", action="store_true", help="N=1024 H=512 V=32128: a smoke run")
+    ap.add_argument("--dry", action="store_true",
+                    help="CPU with the Triton interpreter, N=16 H=32 V=1000 K=20: checks the script, measures nothing")
     ap.add_argument("--skip-liger", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
         args.N, args.H = 1024, 512
+    if args.dry:
+        args.N, args.H, args.V = 16, 32, 1000
     return args
 
 
@@ -55,16 +63,33 @@ def _inputs(N, H, V, K, dtype, device, seed=0):
     return h, weight, ids, lp, target
 
 
-def _bench(fn, grad_to_none=None):
-    from triton.testing import do_bench
+def _bench(fn, grad_to_none=None, device="cuda", reps=5):
+    """{median, p20, p80} in ms: do_bench (CUDA events) on the GPU; a host timer on the CPU (--dry)."""
+    if device == "cuda":
+        from triton.testing import do_bench
 
-    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-    return dict(median=med, p20=p20, p80=p80)
+        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+        return dict(median=med, p20=p20, p80=p80)
+    import numpy as np
+
+    times = []
+    for i in range(reps + 1):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        if i:  # the first call is the warm-up
+            times.append((time.perf_counter() - t0) * 1e3)
+    med, p20, p80 = np.quantile(times, [0.5, 0.2, 0.8])
+    return dict(median=float(med), p20=float(p20), p80=float(p80))
 
 
-def _peak_mib(fn):
+def _peak_mib(fn, device="cuda"):
     import torch
 
+    if device != "cuda":  # no allocator statistics on the host
+        fn()
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -84,49 +109,67 @@ def _naive_loss(h, weight, ids, lp, target, alpha, tau):
     return ((alpha * ce + (1 - alpha) * kl) * valid).sum() / valid.sum()
 
 
-def measure_bandwidth():
+def measure_bandwidth(device="cuda", nbytes=2**31):
+    """Device-to-device copy GB/s counting bytes read + written (2 GiB buffers: many times the L2)."""
     import torch
 
-    src = torch.empty(2**30, dtype=torch.int16, device="cuda")  # 2 GiB
+    src = torch.randint(-2**15, 2**15, (nbytes // 2,), dtype=torch.int16, device=device)  # not zeros
     dst = torch.empty_like(src)
-    t = _bench(lambda: dst.copy_(src))
+    t = _bench(lambda: dst.copy_(src), device=device)
     return 2 * src.numel() * src.element_size() / (t["median"] * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(device="cuda", n=8192, dtype_name="bf16"):
+    """TFLOP/s of one n x n x n matmul on random data (random, not zeros: zeros run faster)."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = _bench(lambda: a @ b, device=device)
+    return 2 * n ** 3 / (t["median"] * 1e-3) / 1e12
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.dry:
         print("bench_loss_gpu: CUDA is not available on this machine, nothing measured. Run it on a "
-              "GPU host (the CPU benchmark is specialize.benchmarks.bench_loss_cpu).", file=sys.stderr)
+              "GPU host (the CPU benchmark is specialize.benchmarks.bench_loss_cpu; --dry checks this "
+              "script on the CPU).", file=sys.stderr)
         return 2
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":  # --dry: the Triton kernels through the interpreter (set before triton is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
 
+    backend = "auto" if dev == "cuda" else "triton"
     dtype = getattr(torch, DTYPES[args.dtype])
     N, H, V, K = args.N, args.H, args.V, args.K
-    h, weight, ids, lp, target = _inputs(N, H, V, K, dtype, "cuda")
+    h, weight, ids, lp, target = _inputs(N, H, V, K, dtype, dev)
     esize = torch.finfo(dtype).bits // 8
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu (--dry)"
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     config = dict(N=N, H=H, V=V, K=K, dtype=args.dtype, tail=args.tail, alpha=0.5, temperature=1.0)
     rows = []
 
-    def row(kernel, provider, mode, metric, unit, stats):
+    def row(kernel, provider, mode, metric, unit, stats, note=None):
         rows.append(dict(kernel=kernel, provider=provider, mode=mode, metric=metric, unit=unit, x=N,
                          median=stats["median"], p20=stats.get("p20"), p80=stats.get("p80"),
-                         config=config, device=device, timestamp=stamp, version=torch.__version__))
+                         config=config, device=device, timestamp=stamp, version=torch.__version__,
+                         **({"note": note} if note else {})))
 
-    hbm = measure_bandwidth()
+    hbm = measure_bandwidth(dev, 2**31 if dev == "cuda" else 2**25)
     row("device_copy", "torch", "full", "bandwidth", "GB/s", dict(median=hbm))
     print(f"{device}: measured copy bandwidth {hbm:.0f} GB/s")
 
     # --- sparse_kl_ce on materialised logits ---
     logits = (h @ weight.T).contiguous()
-    kw = dict(alpha=0.5, tail=args.tail, validate=False)
-    t_fwd = _bench(lambda: sparse_kl_ce(logits, ids, lp, target, **kw))
+    kw = dict(alpha=0.5, tail=args.tail, validate=False, backend=backend)
+    t_fwd = _bench(lambda: sparse_kl_ce(logits, ids, lp, target, **kw), device=dev)
     x = logits.clone().requires_grad_()
-    t_full = _bench(lambda: sparse_kl_ce(x, ids, lp, target, **kw).backward(), grad_to_none=[x])
+    t_full = _bench(lambda: sparse_kl_ce(x, ids, lp, target, **kw).backward(), grad_to_none=[x], device=dev)
     print(f"\nsparse_kl_ce [{N} x {V}] {args.dtype}   median ms  p20   p80    GB/s  % of copy")
     for mode, t, nbytes in (("forward", t_fwd, N * V * esize), ("full", t_full, 2 * N * V * esize)):
         gbs = nbytes / (t["median"] * 1e-3) / 1e9
@@ -144,8 +187,9 @@ def main(argv=None) -> int:
         "specialize_fused": lambda: fused_linear_sparse_kl_ce(h_req, w_req, ids, lp, target,
                                                               **kw).backward(),
         "specialize_fused_ce_only": lambda: fused_linear_sparse_kl_ce(
-            h_req, w_req, ids, lp, target, alpha=1.0, validate=False).backward(),
+            h_req, w_req, ids, lp, target, alpha=1.0, validate=False, backend=backend).backward(),
     }
+    liger_missing = "skipped (--skip-liger)" if args.skip_liger else None
     if not args.skip_liger:
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -153,23 +197,34 @@ def main(argv=None) -> int:
             liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
             providers["liger_flce_ce_only"] = lambda: liger(w_req, h_req, target).backward()
         except ImportError as err:
-            print(f"Liger-Kernel not importable ({err}); skipping that baseline")
+            liger_missing = f"not importable ({err})"
     print(f"\nlm_head + loss fwd+bwd, N={N} H={H} V={V} K={K} {args.dtype}")
     print(f"  {'provider':<26} {'median ms':>9} {'p20':>7} {'p80':>7} {'peak MiB':>9}")
     for name, fn in providers.items():
         try:
-            peak = _peak_mib(fn)
-            t = _bench(fn, grad_to_none=[h_req, w_req])
+            peak = _peak_mib(fn, dev)
+            t = _bench(fn, grad_to_none=[h_req, w_req], device=dev)
         except torch.cuda.OutOfMemoryError:
             print(f"  {name:<26} out of memory")
+            row("fused_linear_sparse_kl_ce", name, "full", "unavailable", "", dict(median=None), "out of memory")
             torch.cuda.empty_cache()
             continue
-        print(f"  {name:<26} {t['median']:9.2f} {t['p20']:7.2f} {t['p80']:7.2f} {peak:9.0f}")
+        except Exception as err:  # e.g. Liger on a Triton it was not written for: say so, keep the rest
+            print(f"  {name:<26} failed: {type(err).__name__}: {str(err)[:200]}")
+            row("fused_linear_sparse_kl_ce", name, "full", "unavailable", "", dict(median=None),
+                f"failed: {type(err).__name__}: {str(err)[:300]}")
+            continue
+        peak_txt = f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
+        print(f"  {name:<26} {t['median']:9.2f} {t['p20']:7.2f} {t['p80']:7.2f} {peak_txt}")
         row("fused_linear_sparse_kl_ce", name, "full", "time", "ms", t)
         row("fused_linear_sparse_kl_ce", name, "full", "peak_memory_above_inputs", "MiB", dict(median=peak))
+    if liger_missing:
+        print(f"  {'liger_flce_ce_only':<26} {liger_missing}")
+        row("fused_linear_sparse_kl_ce", "liger_flce_ce_only", "full", "unavailable", "", dict(median=None),
+            liger_missing)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
-        command="python -m specialize.benchmarks.bench_loss_gpu " + " ".join(argv or []),
+        command="python -m specialize.benchmarks.bench_loss_gpu " + " ".join(argv or []), dry=args.dry,
         bytes_model="sparse_kl_ce forward: N*V*elem read; full: N*V*elem read + N*V*elem grad written "
                     "(the kernel itself reads the logits twice; the second sweep mostly hits L2)",
         rows=rows), indent=1))

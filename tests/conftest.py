@@ -1,4 +1,5 @@
-"""Shared test set-up: offline hub, Triton interpreter on CPU, the ../shared/data folder."""
+"""Shared test set-up: offline hub, the Triton interpreter on a CPU-only host (a CUDA host runs the compiled
+kernels on the GPU: see kernel_reference.TRITON_DEVICE), the ../shared/data folder."""
 import os
 from pathlib import Path
 

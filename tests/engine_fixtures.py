@@ -88,8 +88,11 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 def env() -> dict:
     e = dict(os.environ)
+    # CUDA_VISIBLE_DEVICES="": these are CPU (gloo) ranks; on a GPU host each rank would otherwise
+    # pick cuda:LOCAL_RANK (set_device(1) fails with one GPU) and mix CUDA tensors into gloo collectives.
     e.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-             TORCH_EXTENSIONS_DIR=str(REPO / ".venv" / "torch_extensions"), PYTHONUNBUFFERED="1")
+             TORCH_EXTENSIONS_DIR=str(REPO / ".venv" / "torch_extensions"), PYTHONUNBUFFERED="1",
+             CUDA_VISIBLE_DEVICES="")
     e.pop("SPECIALIZE_INJECT_NAN_AT_STEP", None)
     e.pop("SPECIALIZE_EXIT_AFTER_STEP", None)
     return e

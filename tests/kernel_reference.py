@@ -4,7 +4,21 @@ input generator and the comparison helper shared by the kernel tests.
 
 Run in another dtype (pass bf16 logits) the same code is "the same torch computation done in that
 dtype", the yardstick of the flash-attention tolerance rule used for bf16/fp16."""
+import os
+
 import torch
+
+# The Triton backend runs where Triton compiles for: the GPU when there is one (compiled kernels; a
+# CUDA host leaves TRITON_INTERPRET unset, see conftest.py), else the CPU interpreter. TRITON_INTERPRET=1
+# set by hand on a GPU host keeps the interpreter (and CPU tensors) there too. The torch backend is
+# the CPU path and stays on the CPU. References are always computed on the CPU.
+TRITON_DEVICE = ("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+                 else "cpu")
+
+
+def device_for(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
 
 TAIL_EPS = 1e-6  # must match specialize.kernels.utils.TAIL_EPS (the documented clamp)
 
@@ -108,3 +122,23 @@ def assert_close(actual, expected, atol, rtol, name):
         err = float((actual - expected).abs().max())
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (max abs err "
                              f"{err:.3g}, atol {atol}, rtol {rtol}); first (index, got, want): {rows}")
+
+
+def in_place_matches_out_of_place(logits, topk_ids, topk_logprobs, target, backend="triton", alpha=0.5,
+                                  temperature=1.0, tail="none", ignore_index=-100):
+    """Run the row kernel twice on the same inputs: gradient into a separate buffer, and gradient
+    written over the logits themselves (what the fused-linear loss does per chunk). Each program
+    reads every logit of its row before overwriting it, so the two must agree bit for bit; returns
+    (equal, number of differing elements)."""
+    from specialize.kernels.sparse_kl_ce import sparse_kl_ce_rows
+    scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+    opts = (alpha, temperature, tail, ignore_index)
+    separate = torch.full_like(logits, float("nan"))
+    rows_a = sparse_kl_ce_rows(logits, topk_ids, topk_logprobs, target, separate, scale, *opts, backend=backend)
+    aliased = logits.clone()
+    rows_b = sparse_kl_ce_rows(aliased, topk_ids, topk_logprobs, target, aliased, scale, *opts, backend=backend)
+    # bitwise: compare the raw bits, so NaN == NaN and -0.0 != 0.0 count as they are stored
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[logits.dtype]
+    differ = int((separate.view(bits) != aliased.view(bits)).sum())
+    differ += sum(int((a.view(torch.int32) != b.view(torch.int32)).sum()) for a, b in zip(rows_a, rows_b))
+    return differ == 0, differ

@@ -1,11 +1,12 @@
-"""fused_linear_sparse_kl_ce against the float64 reference (logits materialised from h and W)."""
+"""fused_linear_sparse_kl_ce against the float64 reference (logits materialised from h and W). The Triton
+backend runs compiled on the GPU when there is one (the CPU interpreter otherwise); references on the CPU."""
 import math
 import os
 
 import pytest
 import torch
 
-from kernel_reference import assert_close, make_inputs, reference_linear
+from kernel_reference import assert_close, device_for, make_inputs, reference_linear
 from specialize.kernels import FusedLinearSparseKLCELoss, fused_linear_sparse_kl_ce, sparse_kl_ce
 
 BACKENDS = ["triton", "torch"]
@@ -35,10 +36,10 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(real_empty_like(*a, **k)))
 
 
-def make_linear(N, H, V, K, dtype=torch.float32, **rows):
-    _, ids, lp, target = make_inputs(N, V, K, **rows)
-    h = torch.randn(N, H).to(dtype)
-    weight = (torch.randn(V, H) / math.sqrt(H) * 4).to(dtype)
+def make_linear(N, H, V, K, dtype=torch.float32, device="cpu", **rows):
+    _, ids, lp, target = make_inputs(N, V, K, device=device, **rows)
+    h = torch.randn(N, H).to(dtype).to(device)
+    weight = (torch.randn(V, H) / math.sqrt(H) * 4).to(dtype).to(device)
     return h, weight, ids, lp, target
 
 
@@ -51,10 +52,11 @@ def run_both(h, weight, ids, lp, target, backend, hidden_scale, chunk_size=None,
                                              reduction=reduction, chunk_size=chunk_size,
                                              backend=backend, return_parts=True, **kw)
     go = torch.rand(loss.shape) + 0.5
-    (loss * go.to(loss.dtype)).sum().backward()
+    (loss * go.to(loss.device, loss.dtype)).sum().backward()
     out = [(loss, ce, kl, h1.grad, w1.grad)]
+    ids, lp, target = ids.cpu(), lp.cpu(), target.cpu()
     for dt in [torch.float64] + ([h.dtype] if lowp_torch else []):
-        h2, w2 = h.to(dt).requires_grad_(), weight.to(dt).requires_grad_()
+        h2, w2 = h.cpu().to(dt).requires_grad_(), weight.cpu().to(dt).requires_grad_()
         ref, rce, rkl = reference_linear(h2, w2, hidden_scale, ids, lp.to(dt), target,
                                          reduction=reduction, **kw)
         (ref * go.to(dt)).sum().backward()
@@ -68,7 +70,7 @@ def run_both(h, weight, ids, lp, target, backend, hidden_scale, chunk_size=None,
 @pytest.mark.parametrize("N,H,V,chunk", [(37, 16, 1423, 8), (3, 8, 32128, None), (40, 256, 1423, None)])
 def test_fp32_matches_reference(N, H, V, chunk, K, tail, backend, poison_empty):
     h, w, ids, lp, target = make_linear(N, H, V, K, ignore_rows=[1], no_teacher_rows=[N - 1],
-                                        padded_rows=[0])
+                                        padded_rows=[0], device=device_for(backend))
     got, want = run_both(h, w, ids, lp, target, backend, H ** -0.5, chunk, tail=tail, **KW)
     # grad_h sums V terms of both signs (each row's logit gradient sums to 0) in fp32, hence atol 5e-6
     for name, g, r, atol, rtol in zip(("loss", "ce", "kl", "grad_h", "grad_W"), got, want,
@@ -86,14 +88,15 @@ def test_low_precision_error_within_twice_torch(N, H, V, K, chunk, dtype, backen
     alone doubles the rounding error of the stored logit gradient, so that one case gets 3x."""
     factor = 3 if (backend == "triton" and dtype == torch.bfloat16
                    and os.environ.get("TRITON_INTERPRET") == "1") else 2
-    h, w, ids, lp, target = make_linear(N, H, V, K, dtype, ignore_rows=[1], padded_rows=[0])
+    h, w, ids, lp, target = make_linear(N, H, V, K, dtype, ignore_rows=[1], padded_rows=[0],
+                                        device=device_for(backend))
     got, want, low = run_both(h, w, ids, lp, target, backend, H ** -0.5, chunk, tail="tail",
                               lowp_torch=True, **KW)
     for i, name in enumerate(("loss", "grad_h", "grad_W")):
         i = (0, 3, 4)[i]
         assert got[i].dtype == (torch.float32 if i == 0 else dtype)
         assert torch.isfinite(got[i]).all(), name
-        err_kernel = float((got[i].detach().double() - want[i].detach()).abs().max())
+        err_kernel = float((got[i].detach().double().cpu() - want[i].detach()).abs().max())
         err_torch = float((low[i].detach().double() - want[i].detach()).abs().max())
         # atol: one rounding of the dtype at the tensor's scale (max-abs of a small tensor is noisy)
         atol = torch.finfo(dtype).eps * float(want[i].detach().abs().max())
@@ -104,7 +107,8 @@ def test_low_precision_error_within_twice_torch(N, H, V, K, chunk, dtype, backen
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("alpha,temperature", [(0.0, 2.0), (0.5, 1.0), (1.0, 0.7)])
 def test_reductions_alpha_temperature(alpha, temperature, reduction, backend, poison_empty):
-    h, w, ids, lp, target = make_linear(19, 12, 1423, 5, ignore_rows=[2, 3], no_teacher_rows=[7])
+    h, w, ids, lp, target = make_linear(19, 12, 1423, 5, ignore_rows=[2, 3], no_teacher_rows=[7],
+                                        device=device_for(backend))
     got, want = run_both(h, w, ids, lp, target, backend, 1.0, 6, reduction=reduction, alpha=alpha,
                          temperature=temperature, tail="renorm")
     assert got[0].shape == want[0].shape
@@ -116,7 +120,7 @@ def test_reductions_alpha_temperature(alpha, temperature, reduction, backend, po
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_row_ignored(reduction, backend, poison_empty):
-    h, w, ids, lp, target = make_linear(10, 8, 1423, 5, ignore_rows=range(10))
+    h, w, ids, lp, target = make_linear(10, 8, 1423, 5, ignore_rows=range(10), device=device_for(backend))
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss, ce, kl = fused_linear_sparse_kl_ce(h1, w1, ids, lp, target, reduction=reduction,
                                              chunk_size=4, backend=backend, return_parts=True)
@@ -127,7 +131,7 @@ def test_every_row_ignored(reduction, backend, poison_empty):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_as_sparse_kl_ce_on_materialised_logits(backend):
-    h, w, ids, lp, target = make_linear(21, 16, 700, 5, ignore_rows=[0])
+    h, w, ids, lp, target = make_linear(21, 16, 700, 5, ignore_rows=[0], device=device_for(backend))
     fused = fused_linear_sparse_kl_ce(h, w, ids, lp, target, hidden_scale=0.25, tail="tail",
                                       chunk_size=5, backend=backend, return_parts=True)
     plain = sparse_kl_ce((h * 0.25) @ w.T, ids, lp, target, tail="tail", backend=backend,

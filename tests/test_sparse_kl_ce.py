@@ -1,4 +1,5 @@
-"""sparse_kl_ce against the float64 reference: the Triton kernel (CPU interpreter) and the PyTorch path."""
+"""sparse_kl_ce against the float64 reference: the Triton kernel (compiled on the GPU when there is one,
+the CPU interpreter otherwise) and the PyTorch path (CPU)."""
 import math
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_reference import TAIL_EPS, assert_close, make_inputs, reference_loss
+from kernel_reference import (TAIL_EPS, assert_close, device_for, in_place_matches_out_of_place, make_inputs,
+                              reference_loss)
 from specialize.kernels import SparseKLCELoss, sparse_kl_ce
 from specialize.kernels.sparse_kl_ce import sparse_kl_ce_rows
 
@@ -49,14 +51,15 @@ def poison_empty(monkeypatch):
 
 
 def run_both(logits, ids, lp, target, backend, **kw):
-    """(loss, ce, kl, grad) from the kernel and the float64 reference for one random grad_output."""
+    """(loss, ce, kl, grad) from the kernel and the float64 reference for one random grad_output.
+    The kernel runs where its inputs are; the reference always on the CPU."""
     x = logits.clone().requires_grad_()
     loss, ce, kl = sparse_kl_ce(x, ids, lp, target, backend=backend, return_parts=True, **kw)
     go = torch.rand_like(loss) + 0.5
     (loss * go).sum().backward()
-    x64 = logits.double().requires_grad_()
-    ref, ref_ce, ref_kl = reference_loss(x64, ids, lp, target, **kw)
-    (ref * go.double()).sum().backward()
+    x64 = logits.double().cpu().requires_grad_()
+    ref, ref_ce, ref_kl = reference_loss(x64, ids.cpu(), lp.cpu(), target.cpu(), **kw)
+    (ref * go.double().cpu()).sum().backward()
     return (loss, ce, kl, x.grad), (ref, ref_ce, ref_kl, x64.grad)
 
 
@@ -67,7 +70,8 @@ def run_both(logits, ids, lp, target, backend, **kw):
 @pytest.mark.parametrize("N,V", [(3, 1423), (37, 1423), (4, 32128)])
 def test_matches_reference(N, V, K, dtype, atol, rtol, tail, backend, poison_empty):
     logits, ids, lp, target = make_inputs(N, V, K, dtype, ignore_rows=[1], no_teacher_rows=[N - 1],
-                                          padded_rows=[0], one_hot_rows=[2] if N > 3 else [])
+                                          padded_rows=[0], one_hot_rows=[2] if N > 3 else [],
+                                          device=device_for(backend))
     got, want = run_both(logits, ids, lp, target, backend, alpha=0.5, temperature=1.7, tail=tail)
     for name, g, w in zip(("loss", "ce", "kl"), got[:3], want[:3]):
         assert_close(g, w, LOSS_ATOL, LOSS_RTOL, name)
@@ -81,7 +85,7 @@ def test_matches_reference(N, V, K, dtype, atol, rtol, tail, backend, poison_emp
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_alpha_and_temperature(alpha, temperature, tail, backend, poison_empty):
     logits, ids, lp, target = make_inputs(37, 1423, 5, ignore_rows=[4, 9], no_teacher_rows=[3],
-                                          padded_rows=[0, 1], one_hot_rows=[5])
+                                          padded_rows=[0, 1], one_hot_rows=[5], device=device_for(backend))
     got, want = run_both(logits, ids, lp, target, backend, alpha=alpha, temperature=temperature,
                          tail=tail)
     for name, g, w in zip(("loss", "ce", "kl"), got[:3], want[:3]):
@@ -92,7 +96,8 @@ def test_alpha_and_temperature(alpha, temperature, tail, backend, poison_empty):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions(reduction, backend, poison_empty):
-    logits, ids, lp, target = make_inputs(11, 1423, 5, ignore_rows=[2], no_teacher_rows=[7])
+    logits, ids, lp, target = make_inputs(11, 1423, 5, ignore_rows=[2], no_teacher_rows=[7],
+                                          device=device_for(backend))
     got, want = run_both(logits, ids, lp, target, backend, alpha=0.3, temperature=1.5, tail="tail",
                          reduction=reduction)
     assert got[0].shape == want[0].shape
@@ -107,13 +112,15 @@ def test_reductions(reduction, backend, poison_empty):
 def test_low_precision_error_within_twice_torch(dtype, backend):
     """flash-attention's rule: the kernel's error vs float64 is at most ~2x the error of the same
     naive torch computation done in the input dtype."""
-    logits, ids, lp, target = make_inputs(16, 1423, 20, dtype, ignore_rows=[3], padded_rows=[0])
+    logits, ids, lp, target = make_inputs(16, 1423, 20, dtype, ignore_rows=[3], padded_rows=[0],
+                                          device=device_for(backend))
     got, want = run_both(logits, ids, lp, target, backend, alpha=0.5, temperature=2.0, tail="tail")
-    x_low = logits.clone().requires_grad_()
-    low, _, _ = reference_loss(x_low, ids, lp.to(dtype), target, alpha=0.5, temperature=2.0, tail="tail")
+    x_low = logits.cpu().clone().requires_grad_()
+    low, _, _ = reference_loss(x_low, ids.cpu(), lp.cpu().to(dtype), target.cpu(), alpha=0.5, temperature=2.0,
+                               tail="tail")
     low.backward()
     for name, g, lo, w in (("loss", got[0], low, want[0]), ("grad", got[3], x_low.grad, want[3])):
-        err_kernel = float((g.detach().double() - w.detach()).abs().max())
+        err_kernel = float((g.detach().double().cpu() - w.detach()).abs().max())
         err_torch = float((lo.detach().double() - w.detach()).abs().max())
         assert err_kernel <= 2 * err_torch + 1e-6, f"{name}: kernel {err_kernel:.3g} vs torch {err_torch:.3g}"
 
@@ -121,7 +128,7 @@ def test_low_precision_error_within_twice_torch(dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_row_ignored(reduction, backend, poison_empty):
-    logits, ids, lp, target = make_inputs(6, 1423, 5, ignore_rows=range(6))
+    logits, ids, lp, target = make_inputs(6, 1423, 5, ignore_rows=range(6), device=device_for(backend))
     x = logits.clone().requires_grad_()
     loss, ce, kl = sparse_kl_ce(x, ids, lp, target, backend=backend, reduction=reduction,
                                 return_parts=True)
@@ -132,11 +139,12 @@ def test_every_row_ignored(reduction, backend, poison_empty):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_teacher_are_pure_ce(backend):
-    logits, ids, lp, target = make_inputs(9, 1423, 5, no_teacher_rows=range(9), ignore_rows=[4])
+    logits, ids, lp, target = make_inputs(9, 1423, 5, no_teacher_rows=range(9), ignore_rows=[4],
+                                          device=device_for(backend))
     x = logits.clone().requires_grad_()
     loss = sparse_kl_ce(x, ids, lp, target, alpha=0.0, temperature=3.0, backend=backend)
-    x_ce = logits.double().requires_grad_()
-    ce = torch.nn.functional.cross_entropy(x_ce, target, ignore_index=-100)
+    x_ce = logits.double().cpu().requires_grad_()
+    ce = torch.nn.functional.cross_entropy(x_ce, target.cpu(), ignore_index=-100)
     loss.backward(), ce.backward()
     assert_close(loss, ce, 1e-5, 1e-5, "loss")
     assert_close(x.grad, x_ce.grad, 1e-7, 1e-4, "grad_logits")
@@ -146,8 +154,9 @@ def test_rows_without_teacher_are_pure_ce(backend):
 def test_kl_is_scaled_by_tau_squared(backend):
     """alpha=0, tail none: loss = τ² · mean_i Σ_j p_ij (log p_ij − log softmax(z_i/τ)_j), by hand."""
     tau = 2.5
-    logits, ids, lp, target = make_inputs(5, 300, 4)
+    logits, ids, lp, target = make_inputs(5, 300, 4, device=device_for(backend))
     loss = sparse_kl_ce(logits, ids, lp, target, alpha=0.0, temperature=tau, backend=backend)
+    logits, ids, lp = logits.cpu(), ids.cpu(), lp.cpu()
     logq = torch.log_softmax(logits.double() / tau, dim=1).gather(1, ids)
     by_hand = tau ** 2 * (lp.double().exp() * (lp.double() - logq)).sum(1).mean()
     assert math.isclose(float(loss), float(by_hand), rel_tol=1e-5)
@@ -156,9 +165,10 @@ def test_kl_is_scaled_by_tau_squared(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_buffer_fully_written(backend):
     """The low-level launcher writes every element of a NaN-filled grad buffer, ignored rows included."""
-    logits, ids, lp, target = make_inputs(7, 1423, 5, ignore_rows=[0, 6], no_teacher_rows=[3])
+    logits, ids, lp, target = make_inputs(7, 1423, 5, ignore_rows=[0, 6], no_teacher_rows=[3],
+                                          device=device_for(backend))
     grad = torch.full_like(logits, float("nan"))
-    scale = torch.ones(1)
+    scale = torch.ones(1, device=logits.device)
     sparse_kl_ce_rows(logits, ids, lp, target, grad, scale, 0.5, 1.3, "tail", -100, backend=backend)
     assert torch.isfinite(grad).all()
     assert torch.all(grad[[0, 6]] == 0)
@@ -168,7 +178,7 @@ def test_grad_buffer_fully_written(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_functional(backend):
-    logits, ids, lp, target = make_inputs(8, 500, 5, ignore_rows=[1])
+    logits, ids, lp, target = make_inputs(8, 500, 5, ignore_rows=[1], device=device_for(backend))
     mod = SparseKLCELoss(alpha=0.2, temperature=1.3, tail="renorm", backend=backend)
     a = mod(logits, ids, lp, target)
     b = sparse_kl_ce(logits, ids, lp, target, alpha=0.2, temperature=1.3, tail="renorm", backend=backend)
@@ -177,9 +187,10 @@ def test_module_matches_functional(backend):
 
 def test_int32_inputs_and_noncontiguous_logits():
     logits, ids, lp, target = make_inputs(6, 400, 5, ignore_rows=[2])
-    wide = torch.randn(400, 6).T  # non-contiguous [6, 400]
+    dev = device_for("triton")
+    wide = torch.randn(400, 6, device=dev).T  # non-contiguous [6, 400]
     wide.copy_(logits)
-    a = sparse_kl_ce(wide, ids.int(), lp, target.int(), backend="triton")
+    a = sparse_kl_ce(wide, ids.int().to(dev), lp.to(dev), target.int().to(dev), backend="triton")
     b = sparse_kl_ce(logits, ids, lp, target, backend="torch")
     assert math.isclose(float(a), float(b), rel_tol=1e-5)
 
@@ -213,12 +224,26 @@ def test_property_triton_kernel(N, V, K, alpha, temperature, tail, seed):
     """Odd V against the block size (V < BLOCK, V = BLOCK + 1, ...), K up to V."""
     torch.manual_seed(seed)
     K = min(K, V)
-    logits, ids, lp, target = make_inputs(N, V, K, padded_rows=[0])
+    logits, ids, lp, target = make_inputs(N, V, K, padded_rows=[0], device=device_for("triton"))
     got, want = run_both(logits, ids, lp, target, "triton", alpha=alpha, temperature=temperature,
                          tail=tail)
     extra = tail_error_bound(logits, ids, lp, temperature) * N if tail == "tail" else 0.0
     assert_close(got[0], want[0], 1e-4 + extra, 1e-4, "loss")
     assert_close(got[3], want[3], 1e-6 + 2 * extra / temperature, 1e-4, "grad_logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("N,V", [(9, 1423), (5, 32768 + 77)])  # one block per row, and a row loop of two
+def test_in_place_gradient_is_bitwise_equal(N, V, dtype, tail):
+    """The fused-linear loss lets the kernel write each chunk's gradient over its logits: the result
+    must be bit for bit the one written to a separate buffer (no program reads a logit after a
+    store to it, including the K + 1 sparse positions it rewrites)."""
+    logits, ids, lp, target = make_inputs(N, V, 20, dtype, ignore_rows=[1], no_teacher_rows=[N - 1],
+                                          padded_rows=[0], one_hot_rows=[2], device=device_for("triton"))
+    equal, differ = in_place_matches_out_of_place(logits, ids, lp, target, alpha=0.4, temperature=1.3,
+                                                  tail=tail)
+    assert equal, f"{differ} elements differ between the in-place and the separate-buffer gradient"
 
 
 def tail_error_bound(logits, ids, lp, temperature, delta=1e-6):
