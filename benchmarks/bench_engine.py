@@ -6,7 +6,7 @@
     python -m specialize.benchmarks.bench_engine --mode gpu-xxl       # FlanT5-XXL shape, ZeRO-3 + offload, Adafactor
 
 Each configuration runs in its own process (the engine through its real entry point, the baseline
-through `--hf-worker`) on the synthetic world of benchmarks/engine_runs.py: every micro-batch is exactly
+through `--hf-worker`) on the synthetic world of engine/measure.py: every micro-batch is exactly
 B × S source and B × T target tokens, so both sides count the same tokens. Tokens/s = (S + T)·B per step,
 median over the steps after warm-up. MFU: the engine's own formula and peak table (engine/mfu.py). "peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
 RSS on CPU; "host GiB" is the peak RSS of the whole process tree (sampled). On CPU the MFU peak is
@@ -25,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specialize.benchmarks.engine_runs import (REPO, engine_recipe, run_engine, run_watched, scratch_dir,
+from specialize.engine.measure import (REPO, engine_recipe, run_engine, run_watched, scratch_dir,
                                                steady, subprocess_env, synthetic_world)
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -4,7 +4,7 @@
     python -m specialize.benchmarks.bench_host_syncs --python OTHER/.venv/bin/python   # another checkout
 
 Runs `specialize.engine.train` under benchmarks/engine_probe.py (PROBE=syncs) on the synthetic world of
-engine_runs.py and reports, per steady-state optimizer step (first and last step left out):
+engine/measure.py and reports, per steady-state optimizer step (first and last step left out):
   - host reads of tensor values by whose code asked: ours (specialize + transformers + torch outside the
     optimizer), DeepSpeed's step, torch.optim's step counters (host tensors on GPUs too). On a GPU each
     read of a device tensor drains the queue;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specialize.benchmarks.engine_runs import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
+from specialize.engine.measure import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
 
 PROBE = REPO / "benchmarks" / "engine_probe.py"
 

@@ -150,7 +150,7 @@ class BatchBuilder:
     def _check_ids(self, mb: MicroBatch, labels, topk_ids, topk_lp) -> None:
         """Id ranges and duplicate top-k ids, on the CPU tensors: the loss then runs with validate=False,
         which spares a device-to-host sync per micro-batch on CUDA. The error names the sample."""
-        from specialize.kernels.utils import check_teacher_inputs
+        from specialize.kernels import check_teacher_inputs
         B, T, K = topk_ids.shape
         for b in range(B):
             try:

@@ -1,7 +1,7 @@
 """Checkpoints across ranks and nodes: the complete ones, the one to resume, whether every rank can read
 it, and rotation that never holds up a collective.
 
-A checkpoint is `<output_dir>/checkpoints/step-XXXXXX/`: DeepSpeed's files, one `rng-rank{r}.pt` per rank
+A checkpoint is `<output_dir>/checkpoints/step-XXXXXX/` (paths: rundir.RunDir): DeepSpeed's files, one `rng-rank{r}.pt` per rank
 and, written by rank 0 after every rank's files are on disk, `complete.json`. Only rank 0 lists the
 folder and picks the tag to resume; it broadcasts it, so ranks that see the filesystem differently
 (node-local disks, a slow shared mount) cannot load different steps and hang. Each rank then checks that
@@ -18,23 +18,11 @@ from typing import Optional
 import torch.distributed as dist
 
 from specialize.engine.config import ConfigError
+from specialize.engine.rundir import RunDir
 
 
 class CheckpointUnreadable(ConfigError):
     """A rank cannot see its files of the checkpoint rank 0 chose (the run folder is not shared)."""
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every checkpoint whose save finished on all ranks, oldest first."""
-    found = []
-    for d in Path(root).glob("step-*"):
-        if (d / "complete.json").is_file():
-            found.append((int(d.name.split("-")[1]), d))
-    return sorted(found)
 
 
 def mark_complete(ckpt_dir: Path, step: int, best_step: Optional[int], world: int, zero_stage: int) -> None:
@@ -42,11 +30,11 @@ def mark_complete(ckpt_dir: Path, step: int, best_step: Optional[int], world: in
                                                         "zero_stage": zero_stage}))
 
 
-def choose_resume_tag(root: Path, rank: int) -> Optional[str]:
+def choose_resume_tag(run: RunDir, rank: int) -> Optional[str]:
     """Rank 0's newest complete checkpoint tag (None: there is none), the same on every rank."""
     box = [None]
     if rank == 0:
-        done = complete_checkpoints(root)
+        done = run.complete_checkpoints()
         box[0] = done[-1][1].name if done else None
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
@@ -98,8 +86,8 @@ class Rotator:
     """Deletes old checkpoints on rank 0 in a background thread: removing 100+ GB can take longer than
     the collective timeout, and the other ranks must not wait for it in a barrier."""
 
-    def __init__(self, root: Path, keep_last: int):
-        self.root, self.keep_last = Path(root), keep_last
+    def __init__(self, run: RunDir, keep_last: int):
+        self.run, self.keep_last = run, keep_last
         self._thread: Optional[threading.Thread] = None
 
     def rotate(self, best_step: Optional[int]) -> None:
@@ -109,7 +97,7 @@ class Rotator:
         self._thread.start()
 
     def _delete_old(self, best_step: Optional[int]) -> None:
-        done = complete_checkpoints(self.root)
+        done = self.run.complete_checkpoints()
         for step, d in done[: max(0, len(done) - self.keep_last)]:
             if step != best_step:
                 # not complete first: an interrupted delete never leaves a "complete" half checkpoint

@@ -360,6 +360,5 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    import hashlib
-    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    from specialize.engine.io_helpers import settings_hash
+    return settings_hash(recipe_to_dict(recipe))

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from specialize.engine.rundir import RunDir
 from specialize.engine.data import (
     FORMATS, OOD_DEV_SIZE, Example, build_bbh_prompt, build_prompt, draw_exemplars, extract_answer, is_correct,
     load_dataset_by_name, split_label,
@@ -257,9 +258,9 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     ckpt = Path(model_path)
-    if ckpt.is_dir() and not (ckpt / "config.json").exists() and (ckpt / "complete.json").exists():
+    if ckpt.is_dir() and not (ckpt / "config.json").exists() and RunDir.is_complete(ckpt):
         # a DeepSpeed checkpoint of a run (RUN/checkpoints/step-XXXXXX): use its HF export, made once
-        step = int(ckpt.name.split("-")[1])
+        step = RunDir.step_of(ckpt)
         model_path = str(checkpoint_steps(ckpt.parent.parent, convert=True, only=step)[step])
     config = AutoConfig.from_pretrained(model_path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -315,30 +316,20 @@ def read_prediction_file(path, names: Sequence[str], data_dir=None,
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def checkpoint_steps(run_dir, convert: bool = False, only: Optional[int] = None) -> dict[int, Path]:
     """step -> HF model dir for RUN/checkpoints/step-XXXXXX/: the dir itself or its hf/ when they hold a
     config.json; with `convert`, a complete DeepSpeed checkpoint (complete.json, as the engine writes) is
     exported once to RUN/checkpoints-hf/step-XXXXXX/ by the engine's exporter and that dir is used.
     `only`: look at that step alone."""
-    run = Path(run_dir)
+    run = RunDir(run_dir, find_train=False)
     found = {}
-    for d in sorted(run.joinpath("checkpoints").glob("step-*")):
-        try:
-            step = int(d.name.split("-", 1)[1])
-        except ValueError:
-            continue
+    for step, d in run.checkpoint_dirs():
         if only is not None and step != only:
             continue
-        hf = next((c for c in (d, d / "hf", run / "checkpoints-hf" / d.name) if (c / "config.json").exists()), None)
-        if hf is None and convert and (d / "complete.json").exists():
+        hf = next((c for c in (d, d / "hf", run.hf_checkpoint(step)) if (c / "config.json").exists()), None)
+        if hf is None and convert and run.is_complete(d):
             from specialize.engine.export import export_checkpoint
-            hf = export_checkpoint(d, run, run / "checkpoints-hf" / d.name)
+            hf = export_checkpoint(d, run.root, run.hf_checkpoint(step))
         if hf is not None:
             found[step] = Path(hf)
     return found
@@ -351,16 +342,15 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     `checkpoint_steps`); append one row per step to
     RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n", "<dataset>_split"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
-    run = Path(run_dir)
-    if not (run / "checkpoints").is_dir() and (run / "train" / "checkpoints").is_dir():
-        run = run / "train"  # a pipeline run dir: the engine's output is its train/
+    rd = RunDir(run_dir)  # a pipeline run dir opens its train/
+    run = rd.root
     steps = checkpoint_steps(run, convert=True)
     if not steps:
-        raise FileNotFoundError(f"{run}/checkpoints: no step-*/ dir with an HF model (config.json) or a "
+        raise FileNotFoundError(f"{rd.checkpoints}: no step-*/ dir with an HF model (config.json) or a "
                                 f"complete DeepSpeed checkpoint (complete.json) to evaluate")
-    scores_file = run / "test_scores.jsonl"
-    done = {row.get("step") for row in _read_jsonl(scores_file)}
-    tok_path = tokenizer or (str(run / "best") if (run / "best" / "tokenizer_config.json").exists() else None)
+    scores_file = rd.test_scores_path
+    done = {row.get("step") for row in rd.test_scores()}
+    tok_path = tokenizer or (str(rd.best) if (rd.best / "tokenizer_config.json").exists() else None)
     # The run's own data options: the synthetic world and the GSM8K dev split depend on them, and
     # scoring on differently drawn items could overlap the training data.
     opts = run_data_options(run)
@@ -479,14 +469,12 @@ def _exemplars(fmt: str, shots: int, seed: int, data_dir, dataset: str, opts: Op
 def run_data_options(run_dir) -> dict:
     """data_dir, dev_size, seed (train.seed) and synthetic sizes from RUN/recipe.yaml, as the pipeline
     loads data for that run; {} without a recipe."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.exists():
+    recipe = RunDir(run_dir, find_train=False).recipe()
+    if recipe is None:
         return {}
-    import yaml
-    recipe = yaml.safe_load(path.read_text()) or {}
-    data, train = recipe.get("data") or {}, recipe.get("train") or {}
-    opts = {"data_dir": data.get("data_dir"), "dev_size": data.get("dev_size"), "seed": train.get("seed"),
-            "sizes": data.get("synthetic_sizes") or None, "ood_dev_size": data.get("ood_dev_size")}
+    data = recipe.data
+    opts = {"data_dir": data.data_dir, "dev_size": data.dev_size, "seed": recipe.train.seed,
+            "sizes": data.synthetic_sizes or None, "ood_dev_size": data.ood_dev_size}
     return {k: v for k, v in opts.items() if v is not None}
 
 

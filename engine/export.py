@@ -98,11 +98,13 @@ def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = N
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import T5ForConditionalGeneration
 
-    from specialize.engine.config import load_recipe
     from specialize.engine.models import model_config
+    from specialize.engine.rundir import RunDir
     from specialize.engine.tokenizers import load_tokenizer
     ckpt = Path(checkpoint_dir)
-    recipe = load_recipe(Path(run_dir or ckpt.parent.parent) / "recipe.yaml")
+    recipe = RunDir(run_dir or ckpt.parent.parent, find_train=False).recipe()
+    if recipe is None:
+        raise FileNotFoundError(f"{run_dir or ckpt.parent.parent}: no recipe.yaml (the run dir the engine wrote)")
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path)
     if list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

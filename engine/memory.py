@@ -146,7 +146,7 @@ def logits_bytes(cfg, batch: int, tgt_len: int, p: int, fused: bool, chunk_rows:
     kept for backward, fp32 gradient."""
     V, M = cfg.vocab_size, batch * tgt_len
     if fused:
-        from specialize.kernels.utils import default_chunk_rows
+        from specialize.kernels import default_chunk_rows
         rows = chunk_rows or default_chunk_rows(M, cfg.d_model, V)
         return {"rows": rows, "bytes": 2 * rows * V * 4}
     return {"rows": M, "bytes": M * V * (p + 4 + 4)}
@@ -245,7 +245,7 @@ def runtime_baseline_gb() -> float:
     import subprocess
     code = ("import resource, torch, deepspeed, transformers, specialize.engine.train; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    from specialize.benchmarks.engine_runs import subprocess_env
+    from specialize.engine.measure import subprocess_env
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
     try:
         return int(out.stdout.strip().splitlines()[-1]) / 2 ** 20
@@ -258,7 +258,7 @@ def measure(s: Setup, steps: int = 3, keep: bool = False, baseline: bool = True)
     process per GPU, or per CPU rank without CUDA) and return the peak memory the engine logged."""
     import shutil
     import torch
-    from specialize.benchmarks.engine_runs import engine_recipe, run_engine, scratch_dir, steady, synthetic_world
+    from specialize.engine.measure import engine_recipe, run_engine, scratch_dir, steady, synthetic_world
     if s.nodes != 1:
         return {"error": "--measure runs on one node (use --nodes 1)"}
     ranks = s.gpus_per_node

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specialize.engine.config import ConfigError, Recipe, dump_recipe, load_recipe, parse_override, recipe_to_dict
+from specialize.engine.io_helpers import settings_hash
+from specialize.engine.rundir import RunDir
 
 STAGES = ("toy", "teacher", "filter", "align", "train", "eval", "plot")
 
@@ -111,8 +113,7 @@ def expand_runs(paths: list[str], sets: list[str], sweeps: list[str]) -> list[Ru
 # ----------------------------------------------------------------------------- done-markers
 
 def _hash(obj: Any) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_hash(obj)
 
 
 def stage_key(run: Run, stage: str) -> str:
@@ -281,7 +282,8 @@ def selected_checkpoints(run: Run) -> dict[str, str]:
     """label -> HF model dir: the engine's best/ (picked by train.selection) and, for the paper's RQ5,
     the checkpoint the *other* dev signal picks (in_dist <-> ood), exported from DeepSpeed if needed."""
     train_dir = run.dir("train")
-    found = {"best": str(train_dir / "best")}
+    engine_run = RunDir(train_dir, find_train=False)
+    found = {"best": str(engine_run.best)}
     other = {"in_dist": "ood", "ood": "in_dist"}.get(run.recipe.train.selection)
     if other is None or not run.recipe.train.dev_ood:
         return found
@@ -290,9 +292,8 @@ def selected_checkpoints(run: Run) -> dict[str, str]:
     path = export_selected(str(train_dir), other, str(out))
     if path is None and (out / "selection.json").exists():
         step = json.loads((out / "selection.json").read_text())["step"]
-        ckpt = train_dir / "checkpoints" / f"step-{step:06d}"
-        best_step = json.loads((train_dir / "best" / "specialize.json").read_text()).get("step") \
-            if (train_dir / "best" / "specialize.json").exists() else None
+        ckpt = engine_run.checkpoint(step)
+        best_step = (engine_run.best_info() or {}).get("step")
         if step == best_step:
             return found  # both signals agree: best/ is that checkpoint
         if ckpt.is_dir():

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from specialize.engine.rundir import RunDir
+
 RULES = ("in_dist", "ood", "mean")
 _IN_DIST_GUESSES = ("gsm8k_dev", "synthetic/dev", "gsm8k")
 
@@ -42,45 +44,27 @@ class Choice:
 
 
 def run_files_dir(run_dir) -> Path:
-    """The dir holding dev_scores.jsonl: the run dir itself, or its train/ (pipeline layout)."""
-    run = Path(run_dir)
-    if (run / "dev_scores.jsonl").exists() or not (run / "train" / "dev_scores.jsonl").exists():
-        return run
-    return run / "train"
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    from specialize.engine.data.loaders import read_jsonl_objects
-    rows = []
-    for lineno, row in read_jsonl_objects(path, ValueError):
-        if not isinstance(row.get("step"), int):
-            raise ValueError(f"{path}:{lineno}: expected an object with an integer 'step'")
-        rows.append(row)
-    return rows
+    """The engine's folder of a run: the run dir itself, or its train/ (pipeline layout)."""
+    return RunDir(run_dir).root
 
 
 def read_dev_scores(run_dir) -> list[dict]:
-    return _read_jsonl(run_files_dir(run_dir) / "dev_scores.jsonl")
+    return RunDir(run_dir).dev_scores()
 
 
 def read_test_scores(run_dir) -> dict[int, dict]:
     """step -> {dataset: accuracy}; a later line for the same step replaces an earlier one."""
     out: dict[int, dict] = {}
-    for row in _read_jsonl(run_files_dir(run_dir) / "test_scores.jsonl"):
+    for row in RunDir(run_dir).test_scores():
         out[row["step"]] = {k[:-4]: v for k, v in row.items() if k.endswith("_acc") and isinstance(v, (int, float))}
     return out
 
 
 def dev_names(run_dir, rows: Sequence[dict]) -> tuple[Optional[str], list[str]]:
     """(in-distribution dev name, OOD dev names) from the run's recipe.yaml, else guessed from the keys."""
-    recipe = run_files_dir(run_dir) / "recipe.yaml"
-    if recipe.exists():
-        import yaml
-        train = (yaml.safe_load(recipe.read_text()) or {}).get("train") or {}
-        if train.get("dev_in_dist"):
-            return train["dev_in_dist"], list(train.get("dev_ood") or [])
+    recipe = RunDir(run_dir).recipe()
+    if recipe is not None and recipe.train.dev_in_dist:
+        return recipe.train.dev_in_dist, list(recipe.train.dev_ood)
     names = sorted({k[4:-4] for row in rows for k in row if k.startswith("dev/") and k.endswith("_acc")})
     in_dist = next((g for g in _IN_DIST_GUESSES if g in names), names[0] if names else None)
     return in_dist, [n for n in names if n != in_dist]
@@ -92,6 +76,13 @@ def signals(row: dict, in_dist: Optional[str], ood: Sequence[str]) -> dict[str, 
     vals = [row.get(f"dev/{n}_acc") for n in ood]
     b = sum(vals) / len(vals) if vals and None not in vals else None
     return {"in_dist": a, "ood": b, "mean": (a + b) / 2 if a is not None and b is not None else None}
+
+
+def selection_value(row: dict, rule: str, in_dist: Optional[str], ood: Sequence[str]) -> Optional[float]:
+    """The value `rule` ranks a checkpoint by: the one rule, used by the engine (best/) and by
+    `specialize select` alike. None when a dev set the rule needs was not evaluated or scored NaN."""
+    value = signals(row, in_dist, ood)[rule]
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def select(runs: Sequence[str], in_dist: Optional[str] = None, ood: Optional[Sequence[str]] = None,
@@ -108,8 +99,8 @@ def select(runs: Sequence[str], in_dist: Optional[str] = None, ood: Optional[Seq
         for row in rows:
             sig = signals(row, name_in, names_ood)
             for rule in rules:
-                value = sig[rule]
-                if value is None or (isinstance(value, float) and math.isnan(value)):
+                value = selection_value(row, rule, name_in, names_ood)
+                if value is None:
                     continue
                 key = (value, -row["step"], -order)  # ties: earliest step, then first run
                 if rule not in best or key > best[rule][0]:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -206,16 +205,11 @@ def grad_norm_now(model) -> float:
 # ----------------------------------------------------------------------------- dev evaluation
 
 def selection_score(scores: dict, recipe: Recipe) -> float | None:
+    """train.selection's value of one evaluation: select.selection_value, the rule `specialize select`
+    applies to the same dev_scores.jsonl (one rule, so best/ and select cannot disagree)."""
+    from specialize.engine.select import selection_value
     t = recipe.train
-    ind = scores.get(f"dev/{t.dev_in_dist}_acc") if t.dev_in_dist else None
-    ood = [scores[f"dev/{n}_acc"] for n in t.dev_ood if f"dev/{n}_acc" in scores]
-    ood_mean = sum(ood) / len(ood) if ood else None
-    if t.selection == "in_dist":
-        return ind
-    if t.selection == "ood":
-        return ood_mean
-    both = [v for v in (ind, ood_mean) if v is not None]
-    return sum(both) / len(both) if both else None
+    return selection_value(scores, t.selection, t.dev_in_dist, list(t.dev_ood))
 
 
 def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int,
@@ -293,14 +287,14 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     from specialize.engine.batching import (BatchBuilder, BatchPlan, ExemplarSets, first_sample_per_question,
                                             micro_batch_loader, open_shards, sample_lengths)
-    from specialize.engine.checkpoints import (Rotator, check_every_rank_can_load, checkpoint_tag,
-                                               choose_resume_tag, complete_checkpoints, mark_complete)
+    from specialize.engine.checkpoints import Rotator, check_every_rank_can_load, choose_resume_tag, mark_complete
     from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict
     from specialize.engine.mfu import mfu, peak_tflops
     from specialize.engine.models import build_model, describe, param_counts
-    from specialize.engine.rundir import append_jsonl, prepare_run_dir
+    from specialize.engine.io_helpers import append_jsonl
+    from specialize.engine.rundir import RunDir, prepare_run_dir
     from specialize.engine.step_stats import StepStats
     from specialize.engine.tokenizers import load_tokenizer
 
@@ -309,8 +303,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     is_main = rank == 0
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    out = Path(t.output_dir)
-    ckpt_root = out / "checkpoints"
+    run = RunDir(t.output_dir, find_train=False)  # this run's own folder (prepare_run_dir creates it)
+    ckpt_root = run.checkpoints
     on_rank0(lambda: prepare_run_dir(recipe, world, resume), rank)
 
     ds_config = build_ds_config(recipe, world)
@@ -363,7 +357,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
 
     step, consumed, best, best_step = 0, 0, None, None
     if resume:
-        tag = choose_resume_tag(ckpt_root, rank)  # rank 0 decides; every rank loads the same tag
+        tag = choose_resume_tag(run, rank)  # rank 0 decides; every rank loads the same tag
         if tag is not None:
             last_dir = ckpt_root / tag
             check_every_rank_can_load(last_dir, rank, world, zero_stage)
@@ -387,7 +381,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     writer = None
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
+        writer = SummaryWriter(str(run.tensorboard))
         print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{zero_stage} "
               f"{t.precision}{' (built under zero.Init)' if born_partitioned else ''}; {world} rank(s) on "
               f"{device.type}; {len(shards)} aligned samples; "
@@ -395,10 +389,10 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     inject_nan = int(os.environ.get("SPECIALIZE_INJECT_NAN_AT_STEP", "0"))
     exit_after = int(os.environ.get("SPECIALIZE_EXIT_AFTER_STEP", "0"))
     peak = peak_tflops()
-    rotator = Rotator(ckpt_root, t.keep_last)
+    rotator = Rotator(run, t.keep_last)
 
     def save_checkpoint() -> None:
-        tag = checkpoint_tag(step)
+        tag = run.tag(step)
         engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={
             "step": step, "micro_batches": consumed, "best": best, "best_step": best_step,
             "recipe_hash": recipe_hash(recipe)})
@@ -412,7 +406,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         """best/ from rank 0 alone; under ZeRO-3 the weights are gathered module by module onto rank 0."""
         state = rank0_state_dict(engine, t5, rank)
         if is_main:
-            export_model(model_from_state(t5.config, state), tokenizer, out / "best", info)
+            export_model(model_from_state(t5.config, state), tokenizer, run.best, info)
         del state
         dist.barrier()
 
@@ -421,15 +415,15 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         engine.eval()
         with torch.no_grad():
             scores = dev_evaluate(t5, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
-                                  out / "dev" / checkpoint_tag(step), partitioned=partitioned)
+                                  run.dev_predictions(step), partitioned=partitioned)
         engine.train()
         score = selection_score(scores, recipe)
-        improved = score is not None and not math.isnan(score) and (best is None or score > best)
+        improved = score is not None and (best is None or score > best)
         if improved:
             best, best_step = score, step
             export_best({"step": step, "selection": t.selection, "score": score, **scores})
         if is_main:
-            append_jsonl(out / "dev_scores.jsonl", {"step": step, **scores, "selection_score": score})
+            append_jsonl(run.dev_scores_path, {"step": step, **scores, "selection_score": score})
             for k, v in scores.items():
                 writer.add_scalar(k, v, step)
             print(f"[train] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
@@ -461,7 +455,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                 engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
         finite, n_bad = stats.step_is_finite()  # all ranks agree before any optimizer step
         if not finite:
-            last = complete_checkpoints(ckpt_root)
+            last = run.complete_checkpoints()
             where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was saved yet"
             bar.close()
             raise NonFiniteLoss(f"non-finite loss in step {step + 1} ({n_bad} micro-batch(es) over all ranks); "
@@ -487,7 +481,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             if utilisation is not None:
                 row["mfu"] = utilisation
             if is_main:
-                append_jsonl(out / "train_log.jsonl", row)
+                append_jsonl(run.train_log, row)
                 for k, v in row.items():
                     if k != "step" and v is not None:
                         writer.add_scalar(k, v, step)
@@ -508,7 +502,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     rotator.wait()
     if is_main:
         print(f"[train] done at step {step}; best step {best_step} ({t.selection} {best}); "
-              f"model in {out / 'best'}", flush=True)
+              f"model in {run.best}", flush=True)
 
     # ------------------------------------------------------------------ cleanup
     if writer is not None:

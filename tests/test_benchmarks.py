@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specialize.benchmarks import bench_engine, run
-from specialize.benchmarks.engine_runs import synthetic_world
+from specialize.engine.measure import synthetic_world
 
 
 def test_runner_quick_runs_every_cpu_entry(tmp_path, capsys):

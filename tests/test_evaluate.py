@@ -280,7 +280,11 @@ def test_run_recipe_decides_the_synthetic_items(model_dir, tmp_path):
     run = tmp_path / "pipeline-run"
     shutil.copytree(model_dir, run / "train" / "checkpoints" / "step-000010")
     (run / "train" / "recipe.yaml").write_text("data:\n  synthetic_sizes: {test: 3}\ntrain:\n  seed: 7\n")
-    assert evaluate.run_data_options(run / "train") == {"seed": 7, "sizes": {"test": 3}}
+    # read through load_recipe: the recipe's own values, the rest its resolved defaults
+    from specialize.engine.config import DataConfig
+    assert evaluate.run_data_options(run / "train") == {"seed": 7, "sizes": {"test": 3},
+                                                        "dev_size": DataConfig.dev_size,
+                                                        "ood_dev_size": DataConfig.ood_dev_size}
     rows = evaluate.evaluate_checkpoints(run, ["synthetic/test"], device="cpu", max_new_tokens=2, progress=False)
     assert rows[0]["synthetic/test_n"] == 3
     assert (run / "train" / "test_scores.jsonl").exists()

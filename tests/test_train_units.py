@@ -289,6 +289,37 @@ def test_selection_metric(world, tmp_path):
     assert pick["in_dist"] == 0.5 and pick["ood"] == 0.1 and math.isclose(pick["mean"], 0.3)
 
 
+def test_engine_best_and_specialize_select_apply_one_rule(world, tmp_path):
+    """The engine keeps best/ at the first step whose train.selection value beats every earlier one;
+    `specialize select` over the same dev_scores.jsonl must pick that step for that rule, also where an
+    OOD set is missing from a row or scored NaN (neither rule may average what is left)."""
+    from specialize.engine.config import dump_recipe
+    from specialize.engine.io_helpers import append_jsonl
+    from specialize.engine.select import select
+    ind, o1, o2 = "dev/synthetic/dev_acc", "dev/synthetic/ood_steps_acc", "dev/synthetic/ood_numbers_acc"
+    rows = [{"step": 2, ind: 0.30, o1: 0.10, o2: 0.20},
+            {"step": 4, ind: 0.50, o1: 0.90},                      # o2 missing: no OOD value here
+            {"step": 6, ind: 0.40, o1: 0.30, o2: float("nan")},    # NaN: no OOD value either
+            {"step": 8, ind: 0.50, o1: 0.25, o2: 0.35},            # in-dist ties step 4: the earlier wins
+            {"step": 10, ind: 0.20, o1: 0.50, o2: 0.20}]
+    picks = {}
+    for rule in ("in_dist", "ood", "mean"):
+        run = tmp_path / rule
+        run.mkdir()
+        recipe = _recipe(world, tmp_path, train={"selection": rule, "output_dir": str(run),
+                                                 "dev_ood": ["synthetic/ood_steps", "synthetic/ood_numbers"]})
+        dump_recipe(recipe, run / "recipe.yaml")
+        best = best_step = None
+        for row in rows:
+            append_jsonl(run / "dev_scores.jsonl", row)
+            score = selection_score(row, recipe)  # as train.evaluate_and_select applies it
+            if score is not None and (best is None or score > best):
+                best, best_step = score, row["step"]
+        picks[rule] = best_step
+        assert select([str(run)], rules=[rule])[rule].step == best_step, rule
+    assert picks == {"in_dist": 4, "ood": 10, "mean": 8}
+
+
 def test_offload_in_the_user_json_is_handled_like_the_recipe_key(world, tmp_path):
     from specialize.engine.ds_config import build_ds_config, effective_offload, uses_deepspeed_optimizer
     repo_json = Path(__file__).resolve().parents[1] / "recipes" / "ds_zero3_offload_bf16.json"

@@ -23,6 +23,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from specialize.engine.io_helpers import read_jsonl_objects as _read_jsonl_objects
+
 from .records import Example
 
 GSM8K_HUB = "openai/gsm8k"
@@ -67,23 +69,9 @@ def _number_text(value, where: str) -> str:
     return repr(x)
 
 
-def read_jsonl_objects(path: Path, error: type[ValueError] = DataError) -> list[tuple[int, dict]]:
-    """(line number, object) per non-blank line of a JSONL file, so later field errors can name the
-    line. Blank lines hold no record (a trailing newline is common); anything else must be a JSON
-    object, or `error` is raised naming file:line. Shared by every JSONL reader of the project."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise error(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
+def read_jsonl_objects(path: Path, error: type[ValueError] = None) -> list[tuple[int, dict]]:
+    """engine.io_helpers.read_jsonl_objects raising the data layer's DataError by default."""
+    return _read_jsonl_objects(path, error or DataError)
 
 
 def _read_json(path: Path):

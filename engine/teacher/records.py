@@ -13,11 +13,12 @@ work that is done.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
+
+from specialize.engine.io_helpers import settings_hash
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
@@ -33,7 +34,7 @@ class ResumeError(RuntimeError):
 
 
 def config_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(settings)
 
 
 def shard_name(index: int) -> str:

@@ -1,9 +1,10 @@
-"""Run the real engine (and the HF baseline) on a synthetic world of fixed shape, for timing and memory.
+"""Run the real engine on a synthetic world of fixed shape, for timing and memory.
 
 The world: a small T5-style tokenizer and aligned shards whose every sample has exactly `src_len` source
 tokens (a long question, cut by the engine's max_source_len) and `tgt_len` labels with a top-k teacher,
 so every micro-batch is B × S → B × T with no padding and the token counts are known in advance.
-Shared by `specialize memory --measure` and benchmarks/bench_engine.py.
+Owned by the engine because `specialize memory --measure` uses it; benchmarks/bench_engine.py and
+bench_host_syncs.py import it from here (benchmarks may import the product, never the reverse).
 """
 from __future__ import annotations
 
@@ -52,13 +53,8 @@ def synthetic_world(root: Path, n_samples: int, src_len: int, tgt_len: int, top_
         records.append(dict(qid=f"q{i}", sample_index=0, answer="1", question=question,
                             input_ids=np.asarray(tok(question)["input_ids"], dtype=np.int32),
                             labels=labels, topk_ids=ids, topk_logprobs=lps))
-    try:
-        from specialize.aligner.shards import write_shards
-        write_shards(records, root / "aligned", shard_size=256)
-    except ModuleNotFoundError:  # the engine's own fallback reader (engine.batching.open_shards)
-        import pickle
-        (root / "aligned").mkdir(parents=True, exist_ok=True)
-        (root / "aligned" / "records.pkl").write_bytes(pickle.dumps(records))
+    from specialize.aligner.shards import write_shards
+    write_shards(records, root / "aligned", shard_size=256)
     stamp.write_text(json.dumps(spec))
     return world
 
