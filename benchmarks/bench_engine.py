@@ -25,8 +25,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from specialize.engine.measure import (REPO, engine_recipe, run_engine, run_watched, scratch_dir,
-                                               steady, subprocess_env, synthetic_world)
+from specialize.engine.cli import HelpFormatter
+from specialize.engine.measure import (REPO, engine_recipe, run_engine, run_watched, scratch_dir, steady,
+                                       subprocess_env, synthetic_world)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -265,11 +266,11 @@ def verdicts(mode: str, rows: list[dict]) -> list[str]:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="bench_engine", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("cpu", "gpu-xl", "gpu-xxl"), default="cpu")
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--mode", choices=("cpu", "gpu-xl", "gpu-xxl"), default="cpu", help="shapes and settings (see above)")
     ap.add_argument("--quick", action="store_true",
                     help="CPU: tiny model, 3 steps, ZeRO-2, fused loss and HF only (seconds; for the test suite)")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default: the mode's)")
     ap.add_argument("--zero", default=None, help="comma list of ZeRO stages (default: the mode's)")
     ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs, or CPU ranks)")
     ap.add_argument("--no-hf", action="store_true", help="skip the Seq2SeqTrainer baseline")

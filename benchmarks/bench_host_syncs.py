@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from specialize.engine.measure import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
+from specialize.engine.cli import HelpFormatter
 
 PROBE = REPO / "benchmarks" / "engine_probe.py"
 
@@ -71,7 +72,7 @@ def measure(python: str, steps: int, ranks: int, zero: int, workers: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_host_syncs", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--python", default=sys.executable, help="interpreter to run the engine with (default: this one)")
     ap.add_argument("--label", default="this checkout", help="name of the measured code in the table")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")

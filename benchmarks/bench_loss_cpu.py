@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_cpu.json"
 PROVIDERS = ("naive", "unfused", "fused")
@@ -121,13 +122,13 @@ def run(shape, repeats, seed, threads):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--N", type=int, default=4096)
-    ap.add_argument("--H", type=int, default=512)
-    ap.add_argument("--V", type=int, default=32128)
-    ap.add_argument("--K", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=4096, help="rows (target tokens)")
+    ap.add_argument("--H", type=int, default=512, help="hidden size")
+    ap.add_argument("--V", type=int, default=32128, help="vocabulary size")
+    ap.add_argument("--K", type=int, default=20, help="teacher top-k")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per provider")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine OpenMP threads that spin "
                          "while another process holds a core make small ops 100x slower)")

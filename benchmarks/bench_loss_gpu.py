@@ -24,24 +24,25 @@ import os
 import sys
 import time
 from pathlib import Path
+from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_gpu.json"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--N", type=int, default=8192)
-    ap.add_argument("--H", type=int, default=4096)
-    ap.add_argument("--V", type=int, default=32128)
-    ap.add_argument("--K", type=int, default=20)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--tail", choices=["none", "renorm", "tail"], default="none")
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=8192, help="rows (target tokens)")
+    ap.add_argument("--H", type=int, default=4096, help="hidden size")
+    ap.add_argument("--V", type=int, default=32128, help="vocabulary size")
+    ap.add_argument("--K", type=int, default=20, help="teacher top-k")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="logits / weights dtype")
+    ap.add_argument("--tail", choices=["none", "renorm", "tail"], default="none", help="teacher tail mode")
     ap.add_argument("--quick", action="store_true", help="N=1024 H=512 V=32128: a smoke run")
     ap.add_argument("--dry", action="store_true",
                     help="CPU with the Triton interpreter, N=16 H=32 V=1000 K=20: checks the script, measures nothing")
-    ap.add_argument("--skip-liger", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--skip-liger", action="store_true", help="leave out the Liger-Kernel baseline")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for loss_gpu.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.N, args.H = 1024, 512

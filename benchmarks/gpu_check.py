@@ -514,7 +514,7 @@ def parse_args(argv):
     ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 600)")
     ap.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
                     help=f"a stage's budget ({', '.join(STAGES)}); 0 skips it")
-    ap.add_argument("--xxl-steps", type=int, default=4)
+    ap.add_argument("--xxl-steps", type=int, default=4, help="steps of the optional gpu-xxl stage")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

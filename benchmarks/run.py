@@ -20,6 +20,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,7 +75,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m specialize.benchmarks.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, seconds per entry (the test suite's mode)")
     ap.add_argument("--only", default=None, help=f"comma list of entries ({', '.join(ENTRIES)})")
     ap.add_argument("--out", type=Path, default=None, help="folder for every JSON (see above)")

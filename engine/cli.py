@@ -1,27 +1,38 @@
-"""The `specialize` command. Each subcommand lives in the module that owns it.
-
-A subcommand's module exposes `main(argv: list[str]) -> int`. Where that module does not
-exist yet, the command says which capability is missing and exits 2: it never pretends
-to work.
+"""The `specialize` command. Each subcommand lives in the module that owns it, which exposes
+`main(argv: list[str]) -> int`; the module is imported only when its command runs, so `specialize
+--help` does not load torch.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help, issue that delivers it)
+# name -> (module, one-line help)
 COMMANDS = {
-    "env": ("specialize.engine.envinfo", "print versions, CUDA and Triton-interpreter status", 2),
-    "teacher": ("specialize.engine.teacher.cli", "sample CoT with top-k logprobs (generate) and keep correct ones (filter)", 5),
-    "align": ("specialize.aligner.cli", "align teacher top-k distributions onto student tokens, in bulk", 3),
-    "train": ("specialize.engine.train", "specialize a T5 student with the DeepSpeed engine", 6),
-    "eval": ("specialize.engine.evaluate", "evaluate a model (or scored predictions) on GSM8K, MultiArith, ASDiv, SVAMP, BBH", 7),
-    "select": ("specialize.engine.select", "pick checkpoints by in-distribution vs OOD dev signal", 7),
-    "plot": ("specialize.engine.plots", "draw scaling, trade-off, in-dist vs OOD and training-curve PNGs", 7),
-    "run": ("specialize.engine.pipeline", "run a recipe's stages (teacher -> filter -> align -> train -> eval -> plot)", 8),
-    "demo": ("specialize.engine.demo", "the whole paper in miniature, offline on a CPU", 8),
-    "memory": ("specialize.engine.memory", "estimate (and --measure) memory per GPU for a model and ZeRO setup", 9),
+    "env": ("specialize.engine.envinfo", "print versions, CUDA and Triton-interpreter status"),
+    "teacher": ("specialize.engine.teacher.cli", "sample CoT with top-k logprobs (generate) and keep correct ones (filter)"),
+    "align": ("specialize.aligner.cli", "align teacher top-k distributions onto student tokens, in bulk"),
+    "train": ("specialize.engine.train", "specialize a T5 student with the DeepSpeed engine"),
+    "eval": ("specialize.engine.evaluate", "evaluate a model (or scored predictions) on GSM8K, MultiArith, ASDiv, SVAMP, BBH"),
+    "select": ("specialize.engine.select", "pick checkpoints by in-distribution vs OOD dev signal"),
+    "plot": ("specialize.engine.plots", "draw scaling, trade-off, in-dist vs OOD and training-curve PNGs"),
+    "run": ("specialize.engine.pipeline", "run a recipe's stages (teacher -> filter -> align -> train -> eval -> plot)"),
+    "demo": ("specialize.engine.demo", "the whole paper in miniature, offline on a CPU"),
+    "memory": ("specialize.engine.memory", "estimate (and --measure) memory per GPU for a model and ZeRO setup"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every parser's formatter: descriptions as written, and each option's default appended to its help
+    where it has one and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS, [])
+                or "default" in text or text == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def usage() -> str:
@@ -29,20 +40,13 @@ def usage() -> str:
     lines = ["usage: specialize <command> [options]", "",
              "Specialize a small T5 at multi-step reasoning by distilling a large teacher's CoT.", "",
              "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_, _) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `specialize <command> --help` for a command's options."]
     return "\n".join(lines)
 
 
 def _load(name: str):
-    module = COMMANDS[name][0]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        # Only a missing *subcommand module* means "not available"; a missing dependency is a real error.
-        if err.name and (module == err.name or module.startswith(err.name + ".")):
-            return None
-        raise
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specialize: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = _load(name)
-    if module is None:
-        _, help_, issue = COMMANDS[name]
-        print(f"specialize {name}: not yet available ({help_}; tracked in issue #{issue}).", file=sys.stderr)
-        return 2
     from specialize.engine.config import ConfigError
     from specialize.engine.data import DataError
     try:

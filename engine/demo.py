@@ -23,6 +23,7 @@ from pathlib import Path
 from specialize.engine.config import recipe_from_dict
 from specialize.engine.pipeline import Run, run_stages
 from specialize.engine.toy_teacher import ToyScale, prepare_toy_models
+from specialize.engine.cli import HelpFormatter
 
 IN_DIST = "synthetic/test"
 OOD = ["synthetic/ood_steps", "synthetic/ood_templates", "synthetic/ood_numbers"]
@@ -294,7 +295,7 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="specialize demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (everything the demo writes goes here)")
     p.add_argument("--tiny", action="store_true", help="shrunken configuration for tests (about a minute)")
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the DeepSpeed engine")

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+from specialize.engine.cli import HelpFormatter
 
 PACKAGES = ["torch", "triton", "deepspeed", "transformers", "datasets", "numba", "tokenizers", "tiktoken", "openai"]
 
@@ -32,7 +33,7 @@ def collect() -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="specialize env", description=__doc__)
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize env", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     info = collect()

@@ -37,6 +37,7 @@ from specialize.engine.data import (
     load_dataset_by_name, split_label,
 )
 from specialize.engine.data.loaders import SPLIT_PARTS
+from specialize.engine.cli import HelpFormatter
 
 DEFAULT_DATASETS = "gsm8k,multiarith,asdiv,svamp,bbh"
 BOOTSTRAP_SAMPLES = 2000
@@ -378,7 +379,7 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
 # ---------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specialize eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize eval", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model dir or hub id (the tokenizer is read from it too), "
                                      "or a run's DeepSpeed checkpoints/step-XXXXXX (exported to HF first)")
@@ -398,9 +399,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"size of each OOD set's dev part (default {OOD_DEV_SIZE}, the recipes' data.ood_dev_size)")
     p.add_argument("--data-dir", default=None, help="local folder laid out like shared/data (default: the hub)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir when the model dir has none")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most generated tokens per answer")
+    p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy, as the paper reports)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="exemplar draw and bootstrap seed")
     p.add_argument("--out", default=None, help="output dir for results.json, results.md, predictions-*.jsonl")

@@ -123,7 +123,9 @@ def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="python -m specialize.engine.export",
+
+    from specialize.engine.cli import HelpFormatter
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m specialize.engine.export",
                                 description="Convert a DeepSpeed checkpoint of a run into a Hugging Face model.")
     p.add_argument("checkpoint", help="<train.output_dir>/checkpoints/step-XXXXXX")
     p.add_argument("out", help="output folder (save_pretrained + tokenizer)")

@@ -32,6 +32,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from specialize.engine.cli import HelpFormatter
 
 GiB = 2 ** 30
 
@@ -322,17 +323,17 @@ def format_table(est: dict, measured: dict | None = None) -> str:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="specialize memory", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--model", required=True, help="xl, xxl, a named config (t5-v1_1-small, ...) or CONFIG.json")
-    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3))
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage")
     ap.add_argument("--offload", default="", help="comma list of: optimizer, param")
-    ap.add_argument("--gpus-per-node", type=int, default=1)
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (ranks sharing a host)")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes (ZeRO partitions over gpus-per-node x nodes)")
+    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per GPU")
     ap.add_argument("--seq-len", default="512,256", help="source,target tokens")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"), help="optimizer (its state size)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="weight and activation dtype")
     ap.add_argument("--naive-loss", action="store_true", help="estimate the unfused loss (full B*T*V logits)")
     ap.add_argument("--measure", action="store_true", help="run a few real engine steps and report the peak")
     ap.add_argument("--steps", type=int, default=3, help="engine steps for --measure")

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from specialize.engine.config import ConfigError, Recipe, dump_recipe, load_recipe, parse_override, recipe_to_dict
 from specialize.engine.io_helpers import settings_hash
 from specialize.engine.rundir import RunDir
+from specialize.engine.cli import HelpFormatter
 
 STAGES = ("toy", "teacher", "filter", "align", "train", "eval", "plot")
 
@@ -552,7 +553,7 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specialize run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize run", description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+", help="recipe YAML files")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. train.max_steps=10")

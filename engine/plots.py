@@ -25,6 +25,7 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from specialize.engine import select  # noqa: E402
+from specialize.engine.cli import HelpFormatter
 
 PLOTS = ("scaling", "tradeoff", "in_dist_vs_ood", "training_curves")
 TRAIN_TAGS = ("train/loss", "train/ce", "train/kl", "lr", "grad_norm", "tokens_per_second_per_gpu")
@@ -366,26 +367,26 @@ def plot_runs(runs: Sequence, names: Sequence[str], out_dir, labels: Optional[Se
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="specialize plot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize plot", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="plot", required=True)
-    s = sub.add_parser("scaling", help="accuracy vs parameters from a table")
+    s = sub.add_parser("scaling", formatter_class=HelpFormatter, help="accuracy vs parameters from a table")
     s.add_argument("--table", required=True, help="JSON/YAML list of {model, params, before, after[, family]}")
-    s.add_argument("--metric", default="GSM8K accuracy")
+    s.add_argument("--metric", default="GSM8K accuracy", help="y-axis label")
     for name, help_ in (("tradeoff", "target vs generic accuracy over checkpoints"),
                         ("in_dist_vs_ood", "in-dist vs OOD dev accuracy over steps"),
                         ("training_curves", "TensorBoard scalars over steps"),
                         ("all", "every run-based plot into --out (a dir)")):
-        q = sub.add_parser(name, help=help_, aliases=[name.replace("_", "-")] if "_" in name else [])
-        q.add_argument("--runs", nargs="+", required=True)
+        q = sub.add_parser(name, formatter_class=HelpFormatter, help=help_, aliases=[name.replace("_", "-")] if "_" in name else [])
+        q.add_argument("--runs", nargs="+", required=True, help="run dirs (the engine's, or pipeline run dirs)")
         q.add_argument("--labels", default=None, help="comma list, one per run")
         if name == "tradeoff":
             q.add_argument("--x", default=None, help="target dataset (default gsm8k)")
             q.add_argument("--y", default=None, help="generic dataset (default bbh)")
         if name == "training_curves":
-            q.add_argument("--tags", default=",".join(TRAIN_TAGS))
+            q.add_argument("--tags", default=",".join(TRAIN_TAGS), help="comma list of TensorBoard scalar tags")
     for q in {id(q): q for q in sub.choices.values()}.values():  # aliases share a parser
         q.add_argument("--out", required=True, help="PNG path (a dir for `all`)")
-        q.add_argument("--title", default=None)
+        q.add_argument("--title", default=None, help="figure title (default: the plot's own)")
     args = p.parse_args(argv)
     kind = args.plot.replace("-", "_")
     labels = args.labels.split(",") if getattr(args, "labels", None) else None

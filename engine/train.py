@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
+from specialize.engine.cli import HelpFormatter
 
 NAN_EXIT = 3
 # what the model's forward reads from a batch (the rest is bookkeeping: formats, host-side counts)
@@ -251,7 +252,7 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="specialize train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable), e.g. train.max_steps=10")

@@ -46,3 +46,27 @@ def test_import_direction(package):
             if name.startswith(FORBIDDEN[package]) or name == "kernels" or name.startswith("kernels."):
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
     assert not bad, "imports against the direction aligner/kernels <- engine <- benchmarks:\n" + "\n".join(bad)
+
+
+def test_every_command_line_option_has_a_help_string():
+    """`--help` must explain every option (engine/cli.HelpFormatter then appends its default)."""
+    bare = []
+    for package in ("engine", "aligner", "benchmarks"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "add_argument" and not any(k.arg == "help" for k in node.keywords)):
+                    bare.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bare, "options without help=: " + ", ".join(bare)
+
+
+def test_help_shows_defaults():
+    import argparse
+    from specialize.engine.cli import HelpFormatter
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage (default: the mode's)")
+    p.add_argument("--out", default=None, help="folder")
+    text = p.format_help()
+    assert "optimizer steps (default: 12)" in text
+    assert text.count("default") == 2 and "folder\n" in text

@@ -101,3 +101,16 @@ def test_non_editable_install_ships_every_subpackage(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert all(line.startswith(str(target)) for line in out.stdout.split()), out.stdout
+
+
+def test_setup_declares_ranges_and_constraints_pin_each():
+    """`pip install` into a user's CUDA environment must not replace their torch: setup.py gives ranges;
+    constraints.txt holds the exact tested version of every declared package (what `make` installs)."""
+    import re
+    setup = (REPO / "setup.py").read_text()
+    declared = re.findall(r'"([A-Za-z0-9_.-]+)(==|>=|<=|~=|>|<)[^"]*"', setup)
+    assert declared and not [n for n, op in declared if op == "=="], "exact pins belong in constraints.txt"
+    pins = {line.split("==")[0].lower().replace("_", "-") for line in (REPO / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    missing = sorted({n.lower().replace("_", "-") for n, _ in declared} - pins)
+    assert not missing, f"declared in setup.py but not pinned in constraints.txt: {missing}"

@@ -12,29 +12,48 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from specialize.engine.cli import HelpFormatter
 
-# flag -> TeacherConfig field; every flag defaults to None so only the given ones override the recipe.
+# flag -> (TeacherConfig field, type, what it sets); every flag defaults to None so only the given ones
+# override the recipe, and its help names the recipe field and that field's default.
 _FLAGS = {
-    "--backend": ("backend", str), "--model": ("model", str), "--base-url": ("base_url", str),
-    "--api": ("api", str), "--api-key-env": ("api_key_env", str), "--dataset": ("dataset", str),
-    "--split": ("split", str), "--samples": ("samples", int), "--temperature": ("temperature", float),
-    "--max-tokens": ("max_tokens", int), "--top-logprobs": ("top_logprobs", int), "--format": ("format", str),
-    "--shots": ("shots", int), "--prompt": ("prompt", str), "--limit": ("limit", int), "--concurrency": ("concurrency", int),
-    "--requests-per-minute": ("requests_per_minute", float), "--tokens-per-minute": ("tokens_per_minute", float),
-    "--timeout": ("timeout", float), "--max-retries": ("max_retries", int),
-    "--price-prompt-per-1k": ("price_prompt_per_1k", float),
-    "--price-completion-per-1k": ("price_completion_per_1k", float), "--out": ("out_dir", str),
+    "--backend": ("backend", str, "openai (any OpenAI-compatible server) or hf (a local transformers LM)"),
+    "--model": ("model", str, "the teacher model: the server's model name, or an HF path / hub id"),
+    "--base-url": ("base_url", str, "the server's URL, e.g. http://host:8000/v1 for vLLM or SGLang"),
+    "--api": ("api", str, "completions (few-shot prompt, the paper's setting) or chat"),
+    "--api-key-env": ("api_key_env", str, "environment variable holding the API key"),
+    "--dataset": ("dataset", str, "questions to answer: gsm8k, or synthetic"),
+    "--split": ("split", str, "split of --dataset (GSM8K train leaves out the dev questions)"),
+    "--samples": ("samples", int, "samples per question"),
+    "--temperature": ("temperature", float, "sampling temperature"),
+    "--max-tokens": ("max_tokens", int, "most tokens per sample"),
+    "--top-logprobs": ("top_logprobs", int, "top-k logprobs kept per sampled token"),
+    "--format": ("format", str, "prompt format (in_context_cot, zero_shot_cot, ...)"),
+    "--shots": ("shots", int, "in-context exemplars per prompt"),
+    "--prompt": ("prompt", str, "exemplar choice: seeded, or complex (the most reasoning steps)"),
+    "--limit": ("limit", int, "answer only the first N questions"),
+    "--concurrency": ("concurrency", int, "requests in flight"),
+    "--requests-per-minute": ("requests_per_minute", float, "client-side request rate limit"),
+    "--tokens-per-minute": ("tokens_per_minute", float, "client-side token rate limit"),
+    "--timeout": ("timeout", float, "seconds per request before it is retried"),
+    "--max-retries": ("max_retries", int, "retries of a failed request (exponential backoff)"),
+    "--price-prompt-per-1k": ("price_prompt_per_1k", float, "USD per 1k prompt tokens, for the cost ledger"),
+    "--price-completion-per-1k": ("price_completion_per_1k", float, "USD per 1k completion tokens"),
+    "--out": ("out_dir", str, "output folder (resumable: rerun the same command to continue)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specialize teacher", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize teacher", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="sample CoT solutions with top-k logprobs (resumable)")
+    g = sub.add_parser("generate", formatter_class=HelpFormatter, help="sample CoT solutions with top-k logprobs (resumable)")
     g.add_argument("--recipe", help="recipe YAML; its teacher section gives the defaults")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
-    for flag, (field, kind) in _FLAGS.items():
-        g.add_argument(flag, dest=field, type=kind, default=None)
+    from specialize.engine.config import TeacherConfig
+    defaults = TeacherConfig()
+    for flag, (field, kind, what) in _FLAGS.items():
+        g.add_argument(flag, dest=field, type=kind, default=None,
+                       help=f"{what} (recipe: teacher.{field}, default {getattr(defaults, field)!r})")
     g.add_argument("--data-dir", help="folder holding gsm8k/, multiarith/, ... (default: the recipe's data.data_dir)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the exemplar draw (default: the recipe's train.seed, 42 without a recipe, "
@@ -44,17 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff delay in seconds")
     g.add_argument("--no-cut", dest="cut_at_answer", action="store_false", default=None,
                    help="keep each sample whole instead of cutting it after its first answer line")
-    g.add_argument("--no-progress", action="store_true")
-    f = sub.add_parser("filter", help="keep the samples whose answer matches the gold")
-    f.add_argument("--in", dest="in_dir", required=True)
-    f.add_argument("--out", dest="out_dir", required=True)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    f = sub.add_parser("filter", formatter_class=HelpFormatter, help="keep the samples whose answer matches the gold")
+    f.add_argument("--in", dest="in_dir", required=True, help="folder written by `teacher generate`")
+    f.add_argument("--out", dest="out_dir", required=True, help="folder for the kept samples (shards)")
     return p
 
 
 def _config(args):
     from specialize.engine.config import load_recipe, recipe_from_dict, apply_overrides
     recipe = load_recipe(args.recipe, args.set) if args.recipe else recipe_from_dict(apply_overrides({}, args.set))
-    given = {field: getattr(args, field) for field, _ in _FLAGS.values() if getattr(args, field) is not None}
+    given = {field: getattr(args, field) for field, *_ in _FLAGS.values() if getattr(args, field) is not None}
     if getattr(args, "cut_at_answer", None) is not None:
         given["cut_at_answer"] = args.cut_at_answer
     if "format" in given:
