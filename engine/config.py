@@ -145,6 +145,10 @@ class TrainConfig:
     dev_in_dist: str = "gsm8k_dev"
     dev_ood: list[str] = field(default_factory=lambda: ["multiarith"])
     dev_limit: Optional[int] = 200
+    # Seconds a collective may wait for the other ranks before the run stops with an error naming the
+    # step and the last complete checkpoint (a lost or hung node). Torch's own default: it must cover the
+    # longest rank-0-only pause (dev evaluation, export of the best model) that the others wait through.
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass

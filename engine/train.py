@@ -11,7 +11,9 @@ cleanup. A step is one optimizer step (grad_accum micro-batches on every rank).
 Exactness of --resume: the data position, every rank's RNG states, optimizer and LR-schedule states and
 the step all come from the last complete checkpoint, so the loss curve continues as if never stopped.
 A non-finite loss (on any rank; the ranks agree by all-reduce before backward) stops the run with exit
-status 3 and no checkpoint is written after it.
+status 3 and no checkpoint is written after it. A lost rank (killed, hung or unreachable for longer than
+train.dist_timeout_s) stops the others with exit status 4 and a message naming the step and the last
+complete checkpoint, instead of a job hanging until the scheduler kills it.
 Test hooks (environment): SPECIALIZE_INJECT_NAN_AT_STEP=N makes rank 0's loss NaN in optimizer step N;
 SPECIALIZE_EXIT_AFTER_STEP=N hard-exits every rank (like a kill) once step N is done.
 MFU = achieved model FLOP/s ÷ peak, with model FLOPs per step = 6·(P_encoder·source_tokens +
@@ -37,11 +39,17 @@ import torch.distributed as dist
 from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
 
 NAN_EXIT = 3
+LOST_PEER_EXIT = 4
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# The DeepSpeed engine of the run in progress, so main() can name the step when a collective fails:
+# its global_steps counts finished optimizer steps and comes back from the checkpoint on --resume.
+_running: dict = {}
 
 
 # ----------------------------------------------------------------------------- model + loss
@@ -121,8 +129,10 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
-    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA."""
+def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA.
+    Every collective (and the rendezvous) fails after timeout_s instead of waiting forever on a lost rank."""
+    from datetime import timedelta
     import deepspeed
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
     if "RANK" not in os.environ:  # plain `specialize train`: a world of one
@@ -132,8 +142,35 @@ def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not timeout_s > 0:
+        raise ConfigError(f"train.dist_timeout_s: must be > 0 seconds, got {timeout_s}")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank died, hung or became unreachable. Gloo raises a plain
+    RuntimeError ("Connection reset by peer", "Timed out waiting 20000ms for recv"); NCCL and the
+    TCP store raise torch's DistError family."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in (
+        "gloo/transport", "Connection reset by peer", "Connection closed by peer", "pair closure",
+        "Timed out waiting"))
+
+
+def lost_peer_message(err: BaseException, recipe: Recipe) -> str:
+    engine = _running.get("engine")
+    done = engine.global_steps if engine is not None else None
+    where = (f"in optimizer step {done + 1} (step {done} was the last to finish)" if done is not None
+             else "while starting, before the first step")
+    last = complete_checkpoints(Path(recipe.train.output_dir) / "checkpoints")
+    ckpt = f"last complete checkpoint: {last[-1][1]}" if last else "no checkpoint was completed yet"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"lost contact with another rank {where}: a collective failed or waited longer than "
+            f"train.dist_timeout_s = {recipe.train.dist_timeout_s:g} s ({first_line}). {ckpt}. Bring every "
+            f"node back and relaunch all of them with --resume")
 
 
 def on_rank0(fn, rank: int) -> None:
@@ -280,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"specialize train: {err}", file=sys.stderr, flush=True)
         return NAN_EXIT
+    except Exception as err:  # noqa: BLE001 — anything but a lost peer is re-raised unchanged
+        if not is_lost_peer(err):
+            raise
+        print(f"specialize train: {lost_peer_message(err, recipe)}", file=sys.stderr, flush=True)
+        return LOST_PEER_EXIT
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -298,7 +340,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     from specialize.engine.rundir import append_jsonl, prepare_run_dir
     from specialize.engine.tokenizers import load_tokenizer
 
-    rank, world, local_rank = init_distributed(local_rank_arg)
+    rank, world, local_rank = init_distributed(local_rank_arg, recipe.train.dist_timeout_s)
     t, d = recipe.train, recipe.data
     is_main = rank == 0
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -330,6 +372,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         model=model, optimizer=optimizer, config=ds_config,
         model_parameters=None if optimizer else _param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    _running["engine"] = engine
     counts = param_counts(t5)
 
     shards = open_shards(d.aligned_dir)

@@ -1,0 +1,253 @@
+"""Two nodes for real: the engine's entry point on two hosts (network namespaces joined by a veth, see
+tests/netns.py), one CPU rank each, gloo over the veth, launched the way users launch on a cluster
+without ssh: `deepspeed --hostfile H --no_ssh --node_rank R ...` and `torchrun --nnodes 2 --node_rank R ...`
+once per node. The run dir is on the shared filesystem, as on a cluster.
+
+What is checked: the two-node loss curve equals one host with two ranks; a node SIGKILLed mid-run makes
+the survivor stop within train.dist_timeout_s + a margin with a message naming the step and the last
+complete checkpoint, and every checkpoint marked complete loads; a hung node (SIGSTOP) is caught by the
+timeout itself; --resume on both nodes continues the uninterrupted curve exactly, to identical final
+weights; ZeRO-3 trains across the nodes and only node 0 writes the export. The commands are the
+README's "Multi-node" section."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import netns
+from engine_fixtures import REPO, build_world, env, loss_curve, recipe_dict, torchrun, write_recipe
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+STEPS, SAVE_EVERY = 6, 2
+DIST_TIMEOUT_S = 25     # short so the hung-peer test is quick; still far above any step here (< 1 s)
+STOP_MARGIN_S = 45      # survivor's exit after a lost peer, beyond the timeout: launcher teardown, load
+PORT = 29500            # each node has its own network stack: no clash with anything on the host
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture
+def pair():
+    """Fresh namespaces per test; down() kills every process and removes them, also when a test fails."""
+    reason = netns.unavailable()
+    if reason:
+        print(f"\n[multinode] skipped: {reason}")
+        pytest.skip(reason)
+    with netns.TwoNodes() as nodes:
+        yield nodes
+
+
+def two_node_recipe(world: dict, root: Path, zero: int = 2, **train) -> Path:
+    return write_recipe(root / "r.yaml", recipe_dict(world, root / "run", deepspeed={"zero_stage": zero}, train={
+        "max_steps": STEPS, "save_every": SAVE_EVERY, "keep_last": STEPS, "eval_every": 0,
+        "dist_timeout_s": DIST_TIMEOUT_S, **train}))
+
+
+def write_hostfile(path: Path) -> Path:
+    path.write_text("node0 slots=1\nnode1 slots=1\n")  # names are labels only under --no_ssh
+    return path
+
+
+def deepspeed_cmd(nodes: netns.TwoNodes, rank: int, hostfile: Path, recipe: Path, *extra: str) -> list[str]:
+    return [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+            "--master_addr", nodes.master_addr, "--master_port", str(PORT),
+            "--module", "specialize.engine.train", "--recipe", str(recipe), *extra]
+
+
+def torchrun_cmd(nodes: netns.TwoNodes, rank: int, recipe: Path, *extra: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+            "--master_addr", nodes.master_addr, "--master_port", str(PORT),
+            "-m", "specialize.engine.train", "--recipe", str(recipe), *extra]
+
+
+@dataclass
+class Launched:
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+
+    def log(self, rank: int) -> str:
+        return self.logs[rank].read_text(errors="replace")
+
+    def report(self) -> str:
+        return "".join(f"\n--- node {r} (exit {p.poll()})\n{self.log(r)[-5000:]}" for r, p in enumerate(self.procs))
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the nodes did not finish within {timeout} s{self.report()}") from None
+        return [p.returncode for p in self.procs]
+
+
+def launch(nodes: netns.TwoNodes, cmds: list[list[str]], logs: Path, env_extra: dict | None = None) -> Launched:
+    logs.mkdir(parents=True, exist_ok=True)
+    e = {**env(), "PATH": f"{BIN}:{env()['PATH']}", **(env_extra or {})}
+    paths = [logs / f"node{r}.log" for r in (0, 1)]
+    return Launched([nodes.start(r, cmds[r], e, paths[r], cwd=REPO) for r in (0, 1)], paths)
+
+
+def run_to_completion(nodes, cmds, logs) -> Launched:
+    job = launch(nodes, cmds, logs)
+    assert job.wait() == [0, 0], job.report()
+    return job
+
+
+def rank_files(ckpt: Path, world: int = 2) -> list[Path]:
+    """What a checkpoint holds once every rank's save finished: each rank's RNG state and its ZeRO
+    optimizer partition, and the model states DeepSpeed writes from rank 0."""
+    return ([ckpt / f"rng-rank{r}.pt" for r in range(world)]
+            + [ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+            + [ckpt / "mp_rank_00_model_states.pt"])
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / "best" / "model.safetensors")
+
+
+def same_curve(got: dict, want: dict, steps) -> None:
+    for step in steps:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    """The reference two-node ZeRO-2 DM run (torchrun form), namespaces gone once it has finished."""
+    reason = netns.unavailable()
+    if reason:
+        print(f"\n[multinode] skipped: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("two_nodes")
+    recipe = two_node_recipe(world, root)
+    with netns.TwoNodes() as nodes:
+        job = run_to_completion(nodes, [torchrun_cmd(nodes, r, recipe) for r in (0, 1)], root / "logs")
+    return root / "run", job
+
+
+def test_two_nodes_match_one_host_with_two_ranks(world, uninterrupted, tmp_path):
+    run, job = uninterrupted
+    log0 = job.log(0)
+    assert "ZeRO-2 fp32; 2 rank(s) on cpu" in log0 and "done at step 6" in log0
+    one_host = two_node_recipe(world, tmp_path)
+    proc = torchrun(one_host, nproc=2, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    want, got = loss_curve(tmp_path / "run"), loss_curve(run)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+    same_curve(got, want, want)
+    a, b = final_weights(run), final_weights(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wait_for(predicate, timeout: float, job: Launched, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if any(p.poll() is not None for p in job.procs):
+            raise AssertionError(f"a node ended while waiting for {what}{job.report()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}{job.report()}")
+        time.sleep(0.01)
+
+
+def _survivor_stopped(job: Launched, t_lost: float) -> float:
+    """Seconds from the peer's loss until node 0's launcher exited; asserts it failed with the message."""
+    try:
+        job.procs[0].wait(timeout=DIST_TIMEOUT_S + STOP_MARGIN_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"node 0 still running {DIST_TIMEOUT_S + STOP_MARGIN_S} s after losing its "
+                             f"peer{job.report()}") from None
+    took = time.monotonic() - t_lost
+    assert job.procs[0].returncode != 0, job.report()
+    return took
+
+
+def _message(log: str) -> re.Match:
+    m = re.search(r"specialize train: lost contact with another rank in optimizer step (\d+) \(step (\d+) was "
+                  r"the last to finish\): .*train\.dist_timeout_s = 25 s.*?(last complete checkpoint: (\S+)"
+                  r"|no checkpoint was completed yet)\. .*relaunch all of them with --resume", log)
+    assert m, log[-5000:]
+    return m
+
+
+@pytest.fixture(scope="module")
+def killed(world, tmp_path_factory):
+    """The reference recipe under the deepspeed launcher; node 1's rank is SIGKILLed as soon as the
+    second checkpoint (step 4) starts being written, i.e. after one complete checkpoint and, most times,
+    in the middle of the next one's save."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("killed")
+    recipe, hostfile = two_node_recipe(world, root), write_hostfile(root / "hostfile")
+    ckpts = root / "run" / "checkpoints"
+    with netns.TwoNodes() as nodes:
+        job = launch(nodes, [deepspeed_cmd(nodes, r, hostfile, recipe) for r in (0, 1)], root / "logs")
+        _wait_for(lambda: (ckpts / "step-000002" / "complete.json").is_file(), RUN_TIMEOUT_S, job,
+                  "the first complete checkpoint")
+        _wait_for(lambda: (ckpts / "step-000004").is_dir(), RUN_TIMEOUT_S, job, "step 4's save")
+        victims = nodes.rank_pids(1)
+        assert len(victims) == 1, (victims, nodes.pids(1))
+        os.kill(victims[0], signal.SIGKILL)
+        t_lost = time.monotonic()
+        took = _survivor_stopped(job, t_lost)
+        job.procs[1].wait(timeout=60)  # node 1's launcher notices its dead rank and ends too
+        log0 = job.log(0)
+    print(f"\n[multinode] SIGKILL: node 0 stopped {took:.1f} s after its peer was killed")
+    return root, recipe, hostfile, job, log0, took
+
+
+def test_killed_node_stops_the_survivor_with_the_step_and_last_checkpoint(killed, tmp_path):
+    root, _, _, job, log0, took = killed
+    assert took < DIST_TIMEOUT_S + STOP_MARGIN_S
+    m = _message(log0)
+    ckpts = root / "run" / "checkpoints"
+    marked = sorted(d.name for d in ckpts.glob("step-*") if (d / "complete.json").is_file())
+    assert "step-000002" in marked
+    assert m.group(4) == str(ckpts / marked[-1])  # the message names the newest complete checkpoint
+    assert int(m.group(2)) >= 4  # the kill came while step 4's checkpoint was being saved or later
+    assert job.procs[1].returncode != 0
+    # a checkpoint is marked complete only when every rank's files are there...
+    for d in ckpts.glob("step-*"):
+        if (d / "complete.json").is_file():
+            missing = [f.name for f in rank_files(d) if not f.is_file()]
+            assert not missing, f"{d.name} is marked complete but lacks {missing}"
+        else:
+            print(f"[multinode] {d.name} left partial (unmarked): "
+                  f"{sorted(f.name for f in d.iterdir())}")
+    # ...and every complete one loads: DeepSpeed's zero_to_fp32 merges both ranks' partitions
+    from specialize.engine.export import export_checkpoint
+    from transformers import T5ForConditionalGeneration
+    for name in marked:
+        conv = export_checkpoint(ckpts / name, root / "run", tmp_path / name)
+        params = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
+        assert params and all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_resume_on_both_nodes_continues_the_uninterrupted_run(killed, uninterrupted, pair):
+    root, recipe, hostfile, _, _, _ = killed
+    job = run_to_completion(pair, [deepspeed_cmd(pair, r, hostfile, recipe, "--resume") for r in (0, 1)],
+                            root / "logs-resume")
+    m = re.search(r"resumed from \S+step-(\d+) \(step (\d+)\)", job.log(0))
+    assert m, job.log(0)[-5000:]
+    resumed_at = int(m.group(2))
+    assert resumed_at >= 2
+    want, got = loss_curve(uninterrupted[0]), loss_curve(root / "run")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    same_curve(got, want, range(resumed_at + 1, STEPS + 1))
+    a, b = final_weights(root / "run"), final_weights(uninterrupted[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
