@@ -69,10 +69,13 @@ def deepspeed_cmd(nodes: netns.TwoNodes, rank: int, hostfile: Path, recipe: Path
             "--module", "specialize.engine.train", "--recipe", str(recipe), *extra]
 
 
-def torchrun_cmd(nodes: netns.TwoNodes, rank: int, recipe: Path, *extra: str) -> list[str]:
+def torchrun_launcher(nodes: netns.TwoNodes, rank: int) -> list[str]:
     return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-            "--master_addr", nodes.master_addr, "--master_port", str(PORT),
-            "-m", "specialize.engine.train", "--recipe", str(recipe), *extra]
+            "--master_addr", nodes.master_addr, "--master_port", str(PORT)]
+
+
+def torchrun_cmd(nodes: netns.TwoNodes, rank: int, recipe: Path, *extra: str) -> list[str]:
+    return [*torchrun_launcher(nodes, rank), "-m", "specialize.engine.train", "--recipe", str(recipe), *extra]
 
 
 @dataclass
@@ -330,3 +333,29 @@ def test_zero3_across_two_nodes_exports_from_node0_only(world, pair, tmp_path):
     a = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
     b = T5ForConditionalGeneration.from_pretrained(run / "best").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_specialize_run_trains_across_two_nodes(world, uninterrupted, pair, tmp_path):
+    """`specialize run --stages train --launcher "torchrun --nnodes 2 ... --node_rank R"` on each node:
+    the pipeline's train stage is the same two-node run as the engine launched by hand."""
+    recipe = recipe_dict(world, tmp_path / "unused", deepspeed={"zero_stage": 2}, train={
+        "max_steps": STEPS, "save_every": SAVE_EVERY, "keep_last": STEPS, "eval_every": 0,
+        "dist_timeout_s": DIST_TIMEOUT_S})
+    recipe.update(output_dir=str(tmp_path / "pipe"), stages=["train"], aligner={"out_dir": world["aligned"]})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    launcher = [" ".join(torchrun_launcher(pair, r)) for r in (0, 1)]
+    run_to_completion(pair, [[str(BIN / "specialize"), "run", str(path), "--stages", "train", "--launcher",
+                              launcher[r]] for r in (0, 1)], tmp_path / "logs")
+    train_dir = tmp_path / "pipe" / "train"
+    assert (train_dir / ".done-train.json").is_file()
+    want, got = loss_curve(uninterrupted[0]), loss_curve(train_dir)
+    assert sorted(got) == sorted(want)
+    same_curve(got, want, want)
+
+
+def test_specialize_run_passes_resume_and_the_launcher_through(tmp_path):
+    from specialize.engine.pipeline import build_parser, train_command
+    line = "torchrun --nnodes 2 --nproc_per_node 8 --node_rank 1 --master_addr 10.0.0.1 --master_port 29500"
+    assert train_command(tmp_path / "r.yaml", line, 1, resume=True) == [
+        *line.split(), "--module", "specialize.engine.train", "--recipe", str(tmp_path / "r.yaml"), "--resume"]
+    assert build_parser().parse_args(["r.yaml", "--resume"]).resume
