@@ -359,3 +359,32 @@ def test_specialize_run_passes_resume_and_the_launcher_through(tmp_path):
     assert train_command(tmp_path / "r.yaml", line, 1, resume=True) == [
         *line.split(), "--module", "specialize.engine.train", "--recipe", str(tmp_path / "r.yaml"), "--resume"]
     assert build_parser().parse_args(["r.yaml", "--resume"]).resume
+
+
+def test_harness_removes_namespaces_and_processes_when_a_test_fails(tmp_path):
+    """What every test above relies on: leaving the pair, even by an exception, kills the processes
+    started in it, also ones that left the launcher's session (torchrun starts its ranks in their own),
+    and deletes both namespaces and so the veth."""
+    reason = netns.unavailable()
+    if reason:
+        print(f"\n[multinode] skipped: {reason}")
+        pytest.skip(reason)
+    escaped = "setsid sleep 600 & echo $! > {out}; sleep 600"
+    with pytest.raises(RuntimeError, match="the test failed"):
+        with netns.TwoNodes() as nodes:
+            names = [n.ns for n in nodes.nodes]
+            for r in (0, 1):
+                cmd = escaped.format(out=tmp_path / f"pid{r}")
+                nodes.start(r, ["bash", "-c", cmd], env(), tmp_path / f"log{r}")
+            _deadline = time.monotonic() + 30
+            while not all((tmp_path / f"pid{r}").is_file() and len(nodes.pids(r)) >= 2 for r in (0, 1)):
+                assert time.monotonic() < _deadline, [nodes.pids(r) for r in (0, 1)]
+                time.sleep(0.05)
+            started = [pid for r in (0, 1) for pid in nodes.pids(r)]
+            assert all(int((tmp_path / f"pid{r}").read_text()) in started for r in (0, 1))  # outside the group
+            raise RuntimeError("the test failed")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in names)
+    alive = [pid for pid in started if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+    assert alive == []
