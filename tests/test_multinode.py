@@ -41,13 +41,18 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.fixture
-def pair():
-    """Fresh namespaces per test; down() kills every process and removes them, also when a test fails."""
+def need_namespaces() -> None:
+    """Skip, saying why, where network namespaces cannot be made (not root, no iproute2, no netns)."""
     reason = netns.unavailable()
     if reason:
         print(f"\n[multinode] skipped: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def pair():
+    """Fresh namespaces per test; down() kills every process and removes them, also when a test fails."""
+    need_namespaces()
     with netns.TwoNodes() as nodes:
         yield nodes
 
@@ -99,9 +104,9 @@ class Launched:
         return [p.returncode for p in self.procs]
 
 
-def launch(nodes: netns.TwoNodes, cmds: list[list[str]], logs: Path, env_extra: dict | None = None) -> Launched:
+def launch(nodes: netns.TwoNodes, cmds: list[list[str]], logs: Path) -> Launched:
     logs.mkdir(parents=True, exist_ok=True)
-    e = {**env(), "PATH": f"{BIN}:{env()['PATH']}", **(env_extra or {})}
+    e = {**env(), "PATH": f"{BIN}:{env()['PATH']}"}  # the launchers start `python` / `deepspeed` by name
     paths = [logs / f"node{r}.log" for r in (0, 1)]
     return Launched([nodes.start(r, cmds[r], e, paths[r], cwd=REPO) for r in (0, 1)], paths)
 
@@ -133,10 +138,7 @@ def same_curve(got: dict, want: dict, steps) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(world, tmp_path_factory):
     """The reference two-node ZeRO-2 DM run (torchrun form), namespaces gone once it has finished."""
-    reason = netns.unavailable()
-    if reason:
-        print(f"\n[multinode] skipped: {reason}")
-        pytest.skip(reason)
+    need_namespaces()
     root = tmp_path_factory.mktemp("two_nodes")
     recipe = two_node_recipe(world, root)
     with netns.TwoNodes() as nodes:
@@ -208,9 +210,7 @@ def killed(world, tmp_path_factory):
     """The reference recipe under the deepspeed launcher; node 1's rank is SIGKILLed as soon as the
     second checkpoint (step 4) starts being written, i.e. after one complete checkpoint and, most times,
     in the middle of the next one's save."""
-    reason = netns.unavailable()
-    if reason:
-        pytest.skip(reason)
+    need_namespaces()
     root = tmp_path_factory.mktemp("killed")
     recipe, hostfile = two_node_recipe(world, root), write_hostfile(root / "hostfile")
     ckpts = root / "run" / "checkpoints"
@@ -365,10 +365,7 @@ def test_harness_removes_namespaces_and_processes_when_a_test_fails(tmp_path):
     """What every test above relies on: leaving the pair, even by an exception, kills the processes
     started in it, also ones that left the launcher's session (torchrun starts its ranks in their own),
     and deletes both namespaces and so the veth."""
-    reason = netns.unavailable()
-    if reason:
-        print(f"\n[multinode] skipped: {reason}")
-        pytest.skip(reason)
+    need_namespaces()
     escaped = "setsid sleep 600 & echo $! > {out}; sleep 600"
     with pytest.raises(RuntimeError, match="the test failed"):
         with netns.TwoNodes() as nodes:
