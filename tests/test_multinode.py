@@ -234,6 +234,7 @@ def killed(world, tmp_path_factory):
 def test_killed_node_stops_the_survivor_with_the_step_and_last_checkpoint(killed, tmp_path):
     root, _, _, job, log0, took = killed
     assert took.launcher_s < DIST_TIMEOUT_S + STOP_MARGIN_S
+    assert job.procs[0].returncode == 4  # deepspeed's launcher passes the rank's LOST_PEER_EXIT on
     m = _message(log0)
     ckpts = root / "run" / "checkpoints"
     marked = sorted(d.name for d in ckpts.glob("step-*") if (d / "complete.json").is_file())
@@ -290,6 +291,7 @@ def test_hung_node_is_caught_by_the_collective_timeout(world, pair, tmp_path):
     assert took.rank_s >= DIST_TIMEOUT_S - 2, job.report()
     m = _message(job.log(0))
     assert "Timed out waiting 25000ms" in job.log(0)
+    assert re.search(r"exitcode\s*:\s*4\b", job.log(0)), job.log(0)[-3000:]  # torchrun's failure summary
     marked = sorted(d.name for d in ckpts.glob("step-*") if (d / "complete.json").is_file())
     assert m.group(4) == str(ckpts / marked[-1])
 
