@@ -329,7 +329,20 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
 
 
+# Fields that change how a run waits, not what it computes: left out of every hash that decides reuse
+# (`specialize run`'s done-markers) or warns on --resume, so raising a timeout never invalidates a run.
+UNHASHED = {"train": ("dist_timeout_s",)}
+
+
+def hashed_dict(recipe: Recipe) -> dict:
+    """The recipe as a mapping, without the UNHASHED fields."""
+    d = recipe_to_dict(recipe)
+    for section, names in UNHASHED.items():
+        d[section] = {k: v for k, v in d[section].items() if k not in names}
+    return d
+
+
 def recipe_hash(recipe: Recipe) -> str:
     import hashlib
-    blob = json.dumps(recipe_to_dict(recipe), sort_keys=True).encode()
+    blob = json.dumps(hashed_dict(recipe), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

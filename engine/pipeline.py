@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from specialize.engine.config import ConfigError, Recipe, dump_recipe, load_recipe, parse_override, recipe_to_dict
+from specialize.engine.config import (ConfigError, Recipe, dump_recipe, hashed_dict, load_recipe, parse_override,
+                                     recipe_to_dict)
 
 STAGES = ("toy", "teacher", "filter", "align", "train", "eval", "plot")
 
@@ -117,7 +118,7 @@ def _hash(obj: Any) -> str:
 
 def stage_key(run: Run, stage: str) -> str:
     """Hash of the recipe fields a stage's output depends on (what makes reuse safe)."""
-    d = recipe_to_dict(run.recipe)
+    d = hashed_dict(run.recipe)
     data_src = {k: d["data"][k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
     teacher = {k: v for k, v in d["teacher"].items() if k not in ("concurrency", "out_dir", "timeout", "max_retries")}
     if stage == "toy":

@@ -387,3 +387,27 @@ def test_harness_removes_namespaces_and_processes_when_a_test_fails(tmp_path):
     alive = [pid for pid in started if Path(f"/proc/{pid}").exists()
              and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
     assert alive == []
+
+
+def test_only_collective_failures_count_as_a_lost_peer():
+    from specialize.engine.train import is_lost_peer
+    gloo = ["[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.213.1.2]:58060: Connection reset by peer",
+            "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 25000ms for recv operation",
+            "Application timeout caused pair closure"]
+    assert all(is_lost_peer(RuntimeError(text)) for text in gloo)
+    assert is_lost_peer(torch.distributed.DistNetworkError("failed to connect to 10.213.1.1:29500"))
+    assert not is_lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x32 and 64x32)"))
+    assert not is_lost_peer(ValueError("Connection reset by peer"))  # only errors torch raises from a collective
+
+
+def test_the_timeout_does_not_change_what_a_run_is(tmp_path):
+    """Raising train.dist_timeout_s changes how long ranks wait, not what they compute: a finished train
+    stage stays reusable and --resume does not warn of a different recipe."""
+    from specialize.engine import pipeline
+    from specialize.engine.config import recipe_from_dict, recipe_hash
+    recipes = [recipe_from_dict({"output_dir": str(tmp_path), "train": train})
+               for train in ({}, {"dist_timeout_s": 60.0}, {"lr": 1e-3})]
+    runs = [pipeline.Run(r, "", "r.yaml") for r in recipes]
+    assert recipe_hash(recipes[0]) == recipe_hash(recipes[1]) != recipe_hash(recipes[2])
+    keys = [pipeline.stage_key(run, "train") for run in runs]
+    assert keys[0] == keys[1] != keys[2]
