@@ -163,10 +163,10 @@ def is_lost_peer(err: BaseException) -> bool:
 def lost_peer_message(err: BaseException, recipe: Recipe) -> str:
     engine = _running.get("engine")
     done = engine.global_steps if engine is not None else None
-    where = (f"in optimizer step {done + 1} (step {done} was the last to finish)" if done is not None
-             else "while starting, before the first step")
+    # the failed collective may be in step done + 1 or in the checkpoint/evaluation after step done
+    where = f"after optimizer step {done} had finished" if done is not None else "while starting, before step 1"
     last = complete_checkpoints(Path(recipe.train.output_dir) / "checkpoints")
-    ckpt = f"last complete checkpoint: {last[-1][1]}" if last else "no checkpoint was completed yet"
+    ckpt = f"Last complete checkpoint: {last[-1][1]}" if last else "No checkpoint was completed yet"
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"lost contact with another rank {where}: a collective failed or waited longer than "
             f"train.dist_timeout_s = {recipe.train.dist_timeout_s:g} s ({first_line}). {ckpt}. Bring every "
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 — anything but a lost peer is re-raised unchanged
         if not is_lost_peer(err):
             raise
-        print(f"specialize train: {lost_peer_message(err, recipe)}", file=sys.stderr, flush=True)
+        # the newline ends a progress bar line the failed step left open
+        print(f"\nspecialize train: {lost_peer_message(err, recipe)}", file=sys.stderr, flush=True)
         return LOST_PEER_EXIT
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -198,9 +198,9 @@ def _survivor_stopped(job: Launched, t_lost: float) -> Stop:
 
 
 def _message(log: str) -> re.Match:
-    m = re.search(r"specialize train: lost contact with another rank in optimizer step (\d+) \(step (\d+) was "
-                  r"the last to finish\): .*train\.dist_timeout_s = 25 s.*?(last complete checkpoint: (\S+)"
-                  r"|no checkpoint was completed yet)\. .*relaunch all of them with --resume", log)
+    m = re.search(r"specialize train: lost contact with another rank after optimizer step (\d+) had "
+                  r"finished: .*train\.dist_timeout_s = 25 s.*?(Last complete checkpoint: (\S+)"
+                  r"|No checkpoint was completed yet)\. .*relaunch all of them with --resume", log)
     assert m, log[-5000:]
     return m
 
@@ -239,8 +239,8 @@ def test_killed_node_stops_the_survivor_with_the_step_and_last_checkpoint(killed
     ckpts = root / "run" / "checkpoints"
     marked = sorted(d.name for d in ckpts.glob("step-*") if (d / "complete.json").is_file())
     assert "step-000002" in marked
-    assert m.group(4) == str(ckpts / marked[-1])  # the message names the newest complete checkpoint
-    assert int(m.group(2)) >= 4  # the kill came while step 4's checkpoint was being saved or later
+    assert m.group(3) == str(ckpts / marked[-1])  # the message names the newest complete checkpoint
+    assert int(m.group(1)) >= 4  # the kill came while step 4's checkpoint was being saved or later
     assert job.procs[1].returncode != 0
     # a checkpoint is marked complete only when every rank's files are there...
     for d in ckpts.glob("step-*"):
@@ -293,7 +293,7 @@ def test_hung_node_is_caught_by_the_collective_timeout(world, pair, tmp_path):
     assert "Timed out waiting 25000ms" in job.log(0)
     assert re.search(r"exitcode\s*:\s*4\b", job.log(0)), job.log(0)[-3000:]  # torchrun's failure summary
     marked = sorted(d.name for d in ckpts.glob("step-*") if (d / "complete.json").is_file())
-    assert m.group(4) == str(ckpts / marked[-1])
+    assert m.group(3) == str(ckpts / marked[-1])
 
 
 def _writes_under(trace: Path, folder: Path) -> list[str]:
