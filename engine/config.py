@@ -9,7 +9,6 @@ same checks.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +178,10 @@ class TrainConfig:
     dev_in_dist: str = "gsm8k_dev"
     dev_ood: list[str] = field(default_factory=lambda: ["multiarith"])
     dev_limit: Optional[int] = 200
+    # Seconds a collective may wait for the other ranks before the run stops with an error naming the
+    # step and the last complete checkpoint (a lost or hung node). Torch's own default: it must cover the
+    # longest rank-0-only pause (dev evaluation, export of the best model) that the others wait through.
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -359,6 +362,19 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
 
 
+# Fields that change how a run waits, not what it computes: left out of every hash that decides reuse
+# (`specialize run`'s done-markers) or warns on --resume, so raising a timeout never invalidates a run.
+UNHASHED = {"train": ("dist_timeout_s",)}
+
+
+def hashed_dict(recipe: Recipe) -> dict:
+    """The recipe as a mapping, without the UNHASHED fields."""
+    d = recipe_to_dict(recipe)
+    for section, names in UNHASHED.items():
+        d[section] = {k: v for k, v in d[section].items() if k not in names}
+    return d
+
+
 def recipe_hash(recipe: Recipe) -> str:
     from specialize.engine.io_helpers import settings_hash
-    return settings_hash(recipe_to_dict(recipe))
+    return settings_hash(hashed_dict(recipe))

@@ -1,7 +1,7 @@
 """`specialize run`: a recipe's stages, toy -> teacher -> filter -> align -> train -> eval -> plot.
 
     specialize run recipes/X.yaml [more.yaml ...] [--set k=v ...] [--sweep k=[a,b] ...]
-                   [--stages train eval] [--dry-run] [--launcher "deepspeed --hostfile hostfile"]
+                   [--stages train eval] [--dry-run] [--launcher "deepspeed --hostfile hostfile"] [--resume]
 
 Each stage calls the owning module's Python API and, when it finishes, writes a
 done-marker `.done-<stage>.json` into its output directory holding a hash of the recipe fields the
@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from specialize.engine.config import ConfigError, Recipe, dump_recipe, load_recipe, parse_override, recipe_to_dict
+from specialize.engine.cli import HelpFormatter
+from specialize.engine.config import (ConfigError, Recipe, dump_recipe, hashed_dict, load_recipe, parse_override,
+                                     recipe_to_dict)
 from specialize.engine.io_helpers import settings_hash
 from specialize.engine.rundir import RunDir
-from specialize.engine.cli import HelpFormatter
 
 STAGES = ("toy", "teacher", "filter", "align", "train", "eval", "plot")
 
@@ -119,7 +120,7 @@ def _hash(obj: Any) -> str:
 
 def stage_key(run: Run, stage: str) -> str:
     """Hash of the recipe fields a stage's output depends on (what makes reuse safe)."""
-    d = recipe_to_dict(run.recipe)
+    d = hashed_dict(run.recipe)
     data_src = {k: d["data"][k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
     teacher = {k: v for k, v in d["teacher"].items() if k not in ("concurrency", "out_dir", "timeout", "max_retries")}
     if stage == "toy":
@@ -230,24 +231,31 @@ def resolved_train_recipe(run: Run) -> Path:
     recipe.data.aligned_dir = str(run.dir("align"))
     run.run_dir.mkdir(parents=True, exist_ok=True)
     path = run.run_dir / "recipe.resolved.yaml"
-    dump_recipe(recipe, path)
+    # one `specialize run` per node writes this same file on the shared filesystem: replace it whole, so
+    # no node's engine ever reads it half-written
+    tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
+    dump_recipe(recipe, tmp)
+    os.replace(tmp, path)
     return path
 
 
-def train_command(recipe_path: Path, launcher: str | None, nproc: int) -> list[str]:
-    module = ["--module", "specialize.engine.train", "--recipe", str(recipe_path)]
+def train_command(recipe_path: Path, launcher: str | None, nproc: int, resume: bool = False) -> list[str]:
+    """The training subprocess. `launcher` is any launcher line that takes `--module M args` after it:
+    deepspeed (one node, a hostfile over ssh, or one `--no_ssh --node_rank R` per node) or torchrun
+    (`--nnodes N --node_rank R --master_addr A`, whose -m is also spelt --module)."""
+    args = ["--recipe", str(recipe_path)] + (["--resume"] if resume else [])
     if launcher:
-        return shlex.split(launcher) + module
+        return shlex.split(launcher) + ["--module", "specialize.engine.train"] + args
     import torch
     if torch.cuda.is_available():
-        return ["deepspeed", "--num_gpus", str(torch.cuda.device_count())] + module
+        return ["deepspeed", "--num_gpus", str(torch.cuda.device_count()), "--module", "specialize.engine.train"] + args
     # CPU: torchrun starts the ranks; the engine picks gloo when no GPU is present.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "specialize.engine.train", "--recipe", str(recipe_path)]
+            "-m", "specialize.engine.train"] + args
 
 
-def stage_train(run: Run, launcher: str | None = None, nproc: int = 1) -> dict:
-    cmd = train_command(resolved_train_recipe(run), launcher, nproc)
+def stage_train(run: Run, launcher: str | None = None, nproc: int = 1, resume: bool = False) -> dict:
+    cmd = train_command(resolved_train_recipe(run), launcher, nproc, resume)
     print(f"[run] {run.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -372,10 +380,11 @@ STAGE_FUNCS: dict[str, Callable] = {"toy": stage_toy, "teacher": stage_teacher, 
 
 def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str | None = None,
                nproc: int = 1, log: Callable[[str], None] = print,
-               stage_funcs: dict[str, Callable] | None = None) -> list[dict]:
+               stage_funcs: dict[str, Callable] | None = None, resume: bool = False) -> list[dict]:
     """Execute every run's stages in order, skipping finished ones; returns one row per (run, stage).
 
-    `stage_funcs` replaces stage implementations by name (the demo passes its own toy scale).
+    `stage_funcs` replaces stage implementations by name (the demo passes its own toy scale); `resume`
+    continues an interrupted train stage from its last complete checkpoint.
     """
     funcs = {**STAGE_FUNCS, **(stage_funcs or {})}
     rows = []
@@ -393,7 +402,7 @@ def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str |
                 continue
             log(f"[run] {run.name}: {stage} -> {run.dir(stage)}")
             t0 = time.time()
-            kwargs = {"launcher": launcher, "nproc": nproc} if stage == "train" else {}
+            kwargs = {"launcher": launcher, "nproc": nproc, "resume": resume} if stage == "train" else {}
             info = funcs[stage](run, **kwargs) or {}
             mark_done(run, stage, time.time() - t0, {k: v for k, v in info.items() if k != "command"})
             rows.append({"run": run.name, "stage": stage, "status": "ran", "seconds": round(time.time() - t0, 1)})
@@ -564,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", help='training launcher, e.g. "deepspeed --hostfile hostfile" (default: deepspeed '
                                       'on all local GPUs, or torchrun with --nproc CPU ranks)')
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks when no GPU is present (default 2)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted train stage from its last complete checkpoint (e.g. after a "
+                        "node was lost: rerun the same command on every node with --resume)")
     p.add_argument("--world-size", type=int, default=None,
                    help="ranks assumed by --dry-run's batch arithmetic (default: 8 GPUs; --nproc for fp32 CPU recipes)")
     return p
@@ -589,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 for check, detail in rows:
                     print(f"  {check:<14} {detail}")
             return 1 if failed else 0
-        rows = run_stages(runs, args.stages, args.launcher, args.nproc)
+        rows = run_stages(runs, args.stages, args.launcher, args.nproc, resume=args.resume)
     except ConfigError as err:
         print(f"specialize run: {err}", file=sys.stderr)
         return 2

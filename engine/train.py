@@ -17,6 +17,9 @@ read before `engine.step()`. A non-finite loss (on any rank) stops the run with 
 optimizer step is taken with it and no checkpoint is written after it.
 Batches come from a DataLoader over this rank's micro-batch positions (worker processes, pinned memory,
 non-blocking copies); a step's micro-batches across ranks are cut from neighbouring lengths (batching.py).
+A lost rank (killed, hung or unreachable for longer than train.dist_timeout_s) stops the others with
+exit status 4 and a message naming the step and the last complete checkpoint, instead of a job hanging
+until the scheduler kills it.
 Test hooks (environment): SPECIALIZE_INJECT_NAN_AT_STEP=N makes rank 0's loss NaN in optimizer step N;
 SPECIALIZE_EXIT_AFTER_STEP=N hard-exits every rank (like a kill) once step N is done.
 MFU: see engine/mfu.py (the formula and the peak table); not logged on CPU.
@@ -42,10 +45,16 @@ from specialize.engine.cli import HelpFormatter
 NAN_EXIT = 3
 # what the model's forward reads from a batch (the rest is bookkeeping: formats, host-side counts)
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "labels", "topk_ids", "topk_logprobs")
+LOST_PEER_EXIT = 4
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# The DeepSpeed engine of the run in progress, so main() can name the step when a collective fails:
+# its global_steps counts finished optimizer steps and comes back from the checkpoint on --resume.
+_running: dict = {}
 
 
 # ----------------------------------------------------------------------------- model + loss
@@ -136,8 +145,10 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
-    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA."""
+def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA.
+    Every collective (and the rendezvous) fails after timeout_s instead of waiting forever on a lost rank."""
+    from datetime import timedelta
     import deepspeed
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
     if "RANK" not in os.environ:  # plain `specialize train`: a world of one
@@ -147,8 +158,36 @@ def init_distributed(local_rank_arg: int) -> tuple[int, int, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not timeout_s > 0:
+        raise ConfigError(f"train.dist_timeout_s: must be > 0 seconds, got {timeout_s}")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank died, hung or became unreachable. Gloo raises a plain
+    RuntimeError ("Connection reset by peer", "Timed out waiting 20000ms for recv"); NCCL and the
+    TCP store raise torch's DistError family."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in (
+        "gloo/transport", "Connection reset by peer", "Connection closed by peer", "pair closure",
+        "Timed out waiting"))
+
+
+def lost_peer_message(err: BaseException, recipe: Recipe) -> str:
+    engine = _running.get("engine")
+    done = engine.global_steps if engine is not None else None
+    # the failed collective may be in step done + 1 or in the checkpoint/evaluation after step done
+    where = f"after optimizer step {done} had finished" if done is not None else "while starting, before step 1"
+    from specialize.engine.rundir import RunDir
+    last = RunDir(recipe.train.output_dir, find_train=False).complete_checkpoints()
+    ckpt = f"Last complete checkpoint: {last[-1][1]}" if last else "No checkpoint was completed yet"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"lost contact with another rank {where}: a collective failed or waited longer than "
+            f"train.dist_timeout_s = {recipe.train.dist_timeout_s:g} s ({first_line}). {ckpt}. Bring every "
+            f"node back and relaunch all of them with --resume")
 
 
 def on_rank0(fn, rank: int) -> None:
@@ -276,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"specialize train: {err}", file=sys.stderr, flush=True)
         return NAN_EXIT
+    except Exception as err:  # noqa: BLE001 — anything but a lost peer is re-raised unchanged
+        if not is_lost_peer(err):
+            raise
+        # the newline ends a progress bar line the failed step left open
+        print(f"\nspecialize train: {lost_peer_message(err, recipe)}", file=sys.stderr, flush=True)
+        return LOST_PEER_EXIT
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -299,7 +344,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     from specialize.engine.step_stats import StepStats
     from specialize.engine.tokenizers import load_tokenizer
 
-    rank, world, local_rank = init_distributed(local_rank_arg)
+    rank, world, local_rank = init_distributed(local_rank_arg, recipe.train.dist_timeout_s)
     t, d = recipe.train, recipe.data
     is_main = rank == 0
     cuda = torch.cuda.is_available()
@@ -333,6 +378,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         model=model, optimizer=optimizer, config=ds_config,
         model_parameters=None if optimizer else _param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    _running["engine"] = engine
     counts = param_counts(t5)
     partitioned = zero_stage == 3
 
