@@ -160,7 +160,15 @@ def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[in
         torch.cuda.set_device(local_rank)
     if not timeout_s > 0:
         raise ConfigError(f"train.dist_timeout_s: must be > 0 seconds, got {timeout_s}")
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed runs its collectives on process groups of its own (ZeRO's data-parallel group is a clone
+    # of the world), and torch gives a new group its *default* timeout (30 min), not the world group's:
+    # without this, a rank lost during backward would hang the others for half an hour.
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

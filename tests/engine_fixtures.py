@@ -66,7 +66,7 @@ def recipe_dict(world: dict, out_dir: Path, **sections) -> dict:
         "data": {"dataset": "synthetic", "aligned_dir": world["aligned"],
                  "formats": {"zero_shot_cot": 0.5, "in_context_cot": 0.25, "zero_shot_answer_only": 0.25},
                  "format_mixing": "per_batch", "shots": 1, "max_source_len": 160, "max_target_len": 96,
-                 "synthetic_sizes": SIZES},
+                 "synthetic_sizes": SIZES, "ood_dev_size": 4},  # half of each 8-item synthetic OOD set
         "loss": {"kind": "dm", "alpha": 0.5, "temperature": 1.0, "tail": "none"},
         # CPU test runs use fp32: bf16 matmuls on this CPU are slow and add nothing to what is tested
         "deepspeed": {"config": None, "zero_stage": 1, "offload": []},

@@ -114,7 +114,8 @@ class TwoNodes:
                 continue
             if module.encode() in cmd and any(v.startswith(b"RANK=") for v in environ):
                 found.append(pid)
-        return found
+        # a rank's DataLoader workers are forks of it (same command line, same environment): keep the ranks
+        return [pid for pid in found if _parent(pid) not in found]
 
     def down(self) -> None:
         """Kill every process this pair started (their groups, then anything left in the namespaces),
@@ -143,3 +144,11 @@ class TwoNodes:
                 pass
         for node in self.nodes:
             _ip("netns", "del", node.ns, check=False)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past the (comm) name
