@@ -57,6 +57,7 @@ setup(
         "openai==3.51.0",
         "tiktoken==0.14.0",
         "tokenizers==0.23.3",
+        "msgspec==0.22.0",  # aligner: typed JSON decoding of teacher records (parse + check in C)
         "safetensors==0.8.0",
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
