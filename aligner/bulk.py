@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -84,11 +85,21 @@ def _align_shard(in_path: str, out_path: str, student_tokenizer, band: int, thre
     if implementation == "packed":
         student = StudentTokenizer.load(student_tokenizer)
         _, phases = align_shard_packed(in_path, out_path, student, band, threads, enc, progress, meta)
-        return {**written["stats"], "phase_seconds": phases}
+        return {**written["stats"], "phase_seconds": phases, "peak_rss_mib": _peak_rss_mib()}
     records = read_teacher_records(Path(in_path), enc)
     aligned, stats = align_records(records, _load_student(student_tokenizer), band, threads, progress=progress)
     write_shard(aligned, out_path, extra_meta=meta(stats))
-    return written["stats"]
+    return {**written["stats"], "peak_rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    """High-water resident memory of this process so far (a worker's: its shards and imports)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_init() -> None:
+    # one worker per core already: the tokenizer's own thread pool would only oversubscribe
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _out_name(in_path: Path) -> str:
@@ -128,7 +139,7 @@ def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1,
         if workers > 1 and len(pending) > 1:
             student = prepare(student_tokenizer)
             procs = min(workers, len(pending))
-            with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
                 futures = {pool.submit(_align_shard, str(p), str(out_dir / _out_name(p)), student, band,
                                        max(1, workers // procs), teacher_tokenizer, None, implementation): p
                            for p in pending}
