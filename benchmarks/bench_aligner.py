@@ -13,9 +13,19 @@ Providers, all on the same integer-coded pairs:
   numba-2t-b16 the banded variant, band 16
 Times are wall clock (median, p20, p80 of --repeats runs after a warm-up call that loads
 the Numba cache) and CPU time (all threads and child processes): on a shared, busy
-machine the CPU time per pair is the steadier measure, so speed-ups are given for both. End to end: `align_teacher_dir --workers 2` (JSON parse, student
-tokenizer, normalisation, DP, top-5 mapping, shard writing) over the same rationales as
-teacher records with synthetic top-5, from which the 300,000-pair projection is made.
+machine the CPU time per pair is the steadier measure, so speed-ups are given for both.
+
+End to end, `align_teacher_dir --workers 2` over the same rationales as teacher records with
+synthetic top-5, once per implementation in the same run: "per-record" (the path before the
+packed one: a dict per record, Python normalisation and mapping) and "packed" (the default,
+aligner/packed.py). Both include process start, JSON parsing, student tokenization,
+normalisation, DP, top-5 mapping and shard writing, and must write byte-identical shards
+(checked). The per-phase table (read/parse, tokenize, encode, dp, map, write; wall and CPU
+us per pair) comes from the packed path's own PhaseClock and, for the per-record path, from
+its steps run one by one in this process. With --samples-per-question N the packed path
+also runs over each record repeated as N samples of its question (a teacher folder holds
+several samples per question; the question is then tokenized once). The 300,000-pair
+projection is made from the packed end-to-end run.
 The machine is shared; its load average is recorded with the results.
 """
 from __future__ import annotations
@@ -157,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.environ.get("SPECIALIZE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--ref-pairs", type=int, default=None, help="pairs for the Python reference (default 1000)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 5)")
+    ap.add_argument("--samples-per-question", type=int, default=None,
+                    help="also time the packed path with each record repeated as N samples of its question "
+                         "(the question is tokenized once; default 4, 1 with --quick: not run)")
     ap.add_argument("--out", default=None, help=f"JSON path (default {RESULTS.relative_to(REPO)}; none with --quick)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
 
     quick = args.quick
+    args.samples_per_question = args.samples_per_question or (1 if quick else 4)
     n_texts = 400 if quick else None
     ref_pairs = args.ref_pairs or (60 if quick else 1000)
     repeats = args.repeats or (1 if quick else 5)
@@ -223,14 +237,21 @@ def main(argv: list[str] | None = None) -> int:
         student.save_pretrained(tmp / "student")
         half = (n + 1) // 2
         for shard in range(2):
+            lines = []
+            for ex, text, toks in list(zip(train, texts, teacher))[shard * half:(shard + 1) * half]:
+                probs = rng.dirichlet(np.ones(6), size=len(toks))[:, :5]
+                top = [[[t, float(math.log(p[0]))], [" " + t.lstrip(), float(math.log(p[1]))],
+                        ["\n", float(math.log(p[2]))], [" the", float(math.log(p[3]))],
+                        [".", float(math.log(p[4]))]] for t, p in zip(toks, probs)]
+                lines.append({"qid": ex.id, "sample_index": 0, "question": ex.question, "gold": ex.answer,
+                              "text": text, "tokens": toks, "top_logprobs": top})
             with open(tmp / "teacher" / f"samples-{shard:05d}.jsonl", "w") as fh:
-                for ex, text, toks in list(zip(train, texts, teacher))[shard * half:(shard + 1) * half]:
-                    probs = rng.dirichlet(np.ones(6), size=len(toks))[:, :5]
-                    top = [[[t, float(math.log(p[0]))], [" " + t.lstrip(), float(math.log(p[1]))],
-                            ["\n", float(math.log(p[2]))], [" the", float(math.log(p[3]))],
-                            [".", float(math.log(p[4]))]] for t, p in zip(toks, probs)]
-                    fh.write(json.dumps({"qid": ex.id, "sample_index": 0, "question": ex.question, "gold": ex.answer,
-                                         "text": text, "tokens": toks, "top_logprobs": top}) + "\n")
+                fh.writelines(json.dumps(rec) + "\n" for rec in lines)
+            if args.samples_per_question > 1:  # the same records again as samples 1.. of each question
+                (tmp / "teacher_spq").mkdir(exist_ok=True)
+                with open(tmp / "teacher_spq" / f"samples-{shard:05d}.jsonl", "w") as fh:
+                    fh.writelines(json.dumps({**rec, "sample_index": i}) + "\n"
+                                  for rec in lines for i in range(args.samples_per_question))
         # --quick: one in-process worker (two spawned processes would cost more than the work)
         for impl in ("per-record", "packed"):
             c0, t0 = _cpu_s(), time.perf_counter()
@@ -241,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                 "workers": e2e_workers, "pairs": n, "seconds": wall, "pairs_per_s": n / wall, "cpu_s": cpu,
                 "cpu_us_per_pair": cpu / n * 1e6, "peak_rss_mib_per_worker": max(r["peak_rss_mib"] for r in summary),
                 "mapped_share": sum(r["mapped"] for r in summary) / max(1, sum(r["positions"] for r in summary))}
+        if args.samples_per_question > 1:
+            spq_n = n * args.samples_per_question
+            c0, t0 = _cpu_s(), time.perf_counter()
+            spq = align_teacher_dir(tmp / "teacher_spq", str(tmp / "student"), tmp / "spq", workers=e2e_workers,
+                                    progress=False)
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            end_to_end[f"packed, {args.samples_per_question} samples per question"] = {
+                "workers": e2e_workers, "pairs": spq_n, "seconds": wall, "pairs_per_s": spq_n / wall, "cpu_s": cpu,
+                "cpu_us_per_pair": cpu / spq_n * 1e6, "peak_rss_mib_per_worker": max(r["peak_rss_mib"] for r in spq),
+                "mapped_share": sum(r["mapped"] for r in spq) / max(1, sum(r["positions"] for r in spq)),
+                "phases_cpu_us_per_pair": {ph: sum(r["phase_seconds"]["cpu"][ph] for r in spq) / spq_n * 1e6
+                                           for ph in PHASES}}
         phases["per-record"] = per_record_phases(tmp / "teacher", tmp / "student", tmp / "phased")
         phases["packed"] = {kind: {ph: sum(r["phase_seconds"][kind][ph] for r in summary) / n * 1e6
                                    for ph in PHASES} for kind in ("wall", "cpu")}
@@ -288,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cpu_us_per_pair']:>11.1f} {('%.0f' % spc) if spc else '':>9}  {r['note']}")
     print(f"normalise + encode (Python, both sides): {result['normalise_us_per_pair']:.0f} us/pair")
     for impl, e in end_to_end.items():
-        print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {n} pairs in {e['seconds']:.2f} s wall "
+        print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {e['pairs']} pairs in {e['seconds']:.2f} s wall "
               f"= {e['pairs_per_s']:.0f} pairs/s ({e['cpu_us_per_pair']:.0f} CPU us/pair incl. process start), "
               f"peak RSS {e['peak_rss_mib_per_worker']:.0f} MiB per worker, mapped {e['mapped_share']:.1%} of positions")
     print(f"shards of the two paths byte-identical: {identical}")
