@@ -93,7 +93,16 @@ def _align_shard(in_path: str, out_path: str, student_tokenizer, band: int, thre
 
 
 def _peak_rss_mib() -> float:
-    """High-water resident memory of this process so far (a worker's: its shards and imports)."""
+    """High-water resident memory of this process so far (a worker's: its shards and imports).
+    VmHWM where Linux has it: ru_maxrss also counts the parent's size copied before a spawned
+    worker's exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("cpu", "wall"):
             vals = [by_kind[kind][ph] for ph in PHASES]
             print(f"{impl + ' ' + kind:<16}" + "".join(f"{v:>10.1f}" for v in vals) + f"{sum(vals):>10.1f}")
+    for impl, e in end_to_end.items():
+        if "phases_cpu_us_per_pair" in e:
+            vals = [e["phases_cpu_us_per_pair"][ph] for ph in PHASES]
+            print(f"{'packed cpu, ' + str(args.samples_per_question) + ' spq':<16}" + "".join(f"{v:>10.1f}" for v in vals)
+                  + f"{sum(vals):>10.1f}")
     steady = sum(phases["packed"]["cpu"].values())
     print(f"packed path, steady state from its CPU phases: {steady:.0f} us/pair = {2e6 / steady:.0f} pairs/s on 2 "
           f"cores (one shard per worker, no process start)")
