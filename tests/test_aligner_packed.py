@@ -186,3 +186,23 @@ def test_resume_and_workers_with_the_packed_path(teacher_dir, tmp_path):
                       implementation="per-record")
     assert_same_shards(out, tmp_path / "ref")
     assert math.isclose(again[2]["mapped_share"], first[2]["mapped_share"])
+
+
+def test_repeated_questions_tokenized_once_same_bytes(teacher_dir, tmp_path):
+    """Several samples of one question (what a teacher folder holds): the question cache
+    changes nothing on disk."""
+    good = (teacher_dir / "teacher" / "samples-00000.jsonl").read_text().splitlines()
+    lines = [json.dumps({**json.loads(line), "sample_index": i}) for line in good[:6] for i in range(3)]
+    write_lines(tmp_path / "t" / "samples-00000.jsonl", lines)
+    both_paths(tmp_path / "t", str(teacher_dir / "student"), tmp_path)
+
+
+def test_aligner_imports_neither_engine_nor_transformers():
+    """Import direction (aligner <- engine, never back); workers that get a StudentTokenizer
+    never pay for importing transformers."""
+    import subprocess
+    import sys
+    code = ("import sys, specialize.aligner, specialize.aligner.bulk, specialize.aligner.cli; "
+            "bad = [m for m in sys.modules if m.startswith('specialize.engine') or m == 'transformers']; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
