@@ -7,8 +7,9 @@ types and `logprob <= 0` while parsing, in C (about the cost of parsing alone; a
 pass over every alternative cost more than the parse). A line it refuses, or one that
 needs filling in (no 'tokens' or 'top_logprobs'), goes through the standard library and
 `check_record`, which names the problem — or accepts what only the typed decoder is
-stricter about (a bool logprob, NaN is refused there too) — so both readers take and
-refuse the same records.
+stricter about (a bool logprob or sample_index; NaN, a lone surrogate or a positive
+logprob are refused by both) — so both readers take and refuse the same records, with
+the same messages.
 """
 from __future__ import annotations
 
