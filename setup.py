@@ -59,6 +59,7 @@ setup(
         "openai>=1.40",
         "tiktoken>=0.7",
         "tokenizers>=0.19",
+        "msgspec>=0.18",  # aligner: typed JSON decoding of teacher records (parse + check in C)
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "matplotlib>=3.7",

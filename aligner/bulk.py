@@ -1,7 +1,9 @@
 """Align a whole teacher output folder (`samples-*.jsonl`) into aligned shards.
 
-One output shard `aligned-NNNNN/` per input shard `samples-NNNNN.jsonl`, written
-atomically (`shards.write_shard`): on a rerun a finished shard is skipped, a partial one
+One output shard `aligned-NNNNN/` per input shard `samples-NNNNN.jsonl`, built by the
+packed path (packed.py: chunked, compiled, bounded memory) or by the per-record path
+below (`align_records`, kept as the readable comparison; same bytes), and written
+atomically (`shards.save_shard_arrays`): on a rerun a finished shard is skipped, a partial one
 (left as `*.tmp`) is redone. `workers` > 1 aligns several input shards at once in
 separate processes; with a single pending shard the workers become Numba threads of the
 pair-parallel DP instead. Stats per shard are kept in its meta.json so a resumed run can
@@ -10,8 +12,8 @@ still print the full summary.
 from __future__ import annotations
 
 import json
-import math
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -22,65 +24,20 @@ from tqdm import tqdm
 from .dp import align_codes_many
 from .mapping import MappingStats, StudentVocab, map_distributions
 from .normalise import encode_surfaces, student_surfaces, teacher_surfaces
+from .packed import align_shard_packed
+from .records import TeacherRecordError, read_teacher_records  # noqa: F401 (TeacherRecordError: public here)
 from .shards import is_complete, write_shard
-from .teacher_tokenizers import load_teacher_tokenizer, tokenize_text
+from .student import StudentTokenizer, load_student_tokenizer
+from .teacher_tokenizers import load_teacher_tokenizer
 
-CHUNK = 512  # samples aligned per Numba call (bounds memory; progress granularity)
-
-
-class TeacherRecordError(ValueError):
-    """A teacher record that cannot be aligned; the message names file and line."""
+CHUNK = 512  # samples aligned per Numba call in the per-record path
+IMPLEMENTATIONS = ("packed", "per-record")
 
 
 def _load_student(student_tokenizer):
     if isinstance(student_tokenizer, (str, os.PathLike)):
-        from specialize.engine.tokenizers import load_tokenizer
-        return load_tokenizer(str(student_tokenizer))
+        return load_student_tokenizer(student_tokenizer)
     return student_tokenizer
-
-
-def read_teacher_records(path: Path, teacher_enc=None) -> list[dict]:
-    """Parse and check one `samples-*.jsonl` shard (the record fields of specialize.engine.teacher.records)."""
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TeacherRecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise TeacherRecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for key, kind in (("qid", str), ("question", str), ("text", str), ("sample_index", int)):
-                if not isinstance(rec.get(key), kind):
-                    raise TeacherRecordError(f"{where}: field {key!r} must be {kind.__name__}, "
-                                             f"got {rec.get(key)!r:.60}")
-            if "gold" not in rec:
-                raise TeacherRecordError(f"{where}: missing field 'gold'")
-            tokens = rec.get("tokens")
-            if tokens is None and teacher_enc is not None:
-                tokens = rec["tokens"] = tokenize_text(teacher_enc, rec["text"])
-            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-                raise TeacherRecordError(f"{where}: field 'tokens' must be a list of strings")
-            if "".join(tokens) != rec["text"]:
-                raise TeacherRecordError(f"{where}: 'tokens' do not concatenate to 'text'")
-            top = rec.get("top_logprobs")
-            if top is None:  # no distributions (e.g. sample matching): every position one-hot
-                top = rec["top_logprobs"] = [[] for _ in tokens]
-            if not isinstance(top, list) or len(top) != len(tokens):
-                raise TeacherRecordError(f"{where}: 'top_logprobs' must have one list per token "
-                                         f"({len(tokens)}), got {len(top) if isinstance(top, list) else top!r:.40}")
-            for t, alts in enumerate(top):
-                for alt in alts if isinstance(alts, list) else [None]:
-                    ok = (isinstance(alt, list) and len(alt) == 2 and isinstance(alt[0], str)
-                          and isinstance(alt[1], (int, float)) and alt[1] <= 0 and not math.isnan(alt[1]))
-                    if not ok:
-                        raise TeacherRecordError(f"{where}: top_logprobs[{t}] entry {alt!r:.60} is not "
-                                                 f"[token_str, logprob <= 0]")
-            records.append(rec)
-    return records
 
 
 def align_records(records: list[dict], student, band: int = 0, threads: int = 1, vocab: StudentVocab | None = None,
@@ -113,14 +70,45 @@ def align_records(records: list[dict], student, band: int = 0, threads: int = 1,
 
 
 def _align_shard(in_path: str, out_path: str, student_tokenizer, band: int, threads: int,
-                 teacher_tokenizer: str | None, progress=None) -> dict:
+                 teacher_tokenizer: str | None, progress=None, implementation: str = "packed") -> dict:
     start = time.perf_counter()
     enc = load_teacher_tokenizer(teacher_tokenizer) if teacher_tokenizer else None
+    name = Path(in_path).name
+
+    written = {}
+
+    def meta(stats: MappingStats) -> dict:  # what meta.json keeps: the summary row, timed before the write
+        summary = {"shard": name, **stats.to_dict(), "seconds": time.perf_counter() - start}
+        written.update({"source": str(in_path), "band": band, "stats": summary})
+        return written
+
+    if implementation == "packed":
+        student = StudentTokenizer.load(student_tokenizer)
+        _, phases = align_shard_packed(in_path, out_path, student, band, threads, enc, progress, meta)
+        return {**written["stats"], "phase_seconds": phases, "peak_rss_mib": _peak_rss_mib()}
     records = read_teacher_records(Path(in_path), enc)
     aligned, stats = align_records(records, _load_student(student_tokenizer), band, threads, progress=progress)
-    summary = {"shard": Path(in_path).name, **stats.to_dict(), "seconds": time.perf_counter() - start}
-    write_shard(aligned, out_path, extra_meta={"source": str(in_path), "band": band, "stats": summary})
-    return summary
+    write_shard(aligned, out_path, extra_meta=meta(stats))
+    return {**written["stats"], "peak_rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    """High-water resident memory of this process so far (a worker's: its shards and imports).
+    VmHWM where Linux has it: ru_maxrss also counts the parent's size copied before a spawned
+    worker's exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker_init() -> None:
+    # one worker per core already: the tokenizer's own thread pool would only oversubscribe
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _out_name(in_path: Path) -> str:
@@ -128,9 +116,15 @@ def _out_name(in_path: Path) -> str:
 
 
 def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1, band: int = 0,
-                      teacher_tokenizer: str | None = None, progress: bool = True) -> list[dict]:
+                      teacher_tokenizer: str | None = None, progress: bool = True,
+                      implementation: str = "packed") -> list[dict]:
     """Align every `samples-*.jsonl` in `teacher_dir` into `out_dir`; returns one summary
-    row per input shard (status "aligned" or "skipped" when already done)."""
+    row per input shard (status "aligned" or "skipped" when already done).
+
+    `implementation`: "packed" (packed.py, the default) or "per-record" (a dict per record
+    through `align_records`, the slower path kept for comparison); both write the same bytes."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     inputs = sorted(teacher_dir.glob("samples-*.jsonl"))
     if not inputs:
@@ -149,22 +143,24 @@ def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1,
     total = sum(sum(1 for line in open(p, encoding="utf-8") if line.strip()) for p in pending)
     bar = tqdm(total=total, unit="sample", desc="align", disable=not progress)
     try:
+        # the packed path hands workers a ready StudentTokenizer (no transformers import there)
+        prepare = StudentTokenizer.load if implementation == "packed" else _load_student
         if workers > 1 and len(pending) > 1:
-            student = student_tokenizer if isinstance(student_tokenizer, (str, os.PathLike)) \
-                else _load_student(student_tokenizer)
+            student = prepare(student_tokenizer)
             procs = min(workers, len(pending))
-            with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
                 futures = {pool.submit(_align_shard, str(p), str(out_dir / _out_name(p)), student, band,
-                                       max(1, workers // procs), teacher_tokenizer): p for p in pending}
+                                       max(1, workers // procs), teacher_tokenizer, None, implementation): p
+                           for p in pending}
                 for fut in as_completed(futures):
                     row = fut.result()
                     rows[futures[fut].name] = {**row, "status": "aligned"}
                     bar.update(row["samples"])
         else:
-            student = _load_student(student_tokenizer)
+            student = prepare(student_tokenizer)
             for p in pending:
                 row = _align_shard(str(p), str(out_dir / _out_name(p)), student, band, workers,
-                                   teacher_tokenizer, progress=bar.update)
+                                   teacher_tokenizer, bar.update, implementation)
                 rows[p.name] = {**row, "status": "aligned"}
     finally:
         bar.close()

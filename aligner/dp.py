@@ -239,12 +239,47 @@ def align_codes(t_codes, s_codes, t_gap=None, band: int = 0):
     gap = np.ones(len(t), np.int32) if t_gap is None else _as_codes(t_gap, "t_gap")
     if gap.shape != t.shape:
         raise ValueError(f"t_gap has {gap.shape[0]} entries for {t.shape[0]} teacher tokens")
-    if band < 0:
-        raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
+    _check_band(band)
     path = np.empty((len(t) + len(s), 2), np.int32)
     s2t = np.empty(len(s), np.int32)
     cost, k = _align_core(t, s, gap, int(band), path, s2t)
     return int(cost), path[:k].copy(), s2t
+
+
+def _check_band(band):
+    if band < 0:
+        raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
+
+
+def _run_many(t_all, t_off, s_all, s_off, g_all, band, threads):
+    """The parallel core over packed pairs; returns (path_out, path_off, path_len, s2t, costs)."""
+    path_off = t_off + s_off  # pair p's path has at most N_p + M_p steps
+    path_out = np.empty((int(path_off[-1]), 2), np.int32)
+    s2t = np.empty(int(s_off[-1]), np.int32)
+    path_len = np.zeros(len(t_off) - 1, np.int64)
+    costs = np.zeros(len(t_off) - 1, np.int64)
+    old = numba.get_num_threads()
+    if threads:
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        _align_many_core(t_all, t_off, s_all, s_off, g_all, int(band), path_out, path_off, path_len, s2t, costs)
+    finally:
+        numba.set_num_threads(old)
+    return path_out, path_off, path_len, s2t, costs
+
+
+def align_packed(t_all, t_off, s_all, s_off, t_gap, band: int = 0, threads: int | None = None) -> np.ndarray:
+    """Align pairs already packed end to end (what the bulk path builds per chunk, with no
+    per-pair arrays): pair p is t_all[t_off[p]:t_off[p+1]] against s_all[s_off[p]:s_off[p+1]],
+    t_gap aligned with t_all. Returns s2t for all student positions (int32, indexed like
+    s_all; teacher indices local to each pair, -1 where unpaired)."""
+    t_all, s_all, t_gap = (_as_codes(a, n) for a, n in ((t_all, "t_all"), (s_all, "s_all"), (t_gap, "t_gap")))
+    t_off = np.ascontiguousarray(t_off, np.int64)
+    s_off = np.ascontiguousarray(s_off, np.int64)
+    if t_gap.shape != t_all.shape or t_off.shape != s_off.shape or t_off[-1] != len(t_all) or s_off[-1] != len(s_all):
+        raise ValueError("packed pairs: offsets and arrays do not agree")
+    _check_band(band)
+    return _run_many(t_all, t_off, s_all, s_off, t_gap, band, threads)[3]
 
 
 def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | None = None):
@@ -255,8 +290,7 @@ def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | 
     """
     if len(teacher) != len(student):
         raise ValueError(f"{len(teacher)} teacher sequences but {len(student)} student sequences")
-    if band < 0:
-        raise ValueError(f"band must be >= 0 (0 = full table), got {band}")
+    _check_band(band)
     t_len = np.fromiter(map(len, teacher), np.int64, len(teacher))
     s_len = np.fromiter(map(len, student), np.int64, len(student))
     if gaps is not None and not np.array_equal(np.fromiter(map(len, gaps), np.int64, len(gaps)), t_len):
@@ -265,22 +299,11 @@ def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | 
     np.cumsum(t_len, out=t_off[1:])
     s_off = np.zeros(len(student) + 1, np.int64)
     np.cumsum(s_len, out=s_off[1:])
-    path_off = t_off + s_off  # pair p's path has at most N_p + M_p steps
     cat = lambda seqs: (np.concatenate(seqs, dtype=np.int32, casting="same_kind") if len(seqs)  # noqa: E731
                         else np.zeros(0, np.int32))
     t_all, s_all = cat(teacher), cat(student)
     g_all = np.ones(len(t_all), np.int32) if gaps is None else cat(gaps)
-    path_out = np.empty((int(path_off[-1]), 2), np.int32)
-    s2t = np.empty(int(s_off[-1]), np.int32)
-    path_len = np.zeros(len(teacher), np.int64)
-    costs = np.zeros(len(teacher), np.int64)
-    old = numba.get_num_threads()
-    if threads:
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    try:
-        _align_many_core(t_all, t_off, s_all, s_off, g_all, int(band), path_out, path_off, path_len, s2t, costs)
-    finally:
-        numba.set_num_threads(old)
+    path_out, path_off, path_len, s2t, costs = _run_many(t_all, t_off, s_all, s_off, g_all, band, threads)
     # views into the shared output arrays (no per-pair copies)
     ends = (path_off[:-1] + path_len).tolist()
     starts, s_starts = path_off[:-1].tolist(), s_off.tolist()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+from numba import njit
 
 from .dp import align_codes
 from .normalise import alternative_surface, encode_surfaces, student_surfaces, teacher_surfaces
@@ -134,3 +135,96 @@ def map_distributions(labels: Sequence[int], s2t: np.ndarray, top_logprobs: Sequ
         stats.kept_mass += sum(math.exp(lp) for _, lp in best)
         stats.topk_mass += listed
     return ids, lps, stats
+
+
+@njit(cache=True)
+def _log_add(a, b):
+    """`_logaddexp` in compiled form (same operations, same libm calls, same result)."""
+    if a < b:
+        a, b = b, a
+    if b == -math.inf:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+@njit(cache=True)
+def _map_packed_core(labels, lab_off, s2t, s_off, t_off, alt_off, alt_ids, alt_lps, ids, lps, mapped, kept, listed):
+    """`map_distributions` for packed pairs, one pass per student position; the same
+    float64 operations in the same order, so the stats and logprobs are bit-identical."""
+    buf_id = np.empty(max(1, alt_ids.shape[0]), np.int32)
+    buf_lp = np.empty(max(1, alt_ids.shape[0]), np.float64)
+    k = ids.shape[1]
+    for p in range(lab_off.shape[0] - 1):
+        l0 = lab_off[p]
+        for t in range(lab_off[p + 1] - l0):
+            ids[l0 + t, 0] = labels[l0 + t]
+            lps[l0 + t, 0] = 0.0
+        n_kept = 0.0
+        n_listed = 0.0
+        n_mapped = 0
+        for t in range(s_off[p + 1] - s_off[p]):
+            i = s2t[s_off[p] + t]
+            if i < 0:
+                continue
+            a0, a1 = alt_off[t_off[p] + i], alt_off[t_off[p] + i + 1]
+            n = 0  # merged alternatives, first-seen order
+            pos_listed = 0.0
+            for a in range(a0, a1):
+                lp = alt_lps[a]
+                pos_listed += math.exp(lp)
+                sid = alt_ids[a]
+                if sid < 0:
+                    continue
+                found = False
+                for c in range(n):
+                    if buf_id[c] == sid:
+                        buf_lp[c] = _log_add(buf_lp[c], lp)
+                        found = True
+                        break
+                if not found:
+                    buf_id[n] = sid
+                    buf_lp[n] = lp
+                    n += 1
+            if n == 0:
+                continue
+            # stable insertion sort, largest logprob first (ties keep first-seen order, as sorted() does)
+            for c in range(1, n):
+                sid, lp = buf_id[c], buf_lp[c]
+                d = c
+                while d > 0 and buf_lp[d - 1] < lp:
+                    buf_id[d] = buf_id[d - 1]
+                    buf_lp[d] = buf_lp[d - 1]
+                    d -= 1
+                buf_id[d] = sid
+                buf_lp[d] = lp
+            pos_kept = 0.0
+            for c in range(min(n, k)):
+                ids[l0 + t, c] = buf_id[c]
+                lps[l0 + t, c] = buf_lp[c]
+                pos_kept += math.exp(buf_lp[c])
+            n_mapped += 1
+            n_kept += pos_kept
+            n_listed += pos_listed
+        mapped[p] = n_mapped
+        kept[p] = n_kept
+        listed[p] = n_listed
+
+
+def map_packed(labels, lab_off, s2t, s_off, t_off, alt_off, alt_ids, alt_lps, k: int):
+    """`map_distributions` for many packed pairs at once (the bulk path).
+
+    labels int32 [Σ T] with lab_off [P+1] (eos included); s2t int32 [Σ M] with s_off [P+1]
+    (from `dp.align_packed`, M = T − 1); the teacher tokens of pair p are t_off[p]..t_off[p+1]
+    and token g's alternatives alt_off[g]..alt_off[g+1] of alt_ids (student id, −1: none) and
+    alt_lps (float64). Returns topk_ids int32 [Σ T, k], topk_logprobs float32 [Σ T, k] and
+    per pair mapped positions, kept mass and listed top-k mass (summed like MappingStats).
+    """
+    total = int(lab_off[-1])
+    ids = np.full((total, k), PAD_ID, np.int32)
+    lps = np.full((total, k), PAD_LOGPROB, np.float32)
+    n = len(lab_off) - 1
+    mapped, kept, listed = np.zeros(n, np.int64), np.zeros(n, np.float64), np.zeros(n, np.float64)
+    _map_packed_core(np.asarray(labels, np.int32), np.asarray(lab_off, np.int64), np.asarray(s2t, np.int32),
+                     np.asarray(s_off, np.int64), np.asarray(t_off, np.int64), np.asarray(alt_off, np.int64),
+                     np.asarray(alt_ids, np.int32), np.asarray(alt_lps, np.float64), ids, lps, mapped, kept, listed)
+    return ids, lps, mapped, kept, listed

@@ -36,6 +36,21 @@ def from_byte_level(token: str) -> str:
     return "".join(_BYTE_LEVEL.get(ch, ch) for ch in token)
 
 
+def surface_step(token: str, pending: bool, byte_level: bool = False) -> tuple[str, bool]:
+    """Surface of one teacher token read with `pending` marker state, and the state after it."""
+    text = unicodedata.normalize("NFKC", from_byte_level(token) if byte_level else token)
+    out = []
+    for ch in text:
+        if ch.isspace():
+            pending = True
+        else:
+            if pending:
+                out.append(MARKER)
+                pending = False
+            out.append(ch)
+    return "".join(out), pending
+
+
 def teacher_surfaces(tokens: Sequence[str], byte_level: bool = False) -> tuple[list[str], list[bool]]:
     """Student-style surface of each teacher token, and whether a marker was pending
     before it (the state its top-k alternatives are read in)."""
@@ -43,17 +58,8 @@ def teacher_surfaces(tokens: Sequence[str], byte_level: bool = False) -> tuple[l
     pending = True  # the student prepends "▁" to the text
     for token in tokens:
         pending_before.append(pending)
-        text = unicodedata.normalize("NFKC", from_byte_level(token) if byte_level else token)
-        out = []
-        for ch in text:
-            if ch.isspace():
-                pending = True
-            else:
-                if pending:
-                    out.append(MARKER)
-                    pending = False
-                out.append(ch)
-        surfaces.append("".join(out))
+        surface, pending = surface_step(token, pending, byte_level)
+        surfaces.append(surface)
     return surfaces, pending_before
 
 
@@ -87,5 +93,10 @@ def encode_surfaces(t_surfaces: Sequence[str], s_surfaces: Sequence[str],
     if s_unknown is not None:
         unk = np.asarray(s_unknown, bool)
         s_codes[unk] = -1 - np.flatnonzero(unk)
-    t_gap = np.array([0 if s == "" else 1 for s in t_surfaces], np.int32)
+    t_gap = np.array([teacher_gap(s) for s in t_surfaces], np.int32)
     return t_codes, s_codes, t_gap
+
+
+def teacher_gap(surface: str) -> int:
+    """DP cost of leaving a teacher token unpaired: 0 for one that vanished (whitespace)."""
+    return 0 if surface == "" else 1

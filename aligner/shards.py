@@ -48,10 +48,6 @@ def _check(rec: dict, n: int) -> tuple[np.ndarray, ...]:
 
 def write_shard(records: Iterable[dict], shard_dir: str | os.PathLike, extra_meta: dict | None = None) -> int:
     """Write one shard atomically; returns the number of records."""
-    shard_dir = Path(shard_dir)
-    tmp = shard_dir.with_name(shard_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     rows, inputs, labels, ids, lps, strings = [], [], [], [], [], []
     off_in = off_lab = off_str = 0
     for n, rec in enumerate(records):
@@ -80,13 +76,24 @@ def write_shard(records: Iterable[dict], shard_dir: str | os.PathLike, extra_met
                           else np.zeros((0, k), np.float32)),
         "strings": np.frombuffer(b"".join(strings), np.uint8),
     }
-    for name, arr in arrays.items():
-        np.save(tmp / f"{name}.npy", arr)
-    meta = {"format": FORMAT, "n": len(rows), "k": int(k), **(extra_meta or {})}
+    save_shard_arrays(arrays, shard_dir, extra_meta)
+    return len(rows)
+
+
+def save_shard_arrays(arrays: dict, shard_dir: str | os.PathLike, extra_meta: dict | None = None) -> None:
+    """Write one shard atomically from its finished arrays (the `write_shard` layout: index,
+    input_ids, labels, topk_ids, topk_logprobs, strings); meta.json goes last."""
+    shard_dir = Path(shard_dir)
+    tmp = shard_dir.with_name(shard_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("index",) + _ARRAYS:
+        np.save(tmp / f"{name}.npy", arrays[name])
+    meta = {"format": FORMAT, "n": int(arrays["index"].shape[0]), "k": int(arrays["topk_ids"].shape[1]),
+            **(extra_meta or {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.replace(tmp, shard_dir)
-    return len(rows)
 
 
 def write_shards(records: Iterable[dict], out_dir: str | os.PathLike, shard_size: int = 10_000,

@@ -13,9 +13,19 @@ Providers, all on the same integer-coded pairs:
   numba-2t-b16 the banded variant, band 16
 Times are wall clock (median, p20, p80 of --repeats runs after a warm-up call that loads
 the Numba cache) and CPU time (all threads and child processes): on a shared, busy
-machine the CPU time per pair is the steadier measure, so speed-ups are given for both. End to end: `align_teacher_dir --workers 2` (JSON parse, student
-tokenizer, normalisation, DP, top-5 mapping, shard writing) over the same rationales as
-teacher records with synthetic top-5, from which the 300,000-pair projection is made.
+machine the CPU time per pair is the steadier measure, so speed-ups are given for both.
+
+End to end, `align_teacher_dir --workers 2` over the same rationales as teacher records with
+synthetic top-5, once per implementation in the same run: "per-record" (the path before the
+packed one: a dict per record, Python normalisation and mapping) and "packed" (the default,
+aligner/packed.py). Both include process start, JSON parsing, student tokenization,
+normalisation, DP, top-5 mapping and shard writing, and must write byte-identical shards
+(checked). The per-phase table (read/parse, tokenize, encode, dp, map, write; wall and CPU
+us per pair) comes from the packed path's own PhaseClock and, for the per-record path, from
+its steps run one by one in this process. With --samples-per-question N the packed path
+also runs over each record repeated as N samples of its question (a teacher folder holds
+several samples per question; the question is then tokenized once). The 300,000-pair
+projection is made from the packed end-to-end run.
 The machine is shared; its load average is recorded with the results.
 """
 from __future__ import annotations
@@ -39,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "aligner.json"
 PAPER_MINUTES, PAPER_PAIRS = 58.0, 7473 * 40
 PROJECTED_PAIRS = 300_000
+PHASES = ("read", "tokenize", "encode", "dp", "map", "write")  # as aligner/packed.py times them
 
 
 def _cpu_s():
@@ -81,12 +92,84 @@ def build_pairs(data_dir: Path, n_texts: int | None, student_texts: int, vocab: 
     return train, texts, student, teacher, labels
 
 
+def per_record_phases(teacher_dir: Path, student_dir: Path, out_dir: Path) -> dict:
+    """Today's per-record path (bulk.read_teacher_records, align_records' steps, write_shard),
+    run phase by phase in this process over the same shards: wall and CPU us per pair."""
+    from specialize.aligner import StudentVocab, align_codes_many, map_distributions
+    from specialize.aligner.shards import write_shard
+    from specialize.aligner.bulk import CHUNK, read_teacher_records
+    from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
+    from specialize.aligner.student import load_student_tokenizer
+
+    student = load_student_tokenizer(student_dir)
+    vocab = StudentVocab(student.get_vocab())
+    wall, cpu, pairs = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0), 0
+    mark = [time.perf_counter(), time.process_time()]
+
+    def lap(phase):
+        now = [time.perf_counter(), time.process_time()]
+        wall[phase] += now[0] - mark[0]
+        cpu[phase] += now[1] - mark[1]
+        mark[:] = now
+
+    for path in sorted(teacher_dir.glob("samples-*.jsonl")):
+        lap("write")
+        records = read_teacher_records(path)
+        lap("read")
+        k = max([1] + [len(a) for r in records for a in r["top_logprobs"]])
+        out = []
+        for start in range(0, len(records), CHUNK):
+            chunk = records[start:start + CHUNK]
+            labels = student([r["text"] for r in chunk])["input_ids"]
+            questions = student([r["question"] for r in chunk])["input_ids"]
+            pieces = [student.convert_ids_to_tokens(lab[:-1]) for lab in labels]
+            lap("tokenize")
+            t_codes, s_codes, gaps, pendings = [], [], [], []
+            for rec, lab, pc in zip(chunk, labels, pieces):
+                t_surf, pending = teacher_surfaces(rec["tokens"])
+                t, s_, g = encode_surfaces(t_surf, student_surfaces(pc), [i == student.unk_token_id for i in lab[:-1]])
+                t_codes.append(t), s_codes.append(s_), gaps.append(g), pendings.append(pending)
+            lap("encode")
+            results = align_codes_many(t_codes, s_codes, gaps, threads=1)
+            lap("dp")
+            for rec, lab, q, pending, (_, _, s2t) in zip(chunk, labels, questions, pendings, results):
+                ids, lps, _ = map_distributions(lab, s2t, rec["top_logprobs"], pending, vocab, k)
+                out.append({"qid": rec["qid"], "sample_index": rec["sample_index"], "question": rec["question"],
+                            "answer": str(rec["gold"]), "input_ids": q, "labels": lab, "topk_ids": ids,
+                            "topk_logprobs": lps})
+            lap("map")
+        write_shard(out, out_dir / path.stem)
+        pairs += len(records)
+        del records, out
+    lap("write")
+    return {"wall": {ph: v / pairs * 1e6 for ph, v in wall.items()}, "cpu": {ph: v / pairs * 1e6 for ph, v in cpu.items()}}
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    """Every array file equal byte for byte, and meta.json equal but for the timing."""
+    import filecmp
+    for d in sorted(p for p in a.iterdir() if p.is_dir()):
+        for f in sorted(d.iterdir()):
+            other = b / d.name / f.name
+            if f.name == "meta.json":
+                ma, mb = json.loads(f.read_text()), json.loads(other.read_text())
+                ma["stats"].pop("seconds"), mb["stats"].pop("seconds")
+                if ma != mb:
+                    return False
+            elif not filecmp.cmp(f, other, shallow=False):
+                return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_aligner", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="400 rationales, 1 repeat; writes nothing unless --out")
     ap.add_argument("--data", default=os.environ.get("SPECIALIZE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--ref-pairs", type=int, default=None, help="pairs for the Python reference (default 1000)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 5)")
+    ap.add_argument("--samples-per-question", type=int, default=None,
+                    help="also time the packed path with each record repeated as N samples of its question "
+                         "(the question is tokenized once; default 4, 1 with --quick: not run)")
     ap.add_argument("--out", default=None, help=f"JSON path (default {RESULTS.relative_to(REPO)}; none with --quick)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -96,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
 
     quick = args.quick
+    args.samples_per_question = args.samples_per_question or (1 if quick else 4)
     n_texts = 400 if quick else None
     ref_pairs = args.ref_pairs or (60 if quick else 1000)
     repeats = args.repeats or (1 if quick else 5)
@@ -143,29 +227,64 @@ def main(argv: list[str] | None = None) -> int:
         add(f"numba-{threads}t", n, _timed(lambda: align_codes_many(T, S, G, threads=threads), repeats), "all pairs")
     add("numba-2t-b16", n, _timed(lambda: align_codes_many(T, S, G, band=16, threads=2), repeats), "all pairs")
 
-    # end to end through the bulk API, as `specialize align --workers 2` runs it
+    # end to end through the bulk API, as `specialize align --workers 2` runs it, both paths
     rng = np.random.default_rng(0)
     e2e_workers = 1 if quick else 2
+    end_to_end, phases = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "teacher").mkdir()
         student.save_pretrained(tmp / "student")
         half = (n + 1) // 2
         for shard in range(2):
+            lines = []
+            for ex, text, toks in list(zip(train, texts, teacher))[shard * half:(shard + 1) * half]:
+                probs = rng.dirichlet(np.ones(6), size=len(toks))[:, :5]
+                top = [[[t, float(math.log(p[0]))], [" " + t.lstrip(), float(math.log(p[1]))],
+                        ["\n", float(math.log(p[2]))], [" the", float(math.log(p[3]))],
+                        [".", float(math.log(p[4]))]] for t, p in zip(toks, probs)]
+                lines.append({"qid": ex.id, "sample_index": 0, "question": ex.question, "gold": ex.answer,
+                              "text": text, "tokens": toks, "top_logprobs": top})
             with open(tmp / "teacher" / f"samples-{shard:05d}.jsonl", "w") as fh:
-                for ex, text, toks in list(zip(train, texts, teacher))[shard * half:(shard + 1) * half]:
-                    probs = rng.dirichlet(np.ones(6), size=len(toks))[:, :5]
-                    top = [[[t, float(math.log(p[0]))], [" " + t.lstrip(), float(math.log(p[1]))],
-                            ["\n", float(math.log(p[2]))], [" the", float(math.log(p[3]))],
-                            [".", float(math.log(p[4]))]] for t, p in zip(toks, probs)]
-                    fh.write(json.dumps({"qid": ex.id, "sample_index": 0, "question": ex.question, "gold": ex.answer,
-                                         "text": text, "tokens": toks, "top_logprobs": top}) + "\n")
-        c0, t0 = _cpu_s(), time.perf_counter()
+                fh.writelines(json.dumps(rec) + "\n" for rec in lines)
+            if args.samples_per_question > 1:  # the same records again as samples 1.. of each question
+                (tmp / "teacher_spq").mkdir(exist_ok=True)
+                with open(tmp / "teacher_spq" / f"samples-{shard:05d}.jsonl", "w") as fh:
+                    fh.writelines(json.dumps({**rec, "sample_index": i}) + "\n"
+                                  for rec in lines for i in range(args.samples_per_question))
         # --quick: one in-process worker (two spawned processes would cost more than the work)
-        summary = align_teacher_dir(tmp / "teacher", str(tmp / "student"), tmp / "out", workers=e2e_workers,
+        for impl in ("per-record", "packed"):
+            c0, t0 = _cpu_s(), time.perf_counter()
+            summary = align_teacher_dir(tmp / "teacher", str(tmp / "student"), tmp / impl, workers=e2e_workers,
+                                        progress=False, implementation=impl)
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            end_to_end[impl] = {
+                "workers": e2e_workers, "pairs": n, "seconds": wall, "pairs_per_s": n / wall, "cpu_s": cpu,
+                "cpu_us_per_pair": cpu / n * 1e6, "peak_rss_mib_per_worker": max(r["peak_rss_mib"] for r in summary),
+                "mapped_share": sum(r["mapped"] for r in summary) / max(1, sum(r["positions"] for r in summary))}
+        if args.samples_per_question > 1:
+            spq_n = n * args.samples_per_question
+            c0, t0 = _cpu_s(), time.perf_counter()
+            spq = align_teacher_dir(tmp / "teacher_spq", str(tmp / "student"), tmp / "spq", workers=e2e_workers,
                                     progress=False)
-        e2e_s, e2e_cpu = time.perf_counter() - t0, _cpu_s() - c0
-    e2e_rate = n / e2e_s
+            wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+            end_to_end[f"packed, {args.samples_per_question} samples per question"] = {
+                "workers": e2e_workers, "pairs": spq_n, "seconds": wall, "pairs_per_s": spq_n / wall, "cpu_s": cpu,
+                "cpu_us_per_pair": cpu / spq_n * 1e6, "peak_rss_mib_per_worker": max(r["peak_rss_mib"] for r in spq),
+                "mapped_share": sum(r["mapped"] for r in spq) / max(1, sum(r["positions"] for r in spq)),
+                "phases_cpu_us_per_pair": {ph: sum(r["phase_seconds"]["cpu"][ph] for r in spq) / spq_n * 1e6
+                                           for ph in PHASES}}
+        end_to_end["packed"]["phases_cpu_us_per_pair"] = {
+            ph: sum(r["phase_seconds"]["cpu"][ph] for r in summary) / n * 1e6 for ph in PHASES}
+        # phases of both paths measured alike: one process, here, one shard after the other
+        phases["per-record"] = per_record_phases(tmp / "teacher", tmp / "student", tmp / "phased")
+        inproc = align_teacher_dir(tmp / "teacher", str(tmp / "student"), tmp / "packed-1", workers=1,
+                                   progress=False)
+        phases["packed"] = {kind: {ph: sum(r["phase_seconds"][kind][ph] for r in inproc) / n * 1e6
+                                   for ph in PHASES} for kind in ("wall", "cpu")}
+        identical = same_shards(tmp / "packed", tmp / "per-record")
+    e2e = end_to_end["packed"]
+    e2e_s, e2e_cpu, e2e_rate = e2e["seconds"], e2e["cpu_s"], e2e["pairs_per_s"]
 
     by = {(r["provider"], r["note"]): r for r in rows}
     ref = by[("python-ref", f"first {k} pairs")]
@@ -183,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ref_pairs": k, "repeats": repeats, "student_vocab": len(student.get_vocab())},
         "setup_s": setup_s, "normalise_s": normalise_s, "normalise_us_per_pair": normalise_s / n * 1e6,
         "numba_warmup_s": warmup_s, "rows": rows,
-        "end_to_end": {"workers": e2e_workers, "pairs": n, "seconds": e2e_s, "pairs_per_s": e2e_rate, "cpu_s": e2e_cpu,
-                       "cpu_us_per_pair": e2e_cpu / n * 1e6,
-                       "mapped_share": sum(r["mapped"] for r in summary) / max(1, sum(r["positions"] for r in summary))},
+        "end_to_end": end_to_end, "phases_us_per_pair": phases, "shards_byte_identical": identical,
         # wall-clock rates on a busy shared machine understate what 2 free cores do, so the
         # projection also divides the measured CPU time per pair by 2 cores
         "projection_300k": {"dp_only_wall_min": PROJECTED_PAIRS / dp_2t["pairs_per_s"] / 60,
@@ -208,9 +325,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pairs_per_s']:>9.0f} {r['us_per_pair']:>8.1f} {('%.0f' % sp) if sp else '':>6} "
               f"{r['cpu_us_per_pair']:>11.1f} {('%.0f' % spc) if spc else '':>9}  {r['note']}")
     print(f"normalise + encode (Python, both sides): {result['normalise_us_per_pair']:.0f} us/pair")
-    print(f"end to end, align_teacher_dir --workers {e2e_workers}: {n} pairs in {e2e_s:.1f} s wall = {e2e_rate:.0f} pairs/s "
-          f"({e2e_cpu / n * 1e6:.0f} CPU us/pair incl. process start), mapped "
-          f"{result['end_to_end']['mapped_share']:.1%} of positions")
+    for impl, e in end_to_end.items():
+        print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {e['pairs']} pairs in {e['seconds']:.2f} s wall "
+              f"= {e['pairs_per_s']:.0f} pairs/s ({e['cpu_us_per_pair']:.0f} CPU us/pair incl. process start), "
+              f"peak RSS {e['peak_rss_mib_per_worker']:.0f} MiB per worker, mapped {e['mapped_share']:.1%} of positions")
+    print(f"shards of the two paths byte-identical: {identical}")
+    head = f"{'phase (us/pair)':<16}" + "".join(f"{ph:>10}" for ph in PHASES) + f"{'sum':>10}"
+    print(head)
+    print("-" * len(head))
+    for impl, by_kind in phases.items():
+        for kind in ("cpu", "wall"):
+            vals = [by_kind[kind][ph] for ph in PHASES]
+            print(f"{impl + ' ' + kind:<16}" + "".join(f"{v:>10.1f}" for v in vals) + f"{sum(vals):>10.1f}")
+    for impl, e in end_to_end.items():
+        if "phases_cpu_us_per_pair" in e:
+            vals = [e["phases_cpu_us_per_pair"][ph] for ph in PHASES]
+            print(f"{impl.replace('packed', 'workers cpu'):<16.16}" + "".join(f"{v:>10.1f}" for v in vals)
+                  + f"{sum(vals):>10.1f}  ({impl}, in the --workers {e2e_workers} run)")
+    steady = sum(phases["packed"]["cpu"].values())
+    print(f"packed path, one process, from its CPU phases: {steady:.0f} us/pair = {2e6 / steady:.0f} pairs/s on 2 "
+          f"cores (no process start)")
     p = result["projection_300k"]
     print(f"300,000 pairs on 2 cores: DP only {p['dp_only_wall_min'] * 60:.0f} s wall-rate / "
           f"{p['dp_only_cpu_on_2_cores_min'] * 60:.0f} s from CPU time; end to end {p['end_to_end_wall_min']:.1f} min "

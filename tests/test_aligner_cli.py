@@ -179,4 +179,8 @@ def test_benchmark_quick_runs_and_writes_json(tmp_path, shared_data, capsys):
     providers = {r["provider"] for r in result["rows"]}
     assert {"python-ref", "numba-1t", "numba-2t", "numba-2t-b16"} <= providers
     assert result["config"]["pairs"] == 400 and result["projection_300k"]["end_to_end_cpu_on_2_cores_min"] > 0
+    assert result["shards_byte_identical"] is True  # the packed and per-record paths, measured side by side
+    assert set(result["end_to_end"]) == {"packed", "per-record"}
+    for path in ("packed", "per-record"):
+        assert set(result["phases_us_per_pair"][path]["cpu"]) == {"read", "tokenize", "encode", "dp", "map", "write"}
     assert "python-ref" in capsys.readouterr().out

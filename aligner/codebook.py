@@ -1,0 +1,93 @@
+"""Integer codes and student ids for the bulk path, computed once per distinct string.
+
+Teacher token strings come from a finite vocabulary, so the per-token rules of
+`normalise.py` (surface, pending-marker state, DP gap) and of the mapping (an alternative's
+student id) need running once per distinct (string, pending-marker state), not once per
+position. `Codebook` keeps those results for the life of a shard's alignment:
+
+- one code table shared by all pairs (equal code ⇔ equal surface, as `encode_surfaces`
+  gives per pair: the DP only compares codes for equality, so the shared numbering gives
+  the same alignments);
+- the code of every student vocabulary id, so a pair's student codes are one array
+  lookup (`<unk>` positions then get codes that equal nothing, as in `encode_surfaces`);
+- per teacher token string and marker state: (code, gap, marker state after it);
+- per alternative string: its student id when read with and without a pending marker
+  (`normalise.alternative_surface`, then the vocabulary), as a row of a small table that
+  is indexed in bulk.
+
+Memory grows with the distinct strings met (bounded by the teacher vocabulary, a few MiB).
+"""
+from __future__ import annotations
+
+from itertools import repeat
+from typing import Sequence
+
+import numpy as np
+
+from .normalise import alternative_surface, student_surfaces, surface_step, teacher_gap
+
+
+class Codebook:
+    def __init__(self, student_pieces: Sequence[str | None], vocab: dict[str, int], unk_id: int | None):
+        self._codes: dict[str, int] = {}
+        self.vocab, self.unk_id = vocab, unk_id
+        # a piece-less id (none in practice) gets -1: a code no teacher surface has
+        surfaces = student_surfaces([p if p is not None else "" for p in student_pieces])
+        self.student_codes = np.array([self._code(s) if p is not None else -1
+                                       for s, p in zip(surfaces, student_pieces)], np.int32)
+        self._teacher: tuple[dict, dict] = ({}, {})  # by pending state (False, True): token -> entry
+        self._alt_rows: dict[str, int] = {}
+        self._alt_table: list[tuple[int, int]] = []   # row -> (id read without marker, id read with)
+        self._alt_array = np.zeros((0, 2), np.int32)
+
+    def _code(self, surface: str) -> int:
+        return self._codes.setdefault(surface, len(self._codes))
+
+    def _teacher_entry(self, token: str, pending: bool) -> tuple[int, int, bool]:
+        surface, after = surface_step(token, pending)
+        entry = (self._code(surface), teacher_gap(surface), after)
+        self._teacher[pending][token] = entry
+        return entry
+
+    def teacher(self, tokens: Sequence[str], codes: list, gaps: list, pendings: list) -> None:
+        """Append the codes, gaps and pending-before states of one teacher sequence
+        (`teacher_surfaces` + `encode_surfaces` for the teacher side)."""
+        by_state = self._teacher
+        pending = True  # the student prepends "▁" to the text
+        for token in tokens:
+            pendings.append(pending)
+            entry = by_state[pending].get(token)
+            if entry is None:
+                entry = self._teacher_entry(token, pending)
+            code, gap, pending = entry
+            codes.append(code)
+            gaps.append(gap)
+
+    def student(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Codes of packed student id sequences (offsets: int64 [P + 1]); `<unk>` at local
+        position j of its sequence gets -1 - j, which equals no teacher code."""
+        codes = self.student_codes[ids]
+        if self.unk_id is not None:
+            unk = np.flatnonzero(ids == self.unk_id)
+            if len(unk):
+                local = unk - offsets[np.searchsorted(offsets, unk, side="right") - 1]
+                codes[unk] = -1 - local
+        return codes
+
+    def _add_alternative(self, token: str) -> None:
+        ids = tuple(self.vocab.get(s, -1) if s is not None else -1
+                    for s in (alternative_surface(token, False), alternative_surface(token, True)))
+        self._alt_rows[token] = len(self._alt_table)
+        self._alt_table.append(ids)
+
+    def alternatives(self, tokens: Sequence[str], pending: np.ndarray) -> np.ndarray:
+        """Student id (−1: none) of each alternative string read in its position's marker
+        state (`pending`, bool per alternative)."""
+        rows = np.fromiter(map(self._alt_rows.get, tokens, repeat(-1)), np.intp, len(tokens))
+        if (rows < 0).any():  # strings met for the first time: add each once, then look up again
+            for token in set(tokens).difference(self._alt_rows):
+                self._add_alternative(token)
+            rows = np.fromiter(map(self._alt_rows.__getitem__, tokens), np.intp, len(tokens))
+        if len(self._alt_array) != len(self._alt_table):
+            self._alt_array = np.array(self._alt_table, np.int32).reshape(-1, 2)
+        return self._alt_array[rows, np.asarray(pending, np.intp)]
