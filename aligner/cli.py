@@ -8,7 +8,8 @@ from .bulk import TeacherRecordError, align_teacher_dir, format_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specialize align",
+    # the stdlib's defaults formatter: aligner/ imports nothing of the engine (engine/cli.HelpFormatter)
+    p = argparse.ArgumentParser(prog="specialize align", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Align teacher top-k distributions onto student tokens.")
     p.add_argument("--teacher-data", required=True, help="folder with samples-*.jsonl (teacher output)")
     p.add_argument("--student-tokenizer", required=True, help="student tokenizer path or hub id")

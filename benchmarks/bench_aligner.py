@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specialize.engine.cli import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "aligner.json"
 PAPER_MINUTES, PAPER_PAIRS = 58.0, 7473 * 40
@@ -162,9 +164,10 @@ def same_shards(a: Path, b: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_aligner", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="bench_aligner", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--quick", action="store_true", help="400 rationales, 1 repeat; writes nothing unless --out")
-    ap.add_argument("--data", default=os.environ.get("SPECIALIZE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--data", default=os.environ.get("SPECIALIZE_SHARED_DATA", str(REPO.parent / "shared" / "data")),
+                    help="reference data folder (gsm8k/, tokenizers/); SPECIALIZE_SHARED_DATA overrides")
     ap.add_argument("--ref-pairs", type=int, default=None, help="pairs for the Python reference (default 1000)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per provider (default 5)")
     ap.add_argument("--samples-per-question", type=int, default=None,
