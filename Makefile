@@ -21,6 +21,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: $(STAMP)

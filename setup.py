@@ -72,7 +72,7 @@ setup(
         "bench": ["accelerate>=1.0"],
         # the Liger-Kernel baseline of benchmarks/bench_loss_gpu.py and gpu_check.py (a CUDA machine)
         "gpu": ["accelerate>=1.0", "liger-kernel>=0.5"],
-        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "accelerate>=1.0"],
+        "test": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "accelerate>=1.0", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["specialize=specialize.engine.cli:main"]},
 )

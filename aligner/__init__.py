@@ -6,9 +6,9 @@ bulk.py), `AlignedShards` / `write_shards` (on-disk format, shards.py), `Teacher
 (records.py). Importing the aligner imports neither specialize.engine nor transformers.
 """
 from .bulk import align_teacher_dir
-from .records import TeacherRecordError
 from .dp import align_codes, align_codes_many
 from .mapping import Alignment, MappingStats, StudentVocab, align, map_distributions
+from .records import TeacherRecordError
 from .shards import AlignedShards, write_shards
 
 __all__ = ["align", "Alignment", "align_codes", "align_codes_many", "map_distributions", "MappingStats",

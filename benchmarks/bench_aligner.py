@@ -98,9 +98,9 @@ def per_record_phases(teacher_dir: Path, student_dir: Path, out_dir: Path) -> di
     """Today's per-record path (bulk.read_teacher_records, align_records' steps, write_shard),
     run phase by phase in this process over the same shards: wall and CPU us per pair."""
     from specialize.aligner import StudentVocab, align_codes_many, map_distributions
-    from specialize.aligner.shards import write_shard
     from specialize.aligner.bulk import CHUNK, read_teacher_records
     from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
+    from specialize.aligner.shards import write_shard
     from specialize.aligner.student import load_student_tokenizer
 
     student = load_student_tokenizer(student_dir)
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                                    for ph in PHASES} for kind in ("wall", "cpu")}
         identical = same_shards(tmp / "packed", tmp / "per-record")
     e2e = end_to_end["packed"]
-    e2e_s, e2e_cpu, e2e_rate = e2e["seconds"], e2e["cpu_s"], e2e["pairs_per_s"]
+    e2e_cpu, e2e_rate = e2e["cpu_s"], e2e["pairs_per_s"]
 
     by = {(r["provider"], r["note"]): r for r in rows}
     ref = by[("python-ref", f"first {k} pairs")]
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cpu_us_per_pair']:>11.1f} {('%.0f' % spc) if spc else '':>9}  {r['note']}")
     print(f"normalise + encode (Python, both sides): {result['normalise_us_per_pair']:.0f} us/pair")
     for impl, e in end_to_end.items():
-        print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {e['pairs']} pairs in {e['seconds']:.2f} s wall "
+        print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {e['pairs']} pairs in "
+              f"{e['seconds']:.2f} s wall "
               f"= {e['pairs_per_s']:.0f} pairs/s ({e['cpu_us_per_pair']:.0f} CPU us/pair incl. process start), "
               f"peak RSS {e['peak_rss_mib_per_worker']:.0f} MiB per worker, mapped {e['mapped_share']:.1%} of positions")
     print(f"shards of the two paths byte-identical: {identical}")

@@ -8,7 +8,8 @@
 Each configuration runs in its own process (the engine through its real entry point, the baseline
 through `--hf-worker`) on the synthetic world of engine/measure.py: every micro-batch is exactly
 B × S source and B × T target tokens, so both sides count the same tokens. Tokens/s = (S + T)·B per step,
-median over the steps after warm-up. MFU: the engine's own formula and peak table (engine/mfu.py). "peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
+median over the steps after warm-up. MFU: the engine's own formula and peak table (engine/mfu.py).
+"peak GiB" is torch.cuda.max_memory_allocated on GPU and rank 0's peak
 RSS on CPU; "host GiB" is the peak RSS of the whole process tree (sampled). On CPU the MFU peak is
 this machine's measured fp32 GEMM rate, so CPU "MFU" is a fraction of what a matmul alone reaches
 here, not of a datasheet figure.
@@ -26,8 +27,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from specialize.engine.cli import HelpFormatter
-from specialize.engine.measure import (REPO, engine_recipe, run_engine, run_watched, scratch_dir, steady,
-                                       subprocess_env, synthetic_world)
+from specialize.engine.measure import (
+    REPO,
+    engine_recipe,
+    run_engine,
+    run_watched,
+    scratch_dir,
+    steady,
+    subprocess_env,
+    synthetic_world,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -85,10 +94,10 @@ def hf_worker(spec_path: str) -> int:
 
     from specialize.engine.batching import BatchBuilder, BatchPlan, ExemplarSets, open_shards, sample_lengths
     from specialize.engine.config import recipe_from_dict
+    from specialize.engine.distributed import seed_everything
     from specialize.engine.ds_config import build_ds_config
     from specialize.engine.models import build_model, param_counts
     from specialize.engine.tokenizers import load_tokenizer
-    from specialize.engine.train import seed_everything
 
     spec = json.loads(Path(spec_path).read_text())
     recipe = recipe_from_dict(spec["recipe"])
@@ -252,7 +261,7 @@ def verdicts(mode: str, rows: list[dict]) -> list[str]:
         r = ours[0]
         mfu, sp = r.get("mfu") or 0.0, r.get("speedup_vs_hf")
         return [f"target MFU >= 40%: {100 * mfu:.1f}% ({'met' if mfu >= 0.40 else 'NOT met'})",
-                f"target >= 1.3x HF tokens/s: " + (f"{sp:.2f}x ({'met' if sp >= 1.3 else 'NOT met'})" if sp
+                "target >= 1.3x HF tokens/s: " + (f"{sp:.2f}x ({'met' if sp >= 1.3 else 'NOT met'})" if sp
                                                   else "no HF figure")]
     if mode == "gpu-xxl":
         failed = [r for r in rows if r["provider"] == "specialize" and r.get("error")]

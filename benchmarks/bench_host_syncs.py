@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from specialize.engine.measure import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.measure import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
 
 PROBE = REPO / "benchmarks" / "engine_probe.py"
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
     ap.add_argument("--ranks", type=int, default=2, help="CPU ranks (default 2)")
     ap.add_argument("--zero", type=int, default=2, help="ZeRO stage (default 2)")
-    ap.add_argument("--workers", type=int, default=2, help="data.num_workers (default 2; -1 leaves it out, for checkouts without it)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="data.num_workers (default 2; -1 leaves it out, for checkouts without it)")
     ap.add_argument("--out", default=None, help="folder for host_syncs.json (default: print only)")
     args = ap.parse_args(argv)
     res = measure(args.python, args.steps, args.ranks, args.zero, args.workers)

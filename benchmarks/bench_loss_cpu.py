@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
 from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_cpu.json"

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+
 from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_gpu.json"
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
         row("sparse_kl_ce", "specialize", mode, "time", "ms", t)
         row("sparse_kl_ce", "specialize", mode, "bandwidth", "GB/s", dict(median=gbs))
         row("sparse_kl_ce", "specialize", mode, "pct_of_copy_bandwidth", "%", dict(median=100 * gbs / hbm))
-    del logits, x
+    logits = x = None  # free the [N, V] buffers before the fused-linear rows (the lambdas above are done)
 
     # --- lm_head + loss ---
     h_req = h.clone().requires_grad_()

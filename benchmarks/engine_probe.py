@@ -7,7 +7,8 @@ PROBE=syncs: counts host reads of tensor values (`Tensor.item`, `__float__`, `__
 `tolist`, `torch.equal`) made in the training process, by whose code asked (see _owner), and their running
 totals at each optimizer step; on a GPU each read of a device tensor waits for the device. It also times
 batch collation done in the training process itself (`collate_s`): with DataLoader workers that is zero,
-and the wait for a batch is `data_wait_ms_per_step` in train_log.jsonl. PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
+and the wait for a batch is `data_wait_ms_per_step` in train_log.jsonl.
+PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
 full host state dict built, per rank. Each rank writes <PROBE_OUT>/probe-rank<r>.json at exit.
 """
 from __future__ import annotations
@@ -85,6 +86,7 @@ def _install_sync_counters() -> None:
 
 def _install_gather_recorder() -> None:
     import deepspeed
+
     from specialize.engine import export
     gathered = deepspeed.zero.GatheredParameters
 

@@ -136,8 +136,14 @@ def worker_kernel_checks(out: Path, dry: bool) -> None:
     """Fresh random inputs (a new seed each run, recorded): bitwise in-place check and float64 errors."""
     import torch
     sys.path.insert(0, str(REPO / "tests"))
-    from kernel_reference import (TRITON_DEVICE, in_place_matches_out_of_place, make_inputs,
-                                  reference_linear, reference_loss)
+    from kernel_reference import (
+        TRITON_DEVICE,
+        in_place_matches_out_of_place,
+        make_inputs,
+        reference_linear,
+        reference_loss,
+    )
+
     from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
@@ -240,7 +246,8 @@ class Run:
             except Exception as err:  # noqa: BLE001 (one broken stage must not cost the table)
                 rec.update(status="failed", note=f"{type(err).__name__}: {err}"[:800])
             rec["seconds"] = round(time.monotonic() - t, 1)
-            print(f"--- {name}: {rec['status']} in {rec['seconds']:.0f} s" + (f" ({rec['note']})" if rec.get("note") else ""),
+            note = f" ({rec['note']})" if rec.get("note") else ""
+            print(f"--- {name}: {rec['status']} in {rec['seconds']:.0f} s" + note,
                   flush=True)
         self.stages.append(rec)
         return rec

@@ -20,6 +20,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
 from specialize.engine.cli import HelpFormatter
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,7 +1,8 @@
 """Checkpoints across ranks and nodes: the complete ones, the one to resume, whether every rank can read
 it, and rotation that never holds up a collective.
 
-A checkpoint is `<output_dir>/checkpoints/step-XXXXXX/` (paths: rundir.RunDir): DeepSpeed's files, one `rng-rank{r}.pt` per rank
+A checkpoint is `<output_dir>/checkpoints/step-XXXXXX/` (paths: rundir.RunDir): DeepSpeed's files, one
+`rng-rank{r}.pt` per rank
 and, written by rank 0 after every rank's files are on disk, `complete.json`. Only rank 0 lists the
 folder and picks the tag to resume; it broadcasts it, so ranks that see the filesystem differently
 (node-local disks, a slow shared mount) cannot load different steps and hang. Each rank then checks that

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+
 from specialize.engine.cli import HelpFormatter
 
 PACKAGES = ["torch", "triton", "deepspeed", "transformers", "datasets", "numba", "tokenizers", "tiktoken", "openai"]

@@ -31,13 +31,21 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from specialize.engine.rundir import RunDir
+from specialize.engine.cli import HelpFormatter
 from specialize.engine.data import (
-    FORMATS, OOD_DEV_SIZE, Example, build_bbh_prompt, build_prompt, draw_exemplars, extract_answer, is_correct,
-    load_dataset_by_name, split_label,
+    FORMATS,
+    OOD_DEV_SIZE,
+    Example,
+    build_bbh_prompt,
+    build_prompt,
+    draw_exemplars,
+    extract_answer,
+    is_correct,
+    load_dataset_by_name,
+    split_label,
 )
 from specialize.engine.data.loaders import SPLIT_PARTS
-from specialize.engine.cli import HelpFormatter
+from specialize.engine.rundir import RunDir
 
 DEFAULT_DATASETS = "gsm8k,multiarith,asdiv,svamp,bbh"
 BOOTSTRAP_SAMPLES = 2000

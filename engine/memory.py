@@ -31,7 +31,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
 from specialize.engine.cli import HelpFormatter
 
 GiB = 2 ** 30
@@ -258,7 +258,9 @@ def measure(s: Setup, steps: int = 3, keep: bool = False, baseline: bool = True)
     """Run `steps` real engine steps with this setup on a synthetic world of its shape (one node: one
     process per GPU, or per CPU rank without CUDA) and return the peak memory the engine logged."""
     import shutil
+
     import torch
+
     from specialize.engine.measure import engine_recipe, run_engine, scratch_dir, steady, synthetic_world
     if s.nodes != 1:
         return {"error": "--measure runs on one node (use --nodes 1)"}

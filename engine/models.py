@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from specialize.engine.config import ConfigError, ModelConfig
 
 _V11 = dict(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
@@ -142,4 +144,62 @@ def describe(model) -> str:
             f"heads {c.num_heads}, vocab {c.vocab_size}, hidden_scale {hidden_scale(c):.4g})")
 
 
-__all__ = ["NAMED_CONFIGS", "t5_config", "model_config", "build_model", "hidden_scale", "param_counts", "describe"]
+# ----------------------------------------------------------------------------- the training module
+
+class FusedLMHead(torch.nn.Linear):
+    """T5's lm_head that, given the loss inputs, returns (loss, ce, kl) from the fused kernel instead of logits.
+
+    Being the module that owns lm_head.weight (tied to the embedding) matters under ZeRO-3: DeepSpeed
+    gathers a module's parameters around its forward, so the kernel sees the full [V, H] weight. Called
+    with hidden states alone it is a plain Linear, so `generate` keeps working on the same model."""
+
+    def configure(self, hidden_scale: float, loss_cfg, alpha: float) -> "FusedLMHead":
+        self.hidden_scale, self.alpha = hidden_scale, alpha
+        self.temperature, self.tail = loss_cfg.temperature, loss_cfg.tail
+        self.fused, self.chunk_size = loss_cfg.fused_linear, loss_cfg.chunk_size
+        return self
+
+    def forward(self, h, topk_ids=None, topk_logprobs=None, target=None):
+        if target is None:
+            return super().forward(h)
+        from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
+        # ids were checked on the host by BatchBuilder; validating here would sync the device every step
+        kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True, validate=False)
+        if self.fused:
+            return fused_linear_sparse_kl_ce(h, self.weight, topk_ids, topk_logprobs, target,
+                                             hidden_scale=self.hidden_scale, chunk_size=self.chunk_size, **kw)
+        return sparse_kl_ce((h * self.hidden_scale) @ self.weight.T, topk_ids, topk_logprobs, target, **kw)
+
+
+class Distill(torch.nn.Module):
+    """The T5 student with its loss: encoder → decoder → fused lm_head + sparse KL/CE (no [N, V] logits).
+    T5's own forward would scale the decoder output and build logits; here the scale goes to the kernel."""
+
+    def __init__(self, t5, loss_cfg, with_teacher: bool):
+        super().__init__()
+        old = t5.lm_head
+        head = FusedLMHead(old.in_features, old.out_features, bias=False, device="meta")
+        head.weight = old.weight  # the same Parameter: stays tied to the shared embedding
+        t5.lm_head = head.configure(hidden_scale(t5.config), loss_cfg,
+                                    loss_cfg.alpha if with_teacher else 1.0)  # sm = CE only
+        self.t5 = t5
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, topk_ids, topk_logprobs):
+        mask = additive_mask(attention_mask, self.t5.shared.weight.dtype)
+        enc = self.t5.encoder(input_ids=input_ids, attention_mask=mask)[0]
+        h = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
+                            encoder_attention_mask=mask, use_cache=False)[0]
+        K = topk_ids.shape[-1]
+        return self.t5.lm_head(h.reshape(-1, h.shape[-1]), topk_ids.reshape(-1, K),
+                               topk_logprobs.reshape(-1, K), labels.reshape(-1))
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] 0/1 padding mask -> [B, 1, 1, S] additive mask (0 kept, dtype-min masked), on the device.
+    Given a 2-D mask, transformers asks `mask.all()` on the host (to skip masking when nothing is
+    padded) three times per forward; a prepared 4-D mask is used as it is, so the step never waits."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+__all__ = ["NAMED_CONFIGS", "t5_config", "model_config", "build_model", "hidden_scale", "param_counts", "describe",
+           "FusedLMHead", "Distill", "additive_mask"]

@@ -33,8 +33,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from specialize.engine.cli import HelpFormatter
-from specialize.engine.config import (ConfigError, Recipe, dump_recipe, hashed_dict, load_recipe, parse_override,
-                                     recipe_to_dict)
+from specialize.engine.config import (
+    ConfigError,
+    Recipe,
+    dump_recipe,
+    hashed_dict,
+    load_recipe,
+    parse_override,
+    recipe_to_dict,
+)
 from specialize.engine.io_helpers import settings_hash
 from specialize.engine.rundir import RunDir
 
@@ -441,6 +448,7 @@ def _meta_model(run: Run):
     """The student's true shapes, random-init on the meta device (no memory is allocated)."""
     import torch
     from transformers import T5ForConditionalGeneration
+
     from specialize.engine.models import t5_config
     cfg = t5_config(run.recipe.model.config, **run.recipe.model.overrides)
     with torch.device("meta"):
@@ -476,6 +484,7 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
     """Check that the stages wire together; returns (check, detail) rows, raises on the first mismatch."""
     import numpy as np
     import torch
+
     from specialize.engine.data import FORMATS, build_prompt, build_target, draw_exemplars, extract_answer
     r, rows = run.recipe, []
     bad = [s for s in r.stages if s not in STAGES]
@@ -503,7 +512,8 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
     lengths = []
     for fmt in r.data.formats:
         ex = examples[0]
-        shots = draw_exemplars(examples, r.data.shots, r.train.seed, exclude_id=ex.id) if fmt.startswith("in_context") else ()
+        in_context = fmt.startswith("in_context")
+        shots = draw_exemplars(examples, r.data.shots, r.train.seed, exclude_id=ex.id) if in_context else ()
         source, target = build_prompt(ex.question, fmt, shots), build_target(ex, ex.answer, fmt)
         if extract_answer(target, "gsm8k" if r.data.dataset == "gsm8k" else r.data.dataset) is None:
             raise ValueError(f"{run.source}: data format {fmt}: no answer can be read back from target {target!r}")
@@ -515,6 +525,7 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
 
     # Aligned shards in the layout the engine reads, ids drawn from the true vocabulary.
     import tempfile
+
     from specialize.aligner.shards import AlignedShards, write_shards
     k, rng = r.teacher.top_logprobs, np.random.default_rng(0)
     records = []

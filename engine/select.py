@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from specialize.engine.rundir import RunDir
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.rundir import RunDir
 
 RULES = ("in_dist", "ood", "mean")
 _IN_DIST_GUESSES = ("gsm8k_dev", "synthetic/dev", "gsm8k")
@@ -155,7 +155,8 @@ def export_selected(train_dir, signal: str, out_dir) -> Optional[Path]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize select", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize select",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="run dirs (holding dev_scores.jsonl)")
     p.add_argument("--in-dist", default=None, help="in-distribution dev set name (default: from recipe.yaml)")
     p.add_argument("--ood", default=None, help="comma list of OOD dev set names (default: from recipe.yaml)")

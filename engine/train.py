@@ -30,17 +30,26 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
+from specialize.engine.distributed import (
+    _running,
+    init_distributed,
+    is_lost_peer,
+    lost_peer_message,
+    on_rank0,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from specialize.engine.models import Distill, FusedLMHead, additive_mask  # noqa: F401 — documented here too
 
 NAN_EXIT = 3
 # what the model's forward reads from a batch (the rest is bookkeeping: formats, host-side counts)
@@ -52,68 +61,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-# The DeepSpeed engine of the run in progress, so main() can name the step when a collective fails:
-# its global_steps counts finished optimizer steps and comes back from the checkpoint on --resume.
-_running: dict = {}
-
-
-# ----------------------------------------------------------------------------- model + loss
-
-class FusedLMHead(torch.nn.Linear):
-    """T5's lm_head that, given the loss inputs, returns (loss, ce, kl) from the fused kernel instead of logits.
-
-    Being the module that owns lm_head.weight (tied to the embedding) matters under ZeRO-3: DeepSpeed
-    gathers a module's parameters around its forward, so the kernel sees the full [V, H] weight. Called
-    with hidden states alone it is a plain Linear, so `generate` keeps working on the same model."""
-
-    def configure(self, hidden_scale: float, loss_cfg, alpha: float) -> "FusedLMHead":
-        self.hidden_scale, self.alpha = hidden_scale, alpha
-        self.temperature, self.tail = loss_cfg.temperature, loss_cfg.tail
-        self.fused, self.chunk_size = loss_cfg.fused_linear, loss_cfg.chunk_size
-        return self
-
-    def forward(self, h, topk_ids=None, topk_logprobs=None, target=None):
-        if target is None:
-            return super().forward(h)
-        from specialize.kernels import fused_linear_sparse_kl_ce, sparse_kl_ce
-        # ids were checked on the host by BatchBuilder; validating here would sync the device every step
-        kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True, validate=False)
-        if self.fused:
-            return fused_linear_sparse_kl_ce(h, self.weight, topk_ids, topk_logprobs, target,
-                                             hidden_scale=self.hidden_scale, chunk_size=self.chunk_size, **kw)
-        return sparse_kl_ce((h * self.hidden_scale) @ self.weight.T, topk_ids, topk_logprobs, target, **kw)
-
-
-class Distill(torch.nn.Module):
-    """The T5 student with its loss: encoder → decoder → fused lm_head + sparse KL/CE (no [N, V] logits).
-    T5's own forward would scale the decoder output and build logits; here the scale goes to the kernel."""
-
-    def __init__(self, t5, loss_cfg, with_teacher: bool):
-        super().__init__()
-        from specialize.engine.models import hidden_scale
-        old = t5.lm_head
-        head = FusedLMHead(old.in_features, old.out_features, bias=False, device="meta")
-        head.weight = old.weight  # the same Parameter: stays tied to the shared embedding
-        t5.lm_head = head.configure(hidden_scale(t5.config), loss_cfg,
-                                    loss_cfg.alpha if with_teacher else 1.0)  # sm = CE only
-        self.t5 = t5
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, topk_ids, topk_logprobs):
-        mask = additive_mask(attention_mask, self.t5.shared.weight.dtype)
-        enc = self.t5.encoder(input_ids=input_ids, attention_mask=mask)[0]
-        h = self.t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=enc,
-                            encoder_attention_mask=mask, use_cache=False)[0]
-        K = topk_ids.shape[-1]
-        return self.t5.lm_head(h.reshape(-1, h.shape[-1]), topk_ids.reshape(-1, K),
-                               topk_logprobs.reshape(-1, K), labels.reshape(-1))
-
-
-def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S] 0/1 padding mask -> [B, 1, 1, S] additive mask (0 kept, dtype-min masked), on the device.
-    Given a 2-D mask, transformers asks `mask.all()` on the host (to skip masking when nothing is
-    padded) three times per forward; a prepared 4-D mask is used as it is, so the step never waits."""
-    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
+# ----------------------------------------------------------------------------- optimizer
 
 def _param_groups(model, weight_decay: float):
     """Weight decay on matrices only: layer-norm scales (1-D) stay undecayed. The shape is the
@@ -143,99 +91,7 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
     return factor
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-
-def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[int, int, int]:
-    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA.
-    Every collective (and the rendezvous) fails after timeout_s instead of waiting forever on a lost rank."""
-    from datetime import timedelta
-    import deepspeed
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
-    if "RANK" not in os.environ:  # plain `specialize train`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not timeout_s > 0:
-        raise ConfigError(f"train.dist_timeout_s: must be > 0 seconds, got {timeout_s}")
-    timeout = timedelta(seconds=timeout_s)
-    # DeepSpeed runs its collectives on process groups of its own (ZeRO's data-parallel group is a clone
-    # of the world), and torch gives a new group its *default* timeout (30 min), not the world group's:
-    # without this, a rank lost during backward would hang the others for half an hour.
-    from torch.distributed import distributed_c10d
-    distributed_c10d.default_pg_timeout = timeout
-    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
-        distributed_c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def is_lost_peer(err: BaseException) -> bool:
-    """A collective failed because another rank died, hung or became unreachable. Gloo raises a plain
-    RuntimeError ("Connection reset by peer", "Timed out waiting 20000ms for recv"); NCCL and the
-    TCP store raise torch's DistError family."""
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(mark in text for mark in (
-        "gloo/transport", "Connection reset by peer", "Connection closed by peer", "pair closure",
-        "Timed out waiting"))
-
-
-def lost_peer_message(err: BaseException, recipe: Recipe) -> str:
-    engine = _running.get("engine")
-    done = engine.global_steps if engine is not None else None
-    # the failed collective may be in step done + 1 or in the checkpoint/evaluation after step done
-    where = f"after optimizer step {done} had finished" if done is not None else "while starting, before step 1"
-    from specialize.engine.rundir import RunDir
-    last = RunDir(recipe.train.output_dir, find_train=False).complete_checkpoints()
-    ckpt = f"Last complete checkpoint: {last[-1][1]}" if last else "No checkpoint was completed yet"
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"lost contact with another rank {where}: a collective failed or waited longer than "
-            f"train.dist_timeout_s = {recipe.train.dist_timeout_s:g} s ({first_line}). {ckpt}. Bring every "
-            f"node back and relaunch all of them with --resume")
-
-
-def on_rank0(fn, rank: int) -> None:
-    """Run fn on rank 0 only; when it raises, every rank raises, so no rank is left waiting in a collective."""
-    error = None
-    if rank == 0:
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 — re-raised below on every rank
-            error = err
-    box = [None if error is None else f"{type(error).__name__}: {error}"]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[0] is not None:
-        # a usage error (ConfigError) ends every rank with its message, not a traceback
-        kind = ConfigError if box[0].startswith("ConfigError: ") else RuntimeError
-        raise kind(f"rank 0 failed: {box[0]}")
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
+# ----------------------------------------------------------------------------- metrics
 
 def peak_mem_gb() -> float:
     if torch.cuda.is_available():
@@ -339,15 +195,22 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     import deepspeed
     from tqdm import tqdm
 
-    from specialize.engine.batching import (BatchBuilder, BatchPlan, ExemplarSets, first_sample_per_question,
-                                            micro_batch_loader, open_shards, sample_lengths)
+    from specialize.engine.batching import (
+        BatchBuilder,
+        BatchPlan,
+        ExemplarSets,
+        first_sample_per_question,
+        micro_batch_loader,
+        open_shards,
+        sample_lengths,
+    )
     from specialize.engine.checkpoints import Rotator, check_every_rank_can_load, choose_resume_tag, mark_complete
     from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict
+    from specialize.engine.io_helpers import append_jsonl
     from specialize.engine.mfu import mfu, peak_tflops
     from specialize.engine.models import build_model, describe, param_counts
-    from specialize.engine.io_helpers import append_jsonl
     from specialize.engine.rundir import RunDir, prepare_run_dir
     from specialize.engine.step_stats import StepStats
     from specialize.engine.tokenizers import load_tokenizer

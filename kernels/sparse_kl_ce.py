@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (TAIL_EPS, TAIL_MODES, check_options, check_teacher_inputs, launch_sizes,
-                    reduce_rows, row_scale)
+from .utils import TAIL_EPS, TAIL_MODES, check_options, check_teacher_inputs, launch_sizes, reduce_rows, row_scale
 
 
 @triton.jit

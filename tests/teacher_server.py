@@ -23,6 +23,7 @@ def tiny_teacher(vocab: int = 300, seed: int = 0):
     """(model, tokenizer): a 2-layer random GPT-2 and a byte-BPE trained on the synthetic world."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+
     from specialize.engine.data import load_dataset_by_name
     from specialize.engine.tokenizers import train_byte_bpe
     texts = [f"{e.question} {e.rationale}" for e in load_dataset_by_name("synthetic/train")[:300]]
@@ -199,6 +200,7 @@ class RamblingTeacher:
     def sample_sync(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
                     seed=None, stop=None):
         import re
+
         from specialize.engine.teacher.backends import Completion, Sample
         self.prompts.append(prompt)
         target, gold = self.by_question[self._question(prompt)]

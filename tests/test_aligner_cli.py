@@ -103,7 +103,8 @@ def test_cli_end_to_end_and_resume(teacher_dir, tmp_path, capsys):
     out = tmp_path / "aligned"
     assert run_align(teacher_dir, out) == 0
     table = capsys.readouterr().out
-    assert "samples-00002.jsonl" in table and "total" in table and sum(" aligned " in line for line in table.splitlines() if line.startswith("samples-")) == 3
+    shard_lines = [line for line in table.splitlines() if line.startswith("samples-")]
+    assert "samples-00002.jsonl" in table and "total" in table and sum(" aligned " in line for line in shard_lines) == 3
     ds = AlignedShards(out)
     assert len(ds) == 60 and ds.k == 3
     student = load_tokenizer(str(teacher_dir / "student"))

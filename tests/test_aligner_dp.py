@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from naive_aligner import naive_align, naive_map, naive_surfaces
+
 from specialize.aligner import StudentVocab, align, align_codes, align_codes_many, map_distributions
-from specialize.aligner.teacher_tokenizers import load_teacher_tokenizer, tokenize_text, token_strings
+from specialize.aligner.teacher_tokenizers import load_teacher_tokenizer, token_strings, tokenize_text
 from specialize.engine.tokenizers import train_t5_unigram
 
 # whitespace of every kind, emoji (with modifiers / ZWJ), combining marks, CJK, NFKC-changing forms
@@ -25,8 +25,9 @@ def teacher_enc():
 
 @functools.lru_cache(maxsize=None)
 def student_tok():
-    from specialize.engine.data import load_gsm8k
     from conftest import SHARED_DATA
+
+    from specialize.engine.data import load_gsm8k
     train = load_gsm8k("train", SHARED_DATA / "gsm8k")[:400]
     return train_t5_unigram([ex.rationale for ex in train], vocab_size=800)
 

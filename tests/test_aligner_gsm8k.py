@@ -5,12 +5,11 @@ a synthetic top-5 per position (the sampled token, its space-flipped twin, a new
 random vocabulary tokens). Student side: a T5-style Unigram trained here on GSM8K text.
 Each side is computed once per module; alignment and mapping must be identical.
 """
-import math
 
 import numpy as np
 import pytest
-
 from naive_aligner import naive_align, naive_map, naive_surfaces
+
 from specialize.aligner import StudentVocab, align_codes_many, map_distributions
 from specialize.aligner.codebook import Codebook
 from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces

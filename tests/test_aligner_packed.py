@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from naive_aligner import naive_align, naive_map, naive_surfaces
 from test_aligner_cli import teacher_dir  # noqa: F401 (the module-scoped fixture)
 from test_aligner_dp import ALPHABET, student_tok, teacher_enc
+
 from specialize.aligner.bulk import align_teacher_dir
 from specialize.aligner.codebook import Codebook
 from specialize.aligner.packed import align_chunk

@@ -4,8 +4,15 @@ import json
 import pytest
 
 from specialize.engine.data import (
-    answers_match, build_target, extract_answer, is_correct, load_asdiv, load_bbh, load_gsm8k,
-    load_multiarith, load_svamp,
+    answers_match,
+    build_target,
+    extract_answer,
+    is_correct,
+    load_asdiv,
+    load_bbh,
+    load_gsm8k,
+    load_multiarith,
+    load_svamp,
 )
 
 

@@ -62,6 +62,7 @@ def test_every_command_line_option_has_a_help_string():
 
 def test_help_shows_defaults():
     import argparse
+
     from specialize.engine.cli import HelpFormatter
     p = argparse.ArgumentParser(formatter_class=HelpFormatter)
     p.add_argument("--steps", type=int, default=12, help="optimizer steps")

@@ -5,10 +5,19 @@ import re
 import pytest
 
 from specialize.engine.data import (
-    BBH_TASKS, DataError, Example, load_asdiv, load_bbh, load_bbh_cot_prompt, load_dataset_by_name,
-    load_gsm8k, load_multiarith, load_svamp, split_gsm8k_dev,
+    BBH_TASKS,
+    DataError,
+    Example,
+    load_asdiv,
+    load_bbh,
+    load_bbh_cot_prompt,
+    load_dataset_by_name,
+    load_gsm8k,
+    load_multiarith,
+    load_svamp,
+    loaders,
+    split_gsm8k_dev,
 )
-from specialize.engine.data import loaders
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-
 from engine_fixtures import REPO, build_world, env, loss_curve, read_jsonl, recipe_dict, write_recipe
 
 # ----------------------------------------------------------------------------- statistics on the device
@@ -65,6 +63,7 @@ def test_step_stats_collectives_get_device_tensors_and_agree(monkeypatch):
 
 def test_additive_mask_matches_the_2d_mask_and_stays_on_device():
     from transformers import T5Config, T5ForConditionalGeneration
+
     from specialize.engine.models import NAMED_CONFIGS
     from specialize.engine.train import additive_mask
     m = T5ForConditionalGeneration(T5Config(**NAMED_CONFIGS["tiny"])).eval()
@@ -140,6 +139,7 @@ def test_peak_table_matches_full_device_names_only(monkeypatch):
 
 def test_model_flops_count_cross_attention_kv_on_source_tokens():
     from transformers import T5ForConditionalGeneration
+
     from specialize.engine.mfu import mfu, model_flops
     from specialize.engine.models import param_counts, t5_config
     with torch.device("meta"):

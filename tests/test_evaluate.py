@@ -246,6 +246,7 @@ def test_evaluate_checkpoints_writes_test_scores_and_resumes(model_dir, shared_d
 
 def test_deepspeed_checkpoints_are_exported_once_then_scored(model_dir, shared_data, tmp_path, monkeypatch):
     import shutil
+
     from specialize.engine import export
     calls = []
 

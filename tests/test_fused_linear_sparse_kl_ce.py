@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from kernel_reference import assert_close, device_for, make_inputs, reference_linear
+
 from specialize.kernels import FusedLinearSparseKLCELoss, fused_linear_sparse_kl_ce, sparse_kl_ce
 
 BACKENDS = ["triton", "torch"]

@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import netns
 import pytest
 import torch
-
-import netns
 from engine_fixtures import REPO, build_world, env, loss_curve, recipe_dict, torchrun, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -251,8 +250,9 @@ def test_killed_node_stops_the_survivor_with_the_step_and_last_checkpoint(killed
             print(f"[multinode] {d.name} left partial (unmarked): "
                   f"{sorted(f.name for f in d.iterdir())}")
     # ...and every complete one loads: DeepSpeed's zero_to_fp32 merges both ranks' partitions
-    from specialize.engine.export import export_checkpoint
     from transformers import T5ForConditionalGeneration
+
+    from specialize.engine.export import export_checkpoint
     for name in marked:
         conv = export_checkpoint(ckpts / name, root / "run", tmp_path / name)
         params = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
@@ -330,6 +330,7 @@ def test_zero3_across_two_nodes_exports_from_node0_only(world, pair, tmp_path):
         print("\n[multinode] strace not installed: which node wrote best/ is not checked")
     # the export is the gathered model: it equals DeepSpeed's merge of both nodes' partitions
     from transformers import T5ForConditionalGeneration
+
     from specialize.engine.export import export_checkpoint
     conv = export_checkpoint(run / "checkpoints" / f"step-{STEPS:06d}", run, tmp_path / "converted")
     a = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
@@ -390,7 +391,7 @@ def test_harness_removes_namespaces_and_processes_when_a_test_fails(tmp_path):
 
 
 def test_only_collective_failures_count_as_a_lost_peer():
-    from specialize.engine.train import is_lost_peer
+    from specialize.engine.distributed import is_lost_peer
     gloo = ["[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.213.1.2]:58060: Connection reset by peer",
             "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 25000ms for recv operation",
             "Application timeout caused pair closure"]

@@ -2,7 +2,13 @@
 import pytest
 
 from specialize.engine.data import (
-    FORMATS, Example, build_bbh_prompt, build_prompt, build_target, draw_exemplars, extract_answer,
+    FORMATS,
+    Example,
+    build_bbh_prompt,
+    build_prompt,
+    build_target,
+    draw_exemplars,
+    extract_answer,
 )
 
 POOL = [Example(f"toy/{i}", f"What is {i} + 1?", str(i + 1), f"{i} + 1 = {i + 1}.", "toy") for i in range(20)]

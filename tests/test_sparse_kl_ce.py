@@ -6,9 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_reference import (
+    TAIL_EPS,
+    assert_close,
+    device_for,
+    in_place_matches_out_of_place,
+    make_inputs,
+    reference_loss,
+)
 
-from kernel_reference import (TAIL_EPS, assert_close, device_for, in_place_matches_out_of_place, make_inputs,
-                              reference_loss)
 from specialize.kernels import SparseKLCELoss, sparse_kl_ce
 from specialize.kernels.sparse_kl_ce import sparse_kl_ce_rows
 

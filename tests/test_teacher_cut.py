@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from teacher_server import RamblingTeacher, TeacherServer, tiny_teacher
 
 from specialize.engine.config import TeacherConfig

@@ -3,7 +3,6 @@ pass on the sampled ids (temperature-scaled, the distribution sampled from), its
 text, and `generate` writes the full record set with prompts that never contain their own question."""
 import pytest
 import torch
-
 from teacher_server import tiny_teacher
 
 from specialize.engine.config import TeacherConfig

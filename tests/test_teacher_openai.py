@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from teacher_server import TeacherServer, tiny_teacher
 
 from specialize.engine.config import TeacherConfig

@@ -5,8 +5,13 @@ import json
 import pytest
 
 from specialize.engine.teacher import filter_samples
-from specialize.engine.teacher.backends import (MalformedResponse, build_sample, decoded_pieces,
-                                                token_bytes_from_string, token_string)
+from specialize.engine.teacher.backends import (
+    MalformedResponse,
+    build_sample,
+    decoded_pieces,
+    token_bytes_from_string,
+    token_string,
+)
 from specialize.engine.teacher.cli import _config, build_parser, main
 from specialize.engine.teacher.ratelimit import _Bucket, backoff_delay
 from specialize.engine.teacher.records import RECORD_FIELDS, ResumeError, ShardStore, iter_records
@@ -121,6 +126,7 @@ def test_backoff_grows_with_jitter_and_honours_retry_after():
 
 def test_retry_after_headers_are_read():
     from types import SimpleNamespace
+
     from specialize.engine.teacher.openai_backend import _retry_after
     # (the client's header mapping is case-insensitive; lower case stands in for it here)
     reply = lambda **h: SimpleNamespace(headers={k.replace("_", "-"): v for k, v in h.items()})  # noqa: E731

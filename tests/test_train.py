@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine_fixtures import REPO, env, loss_curve, read_jsonl, recipe_dict, torchrun, build_world, write_recipe
+from engine_fixtures import REPO, build_world, env, loss_curve, read_jsonl, recipe_dict, torchrun, write_recipe
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -23,7 +22,8 @@ def world(tmp_path_factory):
 
 
 def _check(proc: subprocess.CompletedProcess, rc: int = 0) -> None:
-    assert proc.returncode == rc, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == rc, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                                   f"--- stderr\n{proc.stderr[-6000:]}")
 
 
 def _falls(curve: dict[int, float]) -> None:
@@ -35,10 +35,11 @@ def _falls(curve: dict[int, float]) -> None:
 def _same_generations(run: Path, step: int) -> None:
     """best/ reloads in plain transformers and greedily generates what the engine's model generated
     for the dev questions at `step` (the engine wrote those predictions while training)."""
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
-    from specialize.engine.evaluate import evaluate_model
-    from specialize.engine.data.synthetic import make_splits
     from engine_fixtures import SIZES
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from specialize.engine.data.synthetic import make_splits
+    from specialize.engine.evaluate import evaluate_model
     info = json.loads((run / "best" / "specialize.json").read_text())
     assert info["step"] == step
     assert (run / "best" / "model.safetensors").is_file()
@@ -83,6 +84,7 @@ def test_zero1_dm_trains_and_writes_the_run_dir(zero1_run):
 def _converted_equals_best(run: Path, step: int, out: Path) -> None:
     """Offline conversion of a DeepSpeed checkpoint (fp32 master weights) gives the exported weights."""
     from transformers import T5ForConditionalGeneration
+
     from specialize.engine.export import export_checkpoint
     conv = export_checkpoint(run / "checkpoints" / f"step-{step:06d}", run, out)
     a = T5ForConditionalGeneration.from_pretrained(conv).state_dict()
@@ -148,8 +150,9 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(world, tmp_path):
     assert ckpts == ["step-000002"] and (tmp_path / "run" / "checkpoints" / "step-000002" / "complete.json").is_file()
     assert max(loss_curve(tmp_path / "run")) == 2
     assert not (tmp_path / "run" / "best").exists()
-    from specialize.engine.export import export_checkpoint
     from transformers import T5ForConditionalGeneration
+
+    from specialize.engine.export import export_checkpoint
     conv = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", tmp_path / "conv")  # run implied
     params = T5ForConditionalGeneration.from_pretrained(conv).state_dict().values()
     assert all(torch.isfinite(p).all() for p in params)  # the kept checkpoint is the good one
@@ -164,6 +167,7 @@ def test_zero3_loads_pretrained_weights_into_partitions(world, tmp_path):
     """Under ZeRO-3, from_pretrained runs inside zero.Init: the checkpoint must land in the partitions
     intact, so the first loss equals a ZeRO-0 run's on the same weights and batch."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
+
     from specialize.engine.models import t5_config
     tok = AutoTokenizer.from_pretrained(world["tokenizer"])
     cfg = t5_config("tiny", vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1,

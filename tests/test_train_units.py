@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from engine_fixtures import SIZES, build_world, recipe_dict
+
 from specialize.engine.config import ConfigError, recipe_from_dict
 from specialize.engine.models import NAMED_CONFIGS, build_model, hidden_scale, t5_config
 from specialize.engine.train import Distill, selection_score, warmup_cosine
@@ -135,6 +135,7 @@ def test_fused_head_loss_matches_transformers_logits(scaled, kind):
 
 def test_exported_model_generates_the_same_tokens(tmp_path):
     from transformers import T5ForConditionalGeneration
+
     from specialize.engine.config import LossConfig
     from specialize.engine.export import export_model, plain_model
     t5 = tiny_t5(scaled=False, seed=3)
@@ -173,6 +174,7 @@ def test_ds_config_derives_batch_fields_and_zero_blocks(world, tmp_path):
 
 def test_ds_config_user_json_must_agree(world, tmp_path):
     import json
+
     from specialize.engine.ds_config import build_ds_config
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
@@ -227,6 +229,7 @@ def test_plan_groups_lengths_and_follows_ratios():
 
 def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
     from transformers import AutoTokenizer
+
     from specialize.engine.batching import BatchBuilder, ExemplarSets, MicroBatch, open_shards
     from specialize.engine.data import build_target
     from specialize.engine.data.synthetic import make_splits
@@ -243,7 +246,8 @@ def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
     answer = tok(build_target(None, rec5["answer"], "zero_shot_answer_only"))["input_ids"]
     assert batch["labels"][1, :len(answer)].tolist() == answer and (batch["labels"][1, len(answer):] == -100).all()
     assert (batch["topk_ids"][1] == -1).all()
-    assert batch["decoder_input_ids"][0, 0] == 0 and batch["decoder_input_ids"][0, 1:n0].tolist() == list(rec0["labels"][:-1])
+    assert batch["decoder_input_ids"][0, 0] == 0
+    assert batch["decoder_input_ids"][0, 1:n0].tolist() == list(rec0["labels"][:-1])
     prompt = tok.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert prompt.endswith("Let's think step by step.") and rec0["question"].split()[0] in prompt
     ic = b.collate(MicroBatch([0], ["in_context_cot"]))
@@ -259,6 +263,7 @@ def test_collate_cot_uses_shards_and_answer_only_is_ce(world):
 
 def test_collate_checks_ids_on_the_host_and_names_the_sample(world):
     from transformers import AutoTokenizer
+
     from specialize.engine.batching import BatchBuilder, ExemplarSets, MicroBatch, open_shards
     tok = AutoTokenizer.from_pretrained(world["tokenizer"])
     shards = open_shards(world["aligned"])

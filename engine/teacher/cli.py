@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+
 from specialize.engine.cli import HelpFormatter
 
 # flag -> (TeacherConfig field, type, what it sets); every flag defaults to None so only the given ones
@@ -46,7 +47,8 @@ _FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize teacher", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", formatter_class=HelpFormatter, help="sample CoT solutions with top-k logprobs (resumable)")
+    g = sub.add_parser("generate", formatter_class=HelpFormatter,
+                       help="sample CoT solutions with top-k logprobs (resumable)")
     g.add_argument("--recipe", help="recipe YAML; its teacher section gives the defaults")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     from specialize.engine.config import TeacherConfig
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from specialize.engine.config import load_recipe, recipe_from_dict, apply_overrides
+    from specialize.engine.config import apply_overrides, load_recipe, recipe_from_dict
     recipe = load_recipe(args.recipe, args.set) if args.recipe else recipe_from_dict(apply_overrides({}, args.set))
     given = {field: getattr(args, field) for field, *_ in _FLAGS.values() if getattr(args, field) is not None}
     if getattr(args, "cut_at_answer", None) is not None:
@@ -112,6 +114,7 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from specialize.engine.config import ConfigError
+
     from .backends import TeacherBackendError
     from .records import ResumeError
     args = build_parser().parse_args(argv)

@@ -13,8 +13,15 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .backends import (Completion, MalformedResponse, TeacherBackendError, TransientError, build_sample,
-                       token_bytes_from_string, token_string)
+from .backends import (
+    Completion,
+    MalformedResponse,
+    TeacherBackendError,
+    TransientError,
+    build_sample,
+    token_bytes_from_string,
+    token_string,
+)
 
 _PARSE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 

@@ -1,0 +1,109 @@
+"""Distributed set-up and the helpers every rank runs: the process group (with its timeout), rank-0-only
+work that fails on every rank, lost-peer detection for a clear stop, and the RNG state a resume restores."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from specialize.engine.config import ConfigError, Recipe
+
+# The DeepSpeed engine of the run in progress, so main() can name the step when a collective fails:
+# its global_steps counts finished optimizer steps and comes back from the checkpoint on --resume.
+_running: dict = {}
+
+
+def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA.
+    Every collective (and the rendezvous) fails after timeout_s instead of waiting forever on a lost rank."""
+    from datetime import timedelta
+
+    import deepspeed
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
+    if "RANK" not in os.environ:  # plain `specialize train`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not timeout_s > 0:
+        raise ConfigError(f"train.dist_timeout_s: must be > 0 seconds, got {timeout_s}")
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed runs its collectives on process groups of its own (ZeRO's data-parallel group is a clone
+    # of the world), and torch gives a new group its *default* timeout (30 min), not the world group's:
+    # without this, a rank lost during backward would hang the others for half an hour.
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def is_lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank died, hung or became unreachable. Gloo raises a plain
+    RuntimeError ("Connection reset by peer", "Timed out waiting 20000ms for recv"); NCCL and the
+    TCP store raise torch's DistError family."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(mark in text for mark in (
+        "gloo/transport", "Connection reset by peer", "Connection closed by peer", "pair closure",
+        "Timed out waiting"))
+
+
+def lost_peer_message(err: BaseException, recipe: Recipe) -> str:
+    engine = _running.get("engine")
+    done = engine.global_steps if engine is not None else None
+    # the failed collective may be in step done + 1 or in the checkpoint/evaluation after step done
+    where = f"after optimizer step {done} had finished" if done is not None else "while starting, before step 1"
+    from specialize.engine.rundir import RunDir
+    last = RunDir(recipe.train.output_dir, find_train=False).complete_checkpoints()
+    ckpt = f"Last complete checkpoint: {last[-1][1]}" if last else "No checkpoint was completed yet"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"lost contact with another rank {where}: a collective failed or waited longer than "
+            f"train.dist_timeout_s = {recipe.train.dist_timeout_s:g} s ({first_line}). {ckpt}. Bring every "
+            f"node back and relaunch all of them with --resume")
+
+
+def on_rank0(fn, rank: int) -> None:
+    """Run fn on rank 0 only; when it raises, every rank raises, so no rank is left waiting in a collective."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 — re-raised below on every rank
+            error = err
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        # a usage error (ConfigError) ends every rank with its message, not a traceback
+        kind = ConfigError if box[0].startswith("ConfigError: ") else RuntimeError
+        raise kind(f"rank 0 failed: {box[0]}")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
