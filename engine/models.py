@@ -153,8 +153,9 @@ class FusedLMHead(torch.nn.Linear):
     gathers a module's parameters around its forward, so the kernel sees the full [V, H] weight. Called
     with hidden states alone it is a plain Linear, so `generate` keeps working on the same model."""
 
-    def configure(self, hidden_scale: float, loss_cfg, alpha: float) -> "FusedLMHead":
-        self.hidden_scale, self.alpha = hidden_scale, alpha
+    def configure(self, hidden_scale: float, loss_cfg) -> "FusedLMHead":
+        # sample matching is CE on the sampled tokens alone; distribution matching weighs CE by alpha
+        self.hidden_scale, self.alpha = hidden_scale, loss_cfg.alpha if loss_cfg.kind == "dm" else 1.0
         self.temperature, self.tail = loss_cfg.temperature, loss_cfg.tail
         self.fused, self.chunk_size = loss_cfg.fused_linear, loss_cfg.chunk_size
         return self
@@ -175,13 +176,12 @@ class Distill(torch.nn.Module):
     """The T5 student with its loss: encoder → decoder → fused lm_head + sparse KL/CE (no [N, V] logits).
     T5's own forward would scale the decoder output and build logits; here the scale goes to the kernel."""
 
-    def __init__(self, t5, loss_cfg, with_teacher: bool):
+    def __init__(self, t5, loss_cfg):
         super().__init__()
         old = t5.lm_head
         head = FusedLMHead(old.in_features, old.out_features, bias=False, device="meta")
         head.weight = old.weight  # the same Parameter: stays tied to the shared embedding
-        t5.lm_head = head.configure(hidden_scale(t5.config), loss_cfg,
-                                    loss_cfg.alpha if with_teacher else 1.0)  # sm = CE only
+        t5.lm_head = head.configure(hidden_scale(t5.config), loss_cfg)
         self.t5 = t5
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, labels, topk_ids, topk_logprobs):

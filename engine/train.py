@@ -238,7 +238,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
     t5 = build_model(recipe.model, vocab_size=len(tokenizer), dtype=dtype, ds_config=ds_config)
     born_partitioned = hasattr(t5.shared.weight, "ds_id")  # ZeRO-3: zero.Init partitioned it at creation
-    model = Distill(t5, recipe.loss, with_teacher)
+    model = Distill(t5, recipe.loss)
     if uses_deepspeed_optimizer(recipe):
         ds_config["optimizer"] = deepspeed_optimizer_block(recipe)
         optimizer = None

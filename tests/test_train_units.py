@@ -123,7 +123,7 @@ def test_fused_head_loss_matches_transformers_logits(scaled, kind):
     with torch.no_grad():
         hf = t5(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 decoder_input_ids=batch["decoder_input_ids"], labels=batch["labels"])
-    model = Distill(t5, LossConfig(kind=kind, alpha=0.3), with_teacher=kind == "dm")
+    model = Distill(t5, LossConfig(kind=kind, alpha=0.3))
     loss, ce, kl = model(**batch)
     if kind == "sm":  # CE only: transformers' own loss is the reference
         assert torch.allclose(loss.double(), hf.loss.double(), rtol=1e-5, atol=1e-5)
@@ -139,7 +139,7 @@ def test_exported_model_generates_the_same_tokens(tmp_path):
     from specialize.engine.config import LossConfig
     from specialize.engine.export import export_model, plain_model
     t5 = tiny_t5(scaled=False, seed=3)
-    Distill(t5, LossConfig(), with_teacher=True)  # the engine swaps in its fused head
+    Distill(t5, LossConfig())  # the engine swaps in its fused head
     ids = torch.randint(3, t5.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     want = t5.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
     export_model(plain_model(t5), None, tmp_path / "best", {"step": 1})
