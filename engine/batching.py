@@ -16,7 +16,6 @@ step wait little for each other; then the slots are shuffled, so the order stays
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from specialize.engine.data import COT_FORMATS, FORMATS, build_prompt, build_target, draw_exemplars
+from specialize.engine.io_helpers import stable_int
 
 IN_CONTEXT = ("in_context_answer_only", "in_context_cot")
 
@@ -34,8 +34,7 @@ class MicroBatch:
     formats: list[str]
 
 
-def _stable_int(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+_stable_int = stable_int
 
 
 class ExemplarSets:

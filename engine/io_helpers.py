@@ -1,5 +1,6 @@
-"""The project's small file and hashing helpers, one copy each: JSONL reading (file:line errors) and
-appending, and the short hash of a JSON-able settings object that names outputs by what made them."""
+"""The project's small file, hashing and formatting helpers, one copy each: JSONL reading (file:line
+errors) and appending, the short hash of a JSON-able settings object that names outputs by what made
+them, stable integers from strings (seeds that do not change between runs or machines), percentages."""
 from __future__ import annotations
 
 import hashlib
@@ -44,3 +45,15 @@ def settings_hash(settings: Any) -> str:
     """16 hex digits of sha256 over the settings as canonical JSON (sorted keys; non-JSON values by
     str): equal settings, equal hash, on every machine."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stable_int(*parts, sep: str = "/", byteorder: str = "little") -> int:
+    """A 32-bit integer from `parts` (sha256 of their joined text): the same on every run and machine,
+    unlike hash(). `sep` and `byteorder` only keep the integers each caller has always drawn (the teacher's
+    request seeds join with "\x1f", big-endian), so existing prompts and plans stay as they were."""
+    return int.from_bytes(hashlib.sha256(sep.join(map(str, parts)).encode()).digest()[:4], byteorder)
+
+
+def percent(fraction, width: int = 0, missing: str = "n/a") -> str:
+    """100·fraction with one decimal, right-aligned in `width`; `missing` for None."""
+    return (missing if fraction is None else f"{100 * fraction:.1f}").rjust(width)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.io_helpers import percent
 from specialize.engine.rundir import RunDir
 
 RULES = ("in_dist", "ood", "mean")
@@ -114,8 +115,7 @@ def select(runs: Sequence[str], in_dist: Optional[str] = None, ood: Optional[Seq
     return {rule: best[rule][1] for rule in rules}
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
+_pct = percent
 
 
 def format_table(choices: dict[str, Choice]) -> str:

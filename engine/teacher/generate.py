@@ -17,6 +17,8 @@ from typing import Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from specialize.engine.io_helpers import stable_int
+
 from .backends import MalformedResponse, TeacherBackendError, TransientError
 from .ratelimit import RateLimiter, backoff_delay
 from .records import ShardStore, add_usage
@@ -33,7 +35,7 @@ def prompt_hash(prompt: str) -> str:
 
 
 def _stable_int(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:4], "big")
+    return stable_int(*parts, sep="\x1f", byteorder="big")  # the request seeds teacher folders were made with
 
 
 def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0,
