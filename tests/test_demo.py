@@ -128,3 +128,40 @@ def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
     for path in dumps:
         ids = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
         assert ids and ids <= dev, path
+
+
+def test_grad_norm_is_logged_positive_and_finite_on_real_steps(tiny_demo):
+    import math
+    for run in ("dm", "sm"):
+        rows = [json.loads(line) for line in (tiny_demo / run / "train" / "train_log.jsonl").read_text().splitlines()]
+        norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+        assert norms and all(math.isfinite(g) and g > 0 for g in norms), (run, norms)
+
+
+def test_teacher_spread_by_hand(tmp_path):
+    """Two tokens: a 50/50 choice between two tokens (sampled one of them), then a sure token."""
+    import math
+    rec = {"token_logprobs": [math.log(0.5), 0.0],
+           "top_logprobs": [[["a", math.log(0.5)], ["b", math.log(0.5)]], [["c", 0.0]]]}
+    (tmp_path / "samples-00000.jsonl").write_text(json.dumps(rec) + "\n")
+    got = demo.teacher_spread(tmp_path)
+    assert got["tokens"] == 2
+    assert got["top_k_entropy"] == pytest.approx(math.log(2) / 2)
+    assert got["off_sampled"] == pytest.approx(0.25) and got["choice_points"] == pytest.approx(0.5)
+
+
+def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):
+    """Only the PATHS and TINY keys differ from recipes/mini/dm_vs_sm.yaml; the sweep gives DM and SM."""
+    from specialize.engine.config import load_recipe, recipe_to_dict
+    base = recipe_to_dict(load_recipe(demo.RECIPE))
+    for tiny in (False, True):
+        runs = demo.build_runs(tmp_path, tiny)
+        assert [r.tag for r in runs] == ["dm", "sm"] and [r.recipe.loss.kind for r in runs] == ["dm", "sm"]
+        got = recipe_to_dict(runs[0].recipe)
+        changed = {f"{sec}.{k}" for sec, fields in got.items() if isinstance(fields, dict)
+                   for k, v in fields.items() if base[sec][k] != v} | {k for k, v in got.items()
+                                                                     if not isinstance(v, dict) and base[k] != v}
+        allowed = set(demo.paths(tmp_path, tmp_path)) | (set(demo.TINY) if tiny else set())
+        assert changed <= allowed, changed - allowed
+        assert runs[0].recipe.model.name_or_path.startswith(str(tmp_path / "toy" / demo.toy_key(
+            0, None, demo.toy_scale(tiny))))

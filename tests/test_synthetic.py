@@ -50,11 +50,11 @@ def test_gold_cot_is_correct_short_and_ends_with_the_answer(world):
             assert len(e.question.split()) <= limit, e
 
 
-_LINE = re.compile(r"(\d+) ([-+*/]) (\d+) (?:=|makes) (\d+)\.")
+_LINE = re.compile(r"(?:So )?(\d+) ([-+*/]) (\d+) = (\d+)\.")
 
 
 def _check_arithmetic(e):
-    """Re-run every CoT line "a op b = c." (or "makes c.") in plain Python: each line is right, uses a
+    """Re-run every CoT line "a op b = c." (or "So a op b = c.") in plain Python: each line is right, uses a
     number of the question or an earlier result, and every earlier result is used by the end (the
     last line's result is the answer)."""
     lines = e.rationale.splitlines()[:-1]
@@ -154,7 +154,7 @@ def test_answers_follow_from_the_story(world):
 
 
 def test_the_gold_cot_is_one_of_several_valid_ones(world):
-    """Real choice: two-person problems, both operand orders of + and *, both verbs; the gold CoT is
+    """Real choice: two-person problems, both operand orders of + and *, both openers; the gold CoT is
     one of the enumerated alternatives, every alternative is a valid CoT, and the draws spread
     over them (not always the first)."""
     from specialize.engine.data.synthetic import Chain, rationale_alternatives, sample_rationale
@@ -162,7 +162,7 @@ def test_the_gold_cot_is_one_of_several_valid_ones(world):
     alts = rationale_alternatives(chains)
     # 2 orders x (2 x 2 options per commuting line) x 2 lines x 4 options for the sum (8 + 8: one order)
     assert len(alts) == 2 * 4 * 4 * 2 == len(set(alts))
-    assert "4 * 2 = 8.\n3 + 5 makes 8.\n8 + 8 = 16.\nThe answer is 16." in alts
+    assert "4 * 2 = 8.\nSo 3 + 5 = 8.\n8 + 8 = 16.\nThe answer is 16." in alts
     import random
     rng = random.Random(0)
     drawn = [sample_rationale(rng, chains) for _ in range(2000)]
@@ -171,6 +171,6 @@ def test_the_gold_cot_is_one_of_several_valid_ones(world):
         fake = type("E", (), {"rationale": text, "question": "5 3 4 2", "answer": "16"})
         _check_arithmetic(fake)
     together = [e for e in world["train"] if "together" in e.question or "in total" in e.question]
-    assert 0.3 < len(together) / len(world["train"]) < 0.5
-    verbs = {"=" if " = " in line else "makes" for e in world["train"] for line in e.rationale.splitlines()[:-1]}
-    assert verbs == {"=", "makes"}
+    assert 0.2 < len(together) / len(world["train"]) < 0.4
+    openers = {line.startswith("So ") for e in world["train"] for line in e.rationale.splitlines()[:-1]}
+    assert openers == {True, False}

@@ -7,8 +7,8 @@ knob: `ood_steps` (more operations), `ood_templates` (phrasings never seen in tr
 `ood_numbers` (larger numbers), mirroring the paper's in-distribution vs. generalisation split.
 
 Gold CoT: one line per operation, the last line "The answer is N.". The world has real choice, as
-natural CoT does: a line may put commuting operands either way round ("3 + 4" or "4 + 3") and state
-its result with "=" or "makes", and a two-person problem ("How many ... together?") may compute
+natural CoT does: a line may put commuting operands either way round ("3 + 4" or "4 + 3") and open
+with "So " or not, and a two-person problem ("How many ... together?") may compute
 either person's amount first. The gold CoT is drawn uniformly among these valid alternatives
 (`rationale_alternatives`), so a teacher trained on it spreads probability over the valid next
 tokens, and its top-k carries information a single sample does not (the point of distribution
@@ -66,8 +66,8 @@ class ArithmeticSpec:
     together: float = 0.0           # share of two-person problems (needs a "together" template)
 
 
-SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99, together=0.4)
-LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999, together=0.4)
+SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99, together=0.3)
+LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999, together=0.3)
 
 ARITHMETIC_SPECS = {
     "train": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),
@@ -122,8 +122,10 @@ def _step(rng: random.Random, spec: ArithmeticSpec, value: int) -> Optional[tupl
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 COMMUTATIVE = ("add", "mul")
-# Two ways to state a result; both are read back by the same answer rule (the last line decides).
-VERBS = ("=", "makes")
+# Two ways to open a line. The choice sits before the sum, not between it and its result: "a + b ="
+# stays one fact to learn (a verb in that slot, "a + b makes", made the toy teacher learn every fact
+# twice and its held-out accuracy fell from 74% to 23%).
+OPENERS = ("", "So ")
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,9 @@ class Chain:
 
 def line_options(a: int, op: str, b: int, c: int) -> list[str]:
     """Every valid way to write the CoT line for a op b = c: both operand orders where the operation
-    commutes, each with both verbs. These are the choice points a trained teacher spreads mass over."""
+    commutes, each with either opener. These are the choice points a trained teacher spreads mass over."""
     orders = [(a, b), (b, a)] if op in COMMUTATIVE and a != b else [(a, b)]
-    return [f"{x} {_SYMBOL[op]} {y} {verb} {c}." for x, y in orders for verb in VERBS]
+    return [f"{opener}{x} {_SYMBOL[op]} {y} = {c}." for x, y in orders for opener in OPENERS]
 
 
 def _plan_lines(chains: tuple) -> list[list[list[str]]]:
