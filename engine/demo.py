@@ -239,7 +239,7 @@ def teacher_lines(filt: dict, spread: dict) -> list[str]:
                      f"the teacher's mean top-k entropy is {spread['top_k_entropy']:.3f} nats, the mean probability "
                      f"off the sampled token {100 * spread['off_sampled']:.1f}%, and at "
                      f"{100 * spread['choice_points']:.1f}% of the tokens the top-1 holds under 90% of the mass "
-                     "(the world's choice points: operand order, verb, which amount first).")
+                     "(the world's choice points: operand order, opener, which amount first).")
     return lines
 
 

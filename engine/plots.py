@@ -218,8 +218,10 @@ def _trajectory_panel(ax, run, pts, who: str, color, x, y, sc_norm):
     if start:
         ax.scatter([sx], [sy], marker="*", s=180, color="black", zorder=5)
         ax.annotate("start", (sx, sy), textcoords="offset points", xytext=(6, -12), fontsize=8, weight="bold")
-    ax.annotate(f"step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 6), fontsize=7)
-    for k, (rule, step) in enumerate(sorted(_picks(run).items())):
+    picks = _picks(run)
+    if steps[-1] not in picks.values():  # a pick's own label names its step
+        ax.annotate(f"step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 6), fontsize=7)
+    for k, (rule, step) in enumerate(sorted(picks.items())):
         if step in steps:
             i = steps.index(step)
             ax.scatter([xs[i]], [ys[i]], marker="sD"[k % 2], s=70, facecolors="none", edgecolors="crimson",
