@@ -1,16 +1,19 @@
 """`specialize demo --out DIR [--tiny]`: the whole paper in miniature, offline, on a CPU.
 
 1. the toy stage: a byte-level BPE + GPT-2-style teacher and a T5 Unigram + "instruction-tuned"
-   tiny T5 student, trained here on the synthetic world (engine/toy_teacher.py);
+   tiny T5 student, trained here on the synthetic world (engine/toy_teacher.py), kept under
+   DIR/toy/<hash of the toy configuration>/ so a second run reuses them;
 2. teacher CoT samples with top-k logprobs through the `hf` teacher backend, filtered by correctness;
 3. Numba alignment onto the student's tokens;
 4. specialization with the DeepSpeed engine (2 CPU ranks), by distribution and by sample matching;
 5. evaluation before/after on in-distribution, OOD and generic splits, checkpoint selection by the
    in-distribution vs the OOD dev signal;
-6. a results table, REPORT.md and PNG plots, all under DIR. A rerun reuses finished stages.
+6. REPORT.md with the results table and each paper finding judged by a test that can fail
+   (engine/findings.py), results.json and PNG plots, all under DIR. A rerun reuses finished stages.
 
-The demo is `specialize run` on an embedded recipe (the same stage functions as recipes/mini/):
-this module only adds the toy scale, the comparison across the two runs and the report.
+The configuration is recipes/mini/dm_vs_sm.yaml swept over loss.kind=[dm, sm], with named
+overrides: PATHS (everything under DIR) and, for --tiny, TINY (the test scale). This module only
+adds the toy scale, the comparison across the two runs and the report.
 """
 from __future__ import annotations
 
@@ -20,91 +23,60 @@ import math
 import time
 from pathlib import Path
 
-from specialize.engine.config import recipe_from_dict
-from specialize.engine.pipeline import Run, run_stages
-from specialize.engine.toy_teacher import ToyScale, prepare_toy_models
+from specialize.engine import findings as fnd
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.config import ConfigError
+from specialize.engine.io_helpers import percent
+from specialize.engine.pipeline import Run, expand_runs, run_stages
+from specialize.engine.toy_teacher import ToyScale, prepare_toy_models, toy_key
 
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mini" / "dm_vs_sm.yaml"
+SWEEP = "loss.kind=[dm, sm]"
 IN_DIST = "synthetic/test"
 OOD = ["synthetic/ood_steps", "synthetic/ood_templates", "synthetic/ood_numbers"]
 GENERIC = ["synthetic/generic_sort", "synthetic/generic_count", "synthetic/generic_bool"]
-OOD_DEV = 64  # items of each OOD split held out as its dev part (data.ood_dev_size)
 
-# The full demo (<= 15 min on 2 cores) and the --tiny one the tests run (about a minute).
-SCALES = {
-    "full": dict(
-        toy=ToyScale(),
-        sizes={},
-        teacher=dict(samples=4, limit=2000, max_tokens=128),  # every training question, as in the paper
-        train=dict(micro_batch_size=16, max_steps=500, eval_every=50, save_every=50, keep_last=10, dev_limit=64),
-        eval_limit=200),
-    "tiny": dict(
-        toy=ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20, student_overrides={},
-                     teacher_vocab=300, student_vocab=300, math_for_student=20, heldout_check=8,
-                     teacher_sees_questions=True, teacher_examples=24, student_examples=48),
-        # The data layer's default sizes (cheap to generate) so the engine's dev sets are the same
-        # draw; the limits below keep the work small.
-        sizes={},
-        teacher=dict(samples=2, limit=24, max_tokens=40),
-        train=dict(micro_batch_size=4, max_steps=6, eval_every=3, save_every=3, keep_last=2, dev_limit=4),
-        eval_limit=4,
-        # one split per column of the table: in-dist, OOD, generic
-        eval_datasets=[IN_DIST, OOD[0], GENERIC[2]], dev_ood=[OOD[0]]),
-}
+# --tiny: the test configuration (about a minute); the toy scale is not a recipe field.
+TINY_TOY = ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20, student_overrides={},
+                    teacher_vocab=300, student_vocab=300, math_for_student=20, heldout_check=8,
+                    teacher_sees_questions=True, teacher_examples=24, student_examples=48, practice_questions=2000)
+TINY = {"teacher.samples": 4, "teacher.limit": 24, "teacher.max_tokens": 40, "eval.max_new_tokens": 40,
+        "train.micro_batch_size": 2, "train.max_steps": 6, "train.eval_every": 3, "train.save_every": 3,
+        "train.keep_last": 2, "train.dev_limit": 4, "train.log_every": 2, "train.dev_ood": [OOD[0]],
+        "eval.limit": 4, "eval.datasets": [IN_DIST, OOD[0], GENERIC[2]], "data.ood_dev_size": 64}
 
 
-def demo_recipe(out: Path, scale: dict, kind: str) -> dict:
-    """The embedded recipe: recipes/mini/dm_vs_sm.yaml with every path under `out`."""
-    toy = out / "toy"
-    return {
-        "name": f"demo_{kind}", "description": f"demo, {kind}",
-        "stages": ["toy", "teacher", "filter", "align", "train", "eval"],
-        "output_dir": str(out),
-        "model": {"name_or_path": str(toy / "student_start"), "config": scale["toy"].student_config,
-                  "tokenizer": str(toy / "student_start")},
-        # ood_dev_size: each OOD split's dev part (selection), disjoint from the test part scored below
-        "data": {"dataset": "synthetic", "dev_size": 64, "ood_dev_size": OOD_DEV, "formats": {"zero_shot_cot": 1.0},
-                 "shots": 2, "max_source_len": 256, "max_target_len": 128, "synthetic_sizes": scale["sizes"]},
-        "teacher": {"backend": "hf", "model": str(toy / "teacher"), "dataset": "synthetic", "split": "train",
-                    "format": "zero_shot_cot", "shots": 0, "temperature": 0.7, "top_logprobs": 5,
-                    "concurrency": 1, "out_dir": str(out / "teacher"), **scale["teacher"]},
-        "aligner": {"teacher_tokenizer": str(toy / "teacher"), "student_tokenizer": str(toy / "student_start"),
-                    "out_dir": str(out / "aligned")},
-        "loss": {"kind": kind, "alpha": 0.0, "fused_linear": True},  # the recipes' default: KL only (DM)
-        "deepspeed": {"config": {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0,
-                                 "steps_per_print": 100000}, "zero_stage": 0},
-        "train": {"seed": 0, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 20, "precision": "fp32",
-                  "log_every": 5, "selection": "in_dist", "dev_in_dist": "synthetic/dev",
-                  "dev_ood": scale.get("dev_ood", OOD[:2]), **scale["train"]},
-        "eval": {"datasets": scale.get("eval_datasets", [IN_DIST] + OOD + GENERIC), "format": "zero_shot_cot",
-                 "limit": scale["eval_limit"],
-                 "batch_size": 32, "max_new_tokens": scale["teacher"]["max_tokens"]},
-        "plot": {"plots": ["training_curves", "tradeoff", "in_dist_vs_ood"], "out_dir": str(out / "plots")},
-    }
+def _sets(named: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in named.items()]
 
 
-def build_runs(out: Path, tiny: bool) -> list[Run]:
-    scale = SCALES["tiny" if tiny else "full"]
-    return [Run(recipe_from_dict(demo_recipe(out, scale, kind), source=f"demo ({kind})"), kind, f"demo-{kind}")
-            for kind in ("dm", "sm")]
+def paths(out: Path, toy: Path, recipe: Path = RECIPE) -> dict:
+    """The PATHS overrides: every file the demo reads or writes under `out` (the recipe's runs/mini
+    paths are for `specialize run`), the toy models under toy/<key>."""
+    return {"output_dir": str(out), "model.name_or_path": str(toy / "student_start"),
+            "model.tokenizer": str(toy / "student_start"), "teacher.model": str(toy / "teacher"),
+            "teacher.out_dir": str(out / "teacher"), "aligner.teacher_tokenizer": str(toy / "teacher"),
+            "aligner.student_tokenizer": str(toy / "student_start"), "aligner.out_dir": str(out / "aligned"),
+            "plot.out_dir": str(out / "plots"),
+            # the recipe names its DeepSpeed JSON relative to the repository root
+            "deepspeed.config": str(recipe.parents[2] / "recipes" / "ds_cpu_fp32.json")}
+
+
+def toy_scale(tiny: bool) -> ToyScale:
+    return TINY_TOY if tiny else ToyScale()
+
+
+def build_runs(out: Path, tiny: bool, recipe: Path = RECIPE) -> list[Run]:
+    """The recipe swept over DM and SM, with the PATHS (and, for --tiny, TINY) overrides."""
+    if not recipe.exists():
+        raise ConfigError(f"{recipe}: the demo's recipe is missing (the demo runs from a source checkout)")
+    probe = expand_runs([str(recipe)], _sets(TINY) if tiny else [], [])[0].recipe  # the seed and sizes
+    toy = out / "toy" / toy_key(probe.train.seed, probe.data.synthetic_sizes or None, toy_scale(tiny))
+    sets = _sets(paths(out, toy, recipe)) + (_sets(TINY) if tiny else [])
+    return expand_runs([str(recipe)], sets, [SWEEP])
 
 
 # ----------------------------------------------------------------------------- reading the runs back
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def dev_curve(run: Run) -> list[dict]:
-    """The engine's dev_scores.jsonl: one row per evaluation, {"step", "dev/<name>_acc", ...}."""
-    return _jsonl(run.dir("train") / "dev_scores.jsonl")
-
-
-def _key(name: str) -> str:
-    return f"dev/{name}_acc"
-
 
 def selection(runs: list[Run]) -> dict:
     """rule -> Choice (the select module): the checkpoint each dev signal picks, over the given runs."""
@@ -126,7 +98,7 @@ def _mean(d: dict, names: list[str]) -> float | None:
 
 
 def _pct(x) -> str:
-    return "  n/a" if x is None else f"{100 * x:5.1f}"
+    return percent(x, width=5)
 
 
 # ----------------------------------------------------------------------------- report
@@ -151,63 +123,126 @@ def _summary(accs: dict) -> dict:
     return {"in_dist": accs.get(IN_DIST), "ood": _mean(accs, OOD), "generic": _mean(accs, GENERIC), "all": accs}
 
 
-def verdict(better: float | None, worse: float | None, n_better: int, n_worse: int) -> str:
-    """Does `better` beat `worse` beyond sampling noise? Two standard errors of the difference
-    of two accuracies measured on n_better and n_worse questions: at toy scale a 1-point gap
-    on 100 questions is noise, and the report must not call it a reproduction."""
-    if better is None or worse is None or not n_better or not n_worse:
-        return "n/a (missing numbers)"
-    se = math.sqrt(better * (1 - better) / n_better + worse * (1 - worse) / n_worse)
-    margin = 2 * max(se, 1e-9)
-    if better - worse > margin:
-        return "reproduced"
-    if worse - better > margin:
-        return "**not reproduced at this scale** (the opposite came out)"
-    return f"**not reproduced at this scale** (difference {100 * (better - worse):+.1f} points, within noise ±{100 * margin:.1f})"
+# ----------------------------------------------------------------------------- the findings
+
+PAPER = {
+    "in-dist": "specialization raises in-distribution accuracy (FlanT5 gains on GSM8K, Fig. 1/Table 1): "
+               "DM best > start",
+    "OOD": "it carries over to held-out math (MultiArith/ASDiv/SVAMP improve too): DM best > start",
+    "generic": "generic ability is traded away (RQ4, Fig. 3: BBH drops): start > DM best",
+    "DM faster": "distribution matching converges faster than sample matching (Sec. 4): DM dev AUC > SM dev AUC",
+    "RQ5": "select by the OOD dev signal for OOD performance (RQ5, Fig. 4): OOD-picked > in-dist-picked "
+           "on OOD test",
+}
 
 
-def findings(runs: list[Run]) -> list[str]:
-    """Each paper finding checked against what came out, stated either way."""
+def _start_file(run: Run) -> Path:
+    """The start model's scored predictions (the pipeline caches them under eval_start/<key>/)."""
+    found = [p for p in sorted((run.root / "eval_start").glob("*/start.json"), key=lambda p: p.stat().st_mtime)
+             if json.loads(p.read_text()).get("model") == run.recipe.model.name_or_path]
+    return found[-1] if found else run.root / "eval_start" / "missing" / "start.json"
+
+
+def _picked_file(run: Run, rule: str) -> Path:
+    """The evaluated model a dev signal picked: best/ is train.selection's; the other rule's is
+    selected_<rule>.json, or best's own when both signals pick one checkpoint."""
+    other = run.dir("eval") / f"selected_{rule}.json"
+    return other if rule != run.recipe.train.selection and other.exists() else run.dir("eval") / "best.json"
+
+
+def dev_curve(run: Run, name: str) -> dict[int, float]:
+    return {step: sum(items.values()) / len(items)
+            for step, items in fnd.dev_items_by_step(run.dir("train"), name).items() if items}
+
+
+def judge_findings(runs: list[Run]) -> list[fnd.Finding]:
+    """The five findings from the runs' per-question outputs (paired A - B, reproduced beyond 2 SE)."""
     by = {run.tag: run for run in runs}
-    dm, sm = scores(by["dm"]), scores(by["sm"])
-    start = _summary(dm.get("start", {}))
-    dm_best, sm_best = _summary(dm.get("best", {})), _summary(sm.get("best", {}))
-    # questions behind each mean: the test items really scored (an OOD split's test part is smaller
-    # than the split)
-    r = by["dm"].recipe
-    scored = {n: len(_examples(r, n, r.eval.limit)) for n in r.eval.datasets}
-    n_in = scored.get(IN_DIST, 0)
-    n_ood, n_gen = (sum(scored.get(n, 0) for n in names) for names in (OOD, GENERIC))
+    dm, sm = by["dm"], by["sm"]
+    start, best = _start_file(dm), _picked_file(dm, "in_dist")
+    item = fnd.item_correct
     out = [
-        f"- Specialization raises in-distribution accuracy (paper: FlanT5 gains on GSM8K): "
-        f"{_pct(start['in_dist'])}% -> {_pct(dm_best['in_dist'])}% (DM) — "
-        f"{verdict(dm_best['in_dist'], start['in_dist'], n_in, n_in)}.",
-        f"- It carries over to OOD math (paper: MultiArith/ASDiv/SVAMP improve too): "
-        f"{_pct(start['ood'])}% -> {_pct(dm_best['ood'])}% — {verdict(dm_best['ood'], start['ood'], n_ood, n_ood)}.",
-        f"- Generic ability is traded away (paper RQ4: BBH drops): "
-        f"{_pct(start['generic'])}% -> {_pct(dm_best['generic'])}% — "
-        f"{verdict(start['generic'], dm_best['generic'], n_gen, n_gen)}.",
+        fnd.compare("in-dist rises", PAPER["in-dist"], f"test accuracy on {IN_DIST}", "DM best", "start",
+                    item(best, [IN_DIST]), item(start, [IN_DIST])),
+        fnd.compare("OOD rises", PAPER["OOD"], "test accuracy, OOD test parts pooled", "DM best", "start",
+                    item(best, OOD), item(start, OOD)),
+        fnd.compare("generic falls", PAPER["generic"], "test accuracy, generic families pooled", "start", "DM best",
+                    item(start, GENERIC), item(best, GENERIC)),
     ]
-    c_dm, c_sm = dev_curve(by["dm"]), dev_curve(by["sm"])
-    key = _key(by["dm"].recipe.train.dev_in_dist)
-    auc = lambda rows: sum(r.get(key, 0.0) for r in rows) / len(rows) if rows else None  # noqa: E731
-    dev_n = by["dm"].recipe.train.dev_limit or 0
-    out.append(f"- Distribution matching converges faster than sample matching (paper Sec. 4): mean in-dist dev "
-               f"accuracy over training {_pct(auc(c_dm))}% (DM) vs {_pct(auc(c_sm))}% (SM) — "
-               f"{verdict(auc(c_dm), auc(c_sm), dev_n * len(c_dm), dev_n * len(c_sm))}; "
-               f"final test in-dist {_pct(dm_best['in_dist'])}% vs {_pct(sm_best['in_dist'])}%.")
-    sel = selection([by["dm"]])
-    if sel:
-        a, b = sel["in_dist"], sel["ood"]
-        out.append(f"- In-distribution and OOD dev signals pick different checkpoints (paper RQ5), DM run: in-dist "
-                   f"picks step {a.step} (OOD dev {_pct(a.ood)}%), OOD picks step {b.step} (OOD dev {_pct(b.ood)}%) "
-                   f"— {'reproduced' if a.step != b.step else '**not reproduced at this scale** (same checkpoint)'}.")
+    name = dm.recipe.train.dev_in_dist
+    dm_steps, sm_steps = fnd.dev_items_by_step(dm.dir("train"), name), fnd.dev_items_by_step(sm.dir("train"), name)
+    steps = sorted(set(dm_steps) & set(sm_steps))
+    c_dm, c_sm = dev_curve(dm, name), dev_curve(sm, name)
+    note = ""
+    if c_sm:
+        level = 0.9 * c_sm[max(c_sm)]
+        note = (f"steps to reach 90% of SM's final dev accuracy ({100 * level:.1f}%): DM "
+                f"{fnd.steps_to_reach(c_dm, level)}, SM {fnd.steps_to_reach(c_sm, level)}; one seed, so the SE "
+                "covers the dev questions, not seed-to-seed variation")
+    out.append(fnd.compare("DM faster", PAPER["DM faster"],
+                           f"mean {name} dev accuracy over the {len(steps)} evaluations (AUC)", "DM", "SM",
+                           fnd.area_items(dm_steps, steps), fnd.area_items(sm_steps, steps), note))
+    picked_ood = _picked_file(dm, "ood")
+    same = picked_ood == best
+    out.append(fnd.compare("RQ5", PAPER["RQ5"], "DM run: OOD test accuracy, pooled", "OOD-picked", "in-dist-picked",
+                           item(picked_ood, OOD), item(best, OOD),
+                           "both signals picked the same checkpoint" if same else ""))
     return out
 
 
-def _examples(recipe, name: str, limit) -> list:
-    from specialize.engine.pipeline import load_examples
-    return load_examples(recipe, name, split="test")[: limit or None]
+def finding_lines(found: list[fnd.Finding]) -> list[str]:
+    n_ok = sum(f.reproduced for f in found)
+    return [f"Each row: the paper's claim and direction (A > B), both measured numbers (%), the paired gap "
+            "A - B over the same questions with two standard errors, the questions behind it, and the "
+            f"verdict: **reproduced** only when the gap exceeds 2 SE. {n_ok} of {len(found)} reproduced.", "",
+            fnd.table(found)]
+
+
+# ----------------------------------------------------------------------------- teacher data
+
+def teacher_spread(filter_dir: Path) -> dict:
+    """How much the kept teacher samples' top-k says beyond the sampled token: the mean entropy (nats)
+    of the top-k renormalised, and the mean probability off the sampled token, over every token of
+    every kept sample (the logprobs of the temperature-scaled distribution actually sampled)."""
+    entropy = off = 0.0
+    tokens = 0
+    split_tokens = 0  # positions where the top-1 holds under 90% of the mass: real choice points
+    for path in sorted(filter_dir.glob("samples-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            for lp, tops in zip(rec["token_logprobs"], rec["top_logprobs"]):
+                probs = [math.exp(t[1]) for t in tops]
+                if not probs:
+                    continue
+                total = sum(probs)
+                entropy -= sum(p / total * math.log(p / total) for p in probs if p > 0)
+                off += 1 - math.exp(lp)
+                split_tokens += max(probs) < 0.9
+                tokens += 1
+    if not tokens:
+        return {}
+    return {"tokens": tokens, "top_k_entropy": entropy / tokens, "off_sampled": off / tokens,
+            "choice_points": split_tokens / tokens}
+
+
+def teacher_lines(filt: dict, spread: dict) -> list[str]:
+    """The filter's yield with and without the cut at the first answer line, and the soft targets' spread."""
+    n = filt.get("samples")
+    if not n:
+        return ["Filter stage: no counts recorded."]
+    lines = [f"- Samples: {n}; kept (correct) after the cut at the first answer line: {filt.get('kept')} "
+             f"({100 * filt.get('kept', 0) / n:.1f}%); kept without the cut: {filt.get('kept_without_cut', 'n/a')} "
+             f"({100 * filt.get('kept_without_cut', 0) / n:.1f}%); samples cut: {filt.get('cut_samples', 'n/a')}.",
+             f"- Questions with at least one kept sample: {filt.get('questions_kept')}/{filt.get('questions')}."]
+    if spread:
+        lines.append(f"- The soft targets carry information: over the {spread['tokens']} tokens of the kept samples, "
+                     f"the teacher's mean top-k entropy is {spread['top_k_entropy']:.3f} nats, the mean probability "
+                     f"off the sampled token {100 * spread['off_sampled']:.1f}%, and at "
+                     f"{100 * spread['choice_points']:.1f}% of the tokens the top-1 holds under 90% of the mass "
+                     "(the world's choice points: operand order, opener, which amount first).")
+    return lines
 
 
 def ood_split_counts(recipe) -> dict[str, tuple[int, int]]:
@@ -220,17 +255,6 @@ def ood_split_counts(recipe) -> dict[str, tuple[int, int]]:
             for n in OOD if n in recipe.eval.datasets or n in recipe.train.dev_ood}
 
 
-def teacher_lines(filt: dict) -> list[str]:
-    """The filter's yield with and without the cut at the first answer line."""
-    n = filt.get("samples")
-    if not n:
-        return ["Filter stage: no counts recorded."]
-    return [f"- Samples: {n}; kept (correct) after the cut at the first answer line: {filt.get('kept')} "
-            f"({100 * filt.get('kept', 0) / n:.1f}%); kept without the cut: {filt.get('kept_without_cut', 'n/a')} "
-            f"({100 * filt.get('kept_without_cut', 0) / n:.1f}%); samples cut: {filt.get('cut_samples', 'n/a')}.",
-            f"- Questions with at least one kept sample: {filt.get('questions_kept')}/{filt.get('questions')}."]
-
-
 def split_lines(recipe) -> list[str]:
     counts = ood_split_counts(recipe)
     rows = [f"| {n} | {dev} | {test} |" for n, (dev, test) in counts.items()]
@@ -238,7 +262,10 @@ def split_lines(recipe) -> list[str]:
             "selection, and a disjoint test part, which the results above score "
             f"(`data.ood_dev_size` = {recipe.data.ood_dev_size}; the test stage reads at most "
             f"`eval.limit` = {recipe.eval.limit} of it, the engine at most `train.dev_limit` = "
-            f"{recipe.train.dev_limit} of the dev part).", "",
+            f"{recipe.train.dev_limit} of the dev part). Dev sets of {recipe.train.dev_limit} questions put the "
+            "standard error of a dev accuracy near 50% at "
+            f"{100 * math.sqrt(0.25 / max(1, recipe.train.dev_limit)):.1f} points, so two checkpoints 10 points "
+            "apart are told apart by the dev signal rather than by which questions were drawn.", "",
             "| OOD split | dev items | test items |", "|---|---:|---:|", *rows]
 
 
@@ -248,19 +275,15 @@ def _selection_table(runs: list[Run]) -> str:
     return format_table(choices) if choices else "(no dev scores were written)"
 
 
-def draw_plots(out: Path, runs: list[Run]) -> list[str]:
-    """The eval teammate's plot functions over the two runs; returns the PNG paths written."""
-    from specialize.engine.pipeline import stage_plot
-    info = stage_plot(runs)
-    return info.get("plots", [])
-
-
 def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, tiny: bool) -> dict:
     table, table_rows = results_table(runs)
-    plots = draw_plots(out, runs)
-    toy = json.loads((runs[0].dir("toy") / ".done-toy.json").read_text()) if (runs[0].dir("toy") / ".done-toy.json").exists() else {}
+    plots = [p for r in rows for p in r.get("plots", [])]
+    done_toy = runs[0].dir("toy") / ".done-toy.json"
+    toy = json.loads(done_toy.read_text()) if done_toy.exists() else {}
     filt = runs[0].dir("filter") / ".done-filter.json"
     kept = json.loads(filt.read_text()) if filt.exists() else {}
+    spread = teacher_spread(runs[0].dir("filter"))
+    found = judge_findings(runs)
     stage_lines = [f"| {r['run']} | {r['stage']} | {r['status']} | {r.get('seconds', '')} |" for r in rows]
     text = "\n".join([
         f"# specialize demo{' (--tiny)' if tiny else ''}: the paper in miniature",
@@ -268,50 +291,56 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
         f"Wall time {seconds / 60:.1f} min on this machine (stages reused from an earlier run count as 0). "
         "Synthetic math world from `specialize.engine.data.synthetic`; toy GPT-2 teacher "
         f"({toy.get('teacher_params', '?')} params, greedy dev accuracy {_pct(toy.get('teacher_dev_acc'))}%) and "
-        f"tiny T5 student ({toy.get('student_params', '?')} params).",
+        f"tiny T5 student ({toy.get('student_params', '?')} params); toy models in `{runs[0].dir('toy')}`.",
         "",
         "## Results (test accuracy, %)",
         "", "```", table, "```", "",
         "In-dist = synthetic/test; OOD = mean of the test parts of " + ", ".join(OOD) + "; generic = mean of "
         + ", ".join(GENERIC) + ".",
         "",
+        "## Paper findings, checked",
+        "", *finding_lines(found), "",
         "## OOD dev/test split",
         "", *split_lines(runs[0].recipe),
         "",
         "## Model selection (dev signals over both runs' checkpoints)",
         "", _selection_table(runs), "",
-        "## Paper findings, checked",
-        "", *findings(runs), "",
         "## Teacher data",
-        "", *teacher_lines(kept), "",
+        "", *teacher_lines(kept, spread), "",
         f"Filter stage: {json.dumps({k: v for k, v in kept.items() if k not in ('key', 'stage')})}", "",
-        "## Plots", "", *[f"![{Path(p).stem}]({Path(p).relative_to(out) if Path(p).is_relative_to(out) else p})" for p in plots], "",
+        "## Plots", "", *[f"![{Path(p).stem}]({Path(p).relative_to(out) if Path(p).is_relative_to(out) else p})"
+                          for p in plots], "",
         "## Stages", "", "| run | stage | status | seconds |", "|---|---|---|---|", *stage_lines, "",
     ])
     report = out / "REPORT.md"
     report.write_text(text)
-    (out / "results.json").write_text(json.dumps({"rows": table_rows, "seconds": seconds}, indent=1, default=str))
-    return {"table": table, "report": str(report), "plots": plots}
+    (out / "results.json").write_text(json.dumps(
+        {"rows": table_rows, "seconds": seconds, "teacher_spread": spread,
+         "findings": [{**vars(f), "verdict": f.verdict, "reproduced": f.reproduced} for f in found]},
+        indent=1, default=str))
+    return {"table": table, "report": str(report), "plots": plots, "findings": found}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (everything the demo writes goes here)")
     p.add_argument("--tiny", action="store_true", help="shrunken configuration for tests (about a minute)")
-    p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the DeepSpeed engine")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks for the DeepSpeed engine (default 2)")
+    p.add_argument("--recipe", type=Path, default=RECIPE, help=f"the recipe the demo runs (default {RECIPE})")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    scale = SCALES["tiny" if args.tiny else "full"]
-    runs = build_runs(out, args.tiny)
+    runs = build_runs(out, args.tiny, args.recipe.resolve())
+    scale = toy_scale(args.tiny)
 
     def toy_stage(run: Run) -> dict:
-        return prepare_toy_models(run.dir("toy"), seed=run.recipe.train.seed, sizes=scale["sizes"] or None,
-                                  scale=scale["toy"])
+        return prepare_toy_models(run.dir("toy"), seed=run.recipe.train.seed,
+                                  sizes=run.recipe.data.synthetic_sizes or None, scale=scale)
 
     rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage})
     report = write_report(out, runs, rows, seconds=time.time() - t0, tiny=args.tiny)
     print(report["table"])
+    print("\n" + "\n".join(f"[demo] finding {f.name}: {f.verdict}" for f in report["findings"]))
     print(f"\n[demo] report: {report['report']}\n[demo] plots:  {', '.join(report['plots'])}\n[demo] output: {out}")
     return 0

@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from specialize.engine import select  # noqa: E402
 from specialize.engine.cli import HelpFormatter
@@ -177,11 +178,70 @@ def _series(run, x: Optional[str], y: Optional[str], source: str) -> tuple[list,
     return pts, names
 
 
+def smooth(values: Sequence[float], window: int = 3) -> list[float]:
+    """Centred running mean (the window shrinks at the ends): per-checkpoint scores on a few hundred
+    questions jitter by several points, and the trajectory is what the trade-off figure is about."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
+def _start_point(run, x: Optional[str], y: Optional[str]) -> Optional[tuple[float, float]]:
+    """The start model's (x, y) from the pipeline's eval/scores.json, if it was scored."""
+    pts, _ = _series(run, x, y, "eval")
+    return next(((a, b) for tag, a, b in pts if tag == "start"), None)
+
+
+def _picks(run) -> dict[str, int]:
+    """rule -> step each dev signal picks in this run (empty when the run has no dev scores)."""
+    try:
+        return {rule: c.step for rule, c in select.select([str(run)], rules=("in_dist", "ood")).items()}
+    except (ValueError, FileNotFoundError):
+        return {}
+
+
+def _trajectory_panel(ax, run, pts, who: str, color, x, y, sc_norm):
+    """One run: checkpoints in step order (faint), their running mean (bold, with the direction of
+    training), the start model and each dev signal's pick labelled."""
+    pts = sorted(pts)
+    steps, xs, ys = zip(*pts)
+    xs, ys = _pct(xs), _pct(ys)
+    start = _start_point(run, x, y)
+    sx, sy = (_pct(start) if start else (None, None))
+    path_x, path_y = ([sx] if start else []) + list(xs), ([sy] if start else []) + list(ys)
+    ax.plot(path_x, path_y, "-", color="0.6", lw=0.8, alpha=0.6, zorder=1)
+    sc = ax.scatter(xs, ys, c=steps, cmap="viridis", norm=sc_norm, s=22, alpha=0.8, zorder=2)
+    mx, my = smooth(path_x), smooth(path_y)
+    ax.plot(mx, my, "-", color=color, lw=2.2, alpha=0.9, zorder=3, label=f"{who}: running mean of 3")
+    if len(mx) > 1:
+        ax.annotate("", (mx[-1], my[-1]), (mx[-2], my[-2]),
+                    arrowprops=dict(arrowstyle="-|>", color=color, lw=2), zorder=4)
+    if start:
+        ax.scatter([sx], [sy], marker="*", s=180, color="black", zorder=5)
+        ax.annotate("start", (sx, sy), textcoords="offset points", xytext=(6, -12), fontsize=8, weight="bold")
+    picks = _picks(run)
+    if steps[-1] not in picks.values():  # a pick's own label names its step
+        ax.annotate(f"step {steps[-1]}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 6), fontsize=7)
+    for k, (rule, step) in enumerate(sorted(picks.items())):
+        if step in steps:
+            i = steps.index(step)
+            ax.scatter([xs[i]], [ys[i]], marker="sD"[k % 2], s=70, facecolors="none", edgecolors="crimson",
+                       linewidths=1.6, zorder=6)
+            ax.annotate(f"{rule.replace('_', '-')} pick (step {step})", (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(-8, 10 + 12 * k), fontsize=7, ha="right", color="crimson")
+    ax.set_title(who, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.18)
+    return sc
+
+
 def plot_tradeoff(runs: Sequence, out, x: Optional[str] = None, y: Optional[str] = None,
                   labels: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Path:
     """Target accuracy (x) vs generic accuracy (y) per run. The first source any run has is used for all
-    runs (so the axes mean one thing): test scores per checkpoint (colour = step), else the pipeline's
-    evaluated models (start -> best, arrows), else dev scores per checkpoint."""
+    runs (so the axes mean one thing): test scores per checkpoint, else the pipeline's evaluated models
+    (start -> best, arrows), else dev scores per checkpoint. Per checkpoint, each run gets its own panel
+    (overlaid zigzags of several runs cross and hide each other): points coloured by step, their running
+    mean drawn as the trajectory from the start model, the start and each dev signal's pick labelled."""
     for source in ("test", "eval", "dev"):
         series = [_series(run, x, y, source) for run in runs]
         if any(pts for pts, _ in series):
@@ -189,40 +249,45 @@ def plot_tradeoff(runs: Sequence, out, x: Optional[str] = None, y: Optional[str]
     else:
         raise ValueError("tradeoff plot: no run has scores on both axes "
                          "(needs test_scores.jsonl, eval/scores.json or dev_scores.jsonl)")
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    names = next(n for pts, n in series if pts)
+    generic_y = _is_generic(names[1])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names, sc = None, None
-    for i, (run, (pts, axis_names)) in enumerate(zip(runs, series)):
-        if not pts:
-            continue
-        names = names or axis_names
-        tags, xs, ys = zip(*pts)
-        xs, ys = _pct(xs), _pct(ys)
-        who, color = _label(run, labels, i), colors[i % len(colors)]
-        if source == "eval":
+    drawn = [(i, run, pts) for i, (run, (pts, _)) in enumerate(zip(runs, series)) if pts]
+    if source == "eval":
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        axes = [ax]
+        for i, run, pts in drawn:
+            tags, xs, ys = zip(*pts)
+            xs, ys = _pct(xs), _pct(ys)
+            who, color = _label(run, labels, i), colors[i % len(colors)]
             ax.scatter(xs, ys, s=40, color=color, marker="osD^v"[i % 5], label=who, zorder=3)
             for tag, xi, yi in zip(tags, xs, ys):
                 ax.annotate(f"{who} {tag}", (xi, yi), textcoords="offset points", xytext=(6, 4 - 10 * i), fontsize=7)
             for xi, yi in zip(xs[1:], ys[1:]):  # arrows from the start model to each specialized one
                 ax.annotate("", (xi, yi), (xs[0], ys[0]), arrowprops=dict(arrowstyle="->", color=color, alpha=0.6))
-            continue
-        ax.plot(xs, ys, "-", alpha=0.4, lw=1, color=color)
-        sc = ax.scatter(xs, ys, c=tags, cmap="viridis", s=28, label=who, zorder=3, marker="osD^v"[i % 5])
-        # Offsets per run so the start/end labels of several runs do not print over each other.
-        ax.annotate(f"{who} step {tags[0]}", (xs[0], ys[0]), textcoords="offset points",
-                    xytext=(8, -4 - 10 * i), fontsize=7)
-        ax.annotate(f"{who} step {tags[-1]}", (xs[-1], ys[-1]), textcoords="offset points",
-                    xytext=(-8, 6 + 10 * i), fontsize=7, ha="right")
-    if sc is not None:
-        fig.colorbar(sc, ax=ax, label="training step")
-    generic_y = _is_generic(names[1])
-    ax.set_xlabel(f"{names[0]} accuracy (%)  — specialized ability")
-    ax.set_ylabel(f"{names[1]} accuracy (%)  — " + ("generic ability" if generic_y else "out of distribution"))
-    ax.set_title(title or "Trade-off: target task vs " + ("generic ability" if generic_y else "OOD accuracy"))
-    ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
-    ax.legend(fontsize=8)
-    return _save(fig, out)
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.15)
+        ax.legend(fontsize=8)
+    else:
+        fig, axes = plt.subplots(1, len(drawn), figsize=(5.2 * len(drawn) + 1.2, 5), sharex=True, sharey=True,
+                                 squeeze=False)
+        axes = list(axes[0])
+        all_steps = [p[0] for _, _, pts in drawn for p in pts]
+        norm = matplotlib.colors.Normalize(min(all_steps), max(all_steps))
+        sc = None
+        for ax, (i, run, pts) in zip(axes, drawn):
+            sc = _trajectory_panel(ax, run, pts, _label(run, labels, i), colors[i % len(colors)], x, y, norm)
+            ax.legend(fontsize=7, loc="best")
+        fig.colorbar(sc, ax=axes, label="training step", fraction=0.04)
+    for ax in axes:
+        ax.set_xlabel(f"{names[0]} accuracy (%)  — specialized ability")
+    axes[0].set_ylabel(f"{names[1]} accuracy (%)  — " + ("generic ability" if generic_y else "out of distribution"))
+    fig.suptitle(title or "Trade-off: target task vs " + ("generic ability" if generic_y else "OOD accuracy"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, bbox_inches="tight")  # tight_layout cannot place a colorbar shared by panels
+    plt.close(fig)
+    return out
 
 
 def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = None,
@@ -376,7 +441,8 @@ def main(argv: list[str]) -> int:
                         ("in_dist_vs_ood", "in-dist vs OOD dev accuracy over steps"),
                         ("training_curves", "TensorBoard scalars over steps"),
                         ("all", "every run-based plot into --out (a dir)")):
-        q = sub.add_parser(name, formatter_class=HelpFormatter, help=help_, aliases=[name.replace("_", "-")] if "_" in name else [])
+        aliases = [name.replace("_", "-")] if "_" in name else []
+        q = sub.add_parser(name, formatter_class=HelpFormatter, help=help_, aliases=aliases)
         q.add_argument("--runs", nargs="+", required=True, help="run dirs (the engine's, or pipeline run dirs)")
         q.add_argument("--labels", default=None, help="comma list, one per run")
         if name == "tradeoff":

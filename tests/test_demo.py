@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from specialize.engine import demo
+from specialize.engine import demo, findings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,11 +19,16 @@ def tiny_demo(tmp_path_factory):
 def test_report_table_and_findings(tiny_demo, capsys):
     report = (tiny_demo / "REPORT.md").read_text()
     assert "## Results" in report and "## Paper findings, checked" in report
-    # Each finding is stated either way, never left out.
-    findings = report.split("## Paper findings, checked")[1].split("##")[0]
-    assert findings.count("- ") >= 4
-    assert all(("reproduced" in line or "n/a" in line) for line in findings.splitlines() if line.startswith("- "))
+    # Each of the five findings is stated either way, never left out, with its gap and 2 SE.
+    table = report.split("## Paper findings, checked")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 5
+    assert all(("reproduced" in row or "n/a" in row) and " ± " in row for row in rows)
     results = json.loads((tiny_demo / "results.json").read_text())
+    # the verdicts are the criterion applied to the numbers the report states
+    for f in results["findings"]:
+        assert f["verdict"] == findings.judge(f["gap"], f["se"])
+        assert f["n"] > 0
     labels = [row["model"] for row in results["rows"]]
     assert labels[0].startswith("student start")
     assert any(l.startswith("DM") for l in labels) and any(l.startswith("SM") for l in labels)
@@ -39,7 +44,9 @@ def test_plots_are_png(tiny_demo):
 
 
 def test_everything_under_out_and_stages_marked(tiny_demo):
-    for stage_dir, stage in [("toy", "toy"), ("teacher", "teacher"), ("teacher-correct", "filter"),
+    (toy,) = (tiny_demo / "toy").iterdir()  # toy/<hash of the toy configuration>
+    assert toy.name == demo.toy_key(0, None, demo.TINY_TOY)
+    for stage_dir, stage in [(f"toy/{toy.name}", "toy"), ("teacher", "teacher"), ("teacher-correct", "filter"),
                              ("aligned", "align"), ("dm/train", "train"), ("sm/train", "train"),
                              ("dm/eval", "eval"), ("sm/eval", "eval")]:
         assert (tiny_demo / stage_dir / f".done-{stage}.json").exists(), stage_dir
@@ -53,15 +60,41 @@ def test_rerun_reuses_finished_stages(tiny_demo, capsys):
         assert f"{stage} done, reusing" in out
 
 
-@pytest.mark.parametrize("better,worse,n,expect", [
-    (0.20, 0.10, 100, "reproduced"),           # 10 points, 2 SE = 9.8 points
-    (0.11, 0.10, 100, "within noise"),
-    (0.030, 0.023, 300, "within noise"),       # the gap the first full demo called a reproduction
-    (0.10, 0.30, 100, "opposite"),
-    (None, 0.10, 100, "n/a"),
+def _items(correct: int, n: int, offset: int = 0) -> dict:
+    """id -> 1/0 with `correct` ones among n items, the ones starting at `offset` (wrapping)."""
+    return {f"q{i}": float((i - offset) % n < correct) for i in range(n)}
+
+
+@pytest.mark.parametrize("a,b,expect", [
+    # 200 questions, the same 20 solved by both and 40 more by A: gap 20 points, SE 2.8 -> beyond 2 SE
+    (_items(60, 200), _items(20, 200), "reproduced"),
+    # 100 questions, 11% vs 10%, different questions: gap 1 point, SE ~4 -> noise
+    (_items(11, 100), _items(10, 100, offset=50), "within noise"),
+    # the first full demo's RQ5 gap (3.8% vs 3.7% OOD test) on 300 questions: noise
+    (_items(12, 300), _items(11, 300, offset=100), "within noise"),
+    # the paper's direction reversed, clearly: 10% vs 30%
+    (_items(10, 100), _items(30, 100), "opposite"),
+    # both sides the same checkpoint: the gap is exactly 0 and cannot be called a reproduction
+    (_items(30, 100), _items(30, 100), "within noise"),
+    ({}, _items(10, 100), "n/a"),
 ])
-def test_verdict_needs_a_gap_beyond_sampling_noise(better, worse, n, expect):
-    assert expect in demo.verdict(better, worse, n, n)
+def test_a_finding_is_reproduced_only_beyond_two_standard_errors(a, b, expect):
+    f = findings.compare("x", "A > B", "acc", "A", "B", a, b)
+    assert expect in f.verdict
+    assert f.reproduced == (expect == "reproduced")
+
+
+def test_paired_gap_against_a_hand_computation():
+    # differences +1, +1, 0, -1 -> mean 0.25, sample sd sqrt(((.75)^2*2 + .25^2 + 1.25^2)/3) = 0.957, SE = sd/2
+    gap, se, n = findings.paired_gap({"a": 1, "b": 1, "c": 1, "d": 0}, {"a": 0, "b": 0, "c": 1, "d": 1, "e": 1})
+    assert n == 4 and gap == pytest.approx(0.25) and se == pytest.approx(0.9574271 / 2, rel=1e-6)
+
+
+def test_dev_area_and_steps_to_reach():
+    by_step = {50: {"a": 0.0, "b": 0.0}, 100: {"a": 1.0, "b": 0.0}, 150: {"a": 1.0, "b": 1.0}}
+    assert findings.area_items(by_step, [50, 100, 150]) == {"a": pytest.approx(2 / 3), "b": pytest.approx(1 / 3)}
+    assert findings.steps_to_reach({50: 0.1, 100: 0.5, 150: 0.7}, 0.45) == 100
+    assert findings.steps_to_reach({50: 0.1}, 0.45) is None
 
 
 def test_report_states_teacher_yield_and_ood_split(tiny_demo):
@@ -72,8 +105,9 @@ def test_report_states_teacher_yield_and_ood_split(tiny_demo):
     split = report.split("## OOD dev/test split")[1].split("##")[0]
     # the counts in the report are the parts the engine and the test stage load, and they are disjoint
     from specialize.engine.data import load_dataset_by_name
-    dev = load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=demo.OOD_DEV)
-    test = load_dataset_by_name(demo.OOD[0], split="test", seed=0, ood_dev_size=demo.OOD_DEV)
+    ood_dev = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data.ood_dev_size
+    dev = load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=ood_dev)
+    test = load_dataset_by_name(demo.OOD[0], split="test", seed=0, ood_dev_size=ood_dev)
     assert f"| {demo.OOD[0]} | {len(dev)} | {len(test)} |" in split
     assert not {e.question for e in dev} & {e.question for e in test}
     # the OOD items the test stage scored are all from the test part
@@ -87,9 +121,47 @@ def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
     """The engine's dev predictions (train/dev/step-*/<name>.jsonl) on the OOD split are all from its
     dev part, so checkpoint selection never sees a test item."""
     from specialize.engine.data import load_dataset_by_name
-    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=demo.OOD_DEV)}
+    ood_dev = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data.ood_dev_size
+    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=ood_dev)}
     dumps = sorted((tiny_demo / "dm" / "train" / "dev").glob(f"step-*/{demo.OOD[0].replace('/', '_')}.jsonl"))
     assert dumps, "the engine wrote no dev predictions for the OOD dev set"
     for path in dumps:
         ids = {json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()}
         assert ids and ids <= dev, path
+
+
+def test_grad_norm_is_logged_positive_and_finite_on_real_steps(tiny_demo):
+    import math
+    for run in ("dm", "sm"):
+        rows = [json.loads(line) for line in (tiny_demo / run / "train" / "train_log.jsonl").read_text().splitlines()]
+        norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+        assert norms and all(math.isfinite(g) and g > 0 for g in norms), (run, norms)
+
+
+def test_teacher_spread_by_hand(tmp_path):
+    """Two tokens: a 50/50 choice between two tokens (sampled one of them), then a sure token."""
+    import math
+    rec = {"token_logprobs": [math.log(0.5), 0.0],
+           "top_logprobs": [[["a", math.log(0.5)], ["b", math.log(0.5)]], [["c", 0.0]]]}
+    (tmp_path / "samples-00000.jsonl").write_text(json.dumps(rec) + "\n")
+    got = demo.teacher_spread(tmp_path)
+    assert got["tokens"] == 2
+    assert got["top_k_entropy"] == pytest.approx(math.log(2) / 2)
+    assert got["off_sampled"] == pytest.approx(0.25) and got["choice_points"] == pytest.approx(0.5)
+
+
+def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):
+    """Only the PATHS and TINY keys differ from recipes/mini/dm_vs_sm.yaml; the sweep gives DM and SM."""
+    from specialize.engine.config import load_recipe, recipe_to_dict
+    base = recipe_to_dict(load_recipe(demo.RECIPE))
+    for tiny in (False, True):
+        runs = demo.build_runs(tmp_path, tiny)
+        assert [r.tag for r in runs] == ["dm", "sm"] and [r.recipe.loss.kind for r in runs] == ["dm", "sm"]
+        got = recipe_to_dict(runs[0].recipe)
+        changed = {f"{sec}.{k}" for sec, fields in got.items() if isinstance(fields, dict)
+                   for k, v in fields.items() if base[sec][k] != v} | {k for k, v in got.items()
+                                                                     if not isinstance(v, dict) and base[k] != v}
+        allowed = set(demo.paths(tmp_path, tmp_path)) | (set(demo.TINY) if tiny else set())
+        assert changed <= allowed, changed - allowed
+        assert runs[0].recipe.model.name_or_path.startswith(str(tmp_path / "toy" / demo.toy_key(
+            0, None, demo.toy_scale(tiny))))

@@ -138,3 +138,34 @@ def test_tradeoff_from_the_pipelines_evaluated_models(tmp_path):
     assert pts[0][1:] == pytest.approx((0.2, 0.4)) and pts[1][1:] == pytest.approx((0.6, 0.2))
     assert names == ("test synthetic/test", "test generic mean (2 sets)")
     assert_png(plots.plot_tradeoff([run], tmp_path / "t.png", labels=["DM"]))
+
+
+def test_smooth_is_a_centred_running_mean():
+    assert plots.smooth([0, 3, 6, 3]) == pytest.approx([1.5, 3, 4, 4.5])
+    assert plots.smooth([5]) == [5]
+
+
+def test_tradeoff_panels_label_the_start_and_each_pick(runs, tmp_path):
+    """One panel per run; the start model (from eval/scores.json) and both dev signals' picks are drawn."""
+    import matplotlib.pyplot as plt
+    (runs[0] / "eval").mkdir(exist_ok=True)
+    (runs[0] / "eval" / "scores.json").write_text(json.dumps({"start": {"gsm8k": 0.05, "bbh": 0.4}}))
+    texts = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        texts.append(f"axes={len(fig.axes)}")
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        w, _ = assert_png(plots.plot_tradeoff(runs, tmp_path / "t.png", labels=["DM", "SM"]))
+    finally:
+        plt.Figure.savefig = real_savefig
+    picks = plots._picks(runs[0])
+    assert picks == {"in_dist": 1000, "ood": 400}  # gsm8k dev peaks last, the OOD mean at step 400
+    assert texts.count("start") == 1  # only the DM run has a scored start model
+    assert f"in-dist pick (step {picks['in_dist']})" in texts and f"ood pick (step {picks['ood']})" in texts
+    assert "axes=3" in texts  # two run panels and the shared step colour bar
+    assert w > 1000

@@ -6,12 +6,20 @@ questions stay under ~40 words and CoTs under ~60. The out-of-distribution split
 knob: `ood_steps` (more operations), `ood_templates` (phrasings never seen in train) and
 `ood_numbers` (larger numbers), mirroring the paper's in-distribution vs. generalisation split.
 
-Gold CoT: one line "a + b = c." per operation, the last line "The answer is N.".
+Gold CoT: one line per operation, the last line "The answer is N.". The world has real choice, as
+natural CoT does: a line may put commuting operands either way round ("3 + 4" or "4 + 3") and open
+with "So " or not, and a two-person problem ("How many ... together?") may compute
+either person's amount first. The gold CoT is drawn uniformly among these valid alternatives
+(`rationale_alternatives`), so a teacher trained on it spreads probability over the valid next
+tokens, and its top-k carries information a single sample does not (the point of distribution
+matching).
 Every split is a pure function of (seed, sizes); no question appears twice in the whole world.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,6 +40,8 @@ TEMPLATES_A = {
     "mul": ("Then {name} has {n} times as many.",),
     "div": ("{name} keeps one of {n} equal shares.",),
     "question": ("How many {item} does {name} have now?", "How many {item} does {name} have in the end?"),
+    "together": ("How many {item} do {name} and {other} have together?",
+                 "How many {item} do {name} and {other} have in total?"),
 }
 # Set B (ood_templates only): a shared box, phrasings never used by set A.
 TEMPLATES_B = {
@@ -53,10 +63,11 @@ class ArithmeticSpec:
     factor: tuple[int, int]         # operand of * and /
     cap: int                        # no intermediate value above this
     templates: dict
+    together: float = 0.0           # share of two-person problems (needs a "together" template)
 
 
-SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99)
-LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999)
+SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99, together=0.3)
+LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999, together=0.3)
 
 ARITHMETIC_SPECS = {
     "train": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),
@@ -68,8 +79,10 @@ ARITHMETIC_SPECS = {
 }
 GENERIC_FAMILIES = ("generic_sort", "generic_count", "generic_bool")
 SPLITS = tuple(ARITHMETIC_SPECS) + GENERIC_FAMILIES
-DEFAULT_SIZES = {"train": 2000, "dev": 200, "test": 200, "ood_steps": 200, "ood_templates": 200,
-                 "ood_numbers": 200, "generic_sort": 300, "generic_count": 300, "generic_bool": 300}
+# Each OOD split is later cut into a dev part (selection) and a test part, so it holds twice the
+# data layer's default dev part (data.ood_dev_size 200).
+DEFAULT_SIZES = {"train": 2000, "dev": 200, "test": 200, "ood_steps": 400, "ood_templates": 400,
+                 "ood_numbers": 400, "generic_sort": 300, "generic_count": 300, "generic_bool": 300}
 
 
 def _final(answer) -> str:
@@ -108,27 +121,123 @@ def _step(rng: random.Random, spec: ArithmeticSpec, value: int) -> Optional[tupl
 
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+COMMUTATIVE = ("add", "mul")
+# Two ways to open a line. The choice sits before the sum, not between it and its result: "a + b ="
+# stays one fact to learn (a verb in that slot, "a + b makes", made the toy teacher learn every fact
+# twice and its held-out accuracy fell from 74% to 23%).
+OPENERS = ("", "So ")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One person's amount: a start and the operations applied to it, (op, operand, result) each."""
+    start: int
+    ops: tuple
+
+    @property
+    def value(self) -> int:
+        return self.ops[-1][2] if self.ops else self.start
+
+
+def line_options(a: int, op: str, b: int, c: int) -> list[str]:
+    """Every valid way to write the CoT line for a op b = c: both operand orders where the operation
+    commutes, each with either opener. These are the choice points a trained teacher spreads mass over."""
+    orders = [(a, b), (b, a)] if op in COMMUTATIVE and a != b else [(a, b)]
+    return [f"{opener}{x} {_SYMBOL[op]} {y} = {c}." for x, y in orders for opener in OPENERS]
+
+
+def _plan_lines(chains: tuple) -> list[list[list[str]]]:
+    """Per chain, the options of each of its lines (a chain's lines keep their order: each uses the
+    previous result)."""
+    out = []
+    for chain in chains:
+        value, lines = chain.start, []
+        for op, n, new in chain.ops:
+            lines.append(line_options(value, op, n, new))
+            value = new
+        out.append(lines)
+    return out
+
+
+def _total_lines(chains: tuple) -> list[str]:
+    return line_options(chains[0].value, "add", chains[1].value, chains[0].value + chains[1].value) \
+        if len(chains) == 2 else []
+
+
+def rationale_alternatives(chains: tuple) -> list[str]:
+    """All valid gold rationales of a problem: with two people, either person's amount first; every
+    line in any of its `line_options`; then "The answer is N."."""
+    per_chain = _plan_lines(chains)
+    total = _total_lines(chains)
+    final = _final(chains[0].value + chains[1].value if len(chains) == 2 else chains[0].value)
+    orders = [per_chain] if len(chains) == 1 else [per_chain, per_chain[::-1]]
+    out = []
+    for order in orders:
+        slots = [opts for lines in order for opts in lines] + ([total] if total else [])
+        out += ["\n".join([*choice, final]) for choice in itertools.product(*slots)]
+    return list(dict.fromkeys(out))
+
+
+def sample_rationale(rng: random.Random, chains: tuple) -> str:
+    """One of `rationale_alternatives`, drawn choice by choice (order, then each line)."""
+    per_chain = _plan_lines(chains)
+    if len(chains) == 2 and rng.random() < 0.5:
+        per_chain = per_chain[::-1]
+    lines = [rng.choice(opts) for chain in per_chain for opts in chain]
+    total = _total_lines(chains)
+    if total:
+        lines.append(rng.choice(total))
+    value = chains[0].value + chains[1].value if len(chains) == 2 else chains[0].value
+    return "\n".join([*lines, _final(value)])
+
+
+def _chain(rng: random.Random, spec: ArithmeticSpec, n_ops: int, cap: int) -> Chain:
+    value = start = rng.randint(*spec.start)
+    ops = []
+    for _ in range(n_ops):
+        step = _step(rng, dataclasses.replace(spec, cap=cap), value)
+        if step is None:
+            break
+        ops.append(step)
+        value = step[2]
+    return Chain(start, tuple(ops))
+
+
+def _sentences(rng: random.Random, templates: dict, chain: Chain, name: str, other: str, item: str,
+               alone: bool) -> list[str]:
+    """The story of one chain. With two people (alone=False) the templates naming the other person
+    are left out: a gift between them would not change the total the question asks for."""
+    def pick(kind):
+        options = [t for t in templates[kind] if alone or "{other}" not in t]
+        return rng.choice(options)
+    out = [pick("start").format(name=name, other=other, item=item, n=chain.start)]
+    out += [pick(op).format(name=name, other=other, item=item, n=n) for op, n, _ in chain.ops]
+    return out
 
 
 def arithmetic_problem(rng: random.Random, spec: ArithmeticSpec) -> tuple[str, str, str]:
-    """(question, rationale ending in "The answer is N.", answer) drawn from `spec`."""
+    """(question, rationale ending in "The answer is N.", answer) drawn from `spec`.
+
+    A share `spec.together` of problems follow two people and ask for their total, so the CoT may
+    compute either amount first; the gold rationale is one draw from `rationale_alternatives`."""
     name, other = rng.sample(NAMES, 2)
     item = rng.choice(ITEMS)
-    value = rng.randint(*spec.start)
     t = spec.templates
-    sentences = [rng.choice(t["start"]).format(name=name, other=other, item=item, n=value)]
-    lines = []
-    for _ in range(rng.randint(*spec.steps)):
-        step = _step(rng, spec, value)
-        if step is None:
-            break
-        op, n, new = step
-        sentences.append(rng.choice(t[op]).format(name=name, other=other, item=item, n=n))
-        lines.append(f"{value} {_SYMBOL[op]} {n} = {new}.")
-        value = new
-    sentences.append(rng.choice(t["question"]).format(name=name, item=item))
-    lines.append(_final(value))
-    return " ".join(sentences), "\n".join(lines), str(value)
+    n_ops = rng.randint(*spec.steps)
+    if "together" in t and rng.random() < spec.together:
+        # n_ops counts the final sum too: the two chains share the remaining operations
+        left = rng.randint(0, n_ops - 1)
+        chains = (_chain(rng, spec, left, spec.cap // 2), _chain(rng, spec, n_ops - 1 - left, spec.cap // 2))
+        sentences = (_sentences(rng, t, chains[0], name, other, item, alone=False)
+                     + _sentences(rng, t, chains[1], other, name, item, alone=False)
+                     + [rng.choice(t["together"]).format(name=name, other=other, item=item)])
+        answer = chains[0].value + chains[1].value
+    else:
+        chains = (_chain(rng, spec, n_ops, spec.cap),)
+        sentences = (_sentences(rng, t, chains[0], name, other, item, alone=True)
+                     + [rng.choice(t["question"]).format(name=name, item=item)])
+        answer = chains[0].value
+    return " ".join(sentences), sample_rationale(rng, chains), str(answer)
 
 
 # ---------------------------------------------------------------- generic families (BBH stand-ins)
