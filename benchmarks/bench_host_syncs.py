@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.io_helpers import read_jsonl
 from specialize.engine.measure import REPO, engine_recipe, scratch_dir, subprocess_env, synthetic_world
 
 PROBE = REPO / "benchmarks" / "engine_probe.py"
@@ -62,7 +63,7 @@ def measure(python: str, steps: int, ranks: int, zero: int, workers: int) -> dic
         for owner in ("ours", "deepspeed", "optimizer_step_counter"):
             diffs = np.diff([m.get(owner, 0) for m in marks])[:-1]  # steps 2..steps-1: no start-up, no log
             per_step[owner] = float(np.mean(diffs)) if len(diffs) else None
-        log = [json.loads(x) for x in (root / "run" / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        log = read_jsonl(root / "run" / "train_log.jsonl")
         wait = log[-1].get("data_wait_ms_per_step") if log else None
         return {"reads_per_step": per_step, "collate_ms_per_step_in_training_process":
                 1000 * rec.get("collate_s", 0.0) / steps, "data_wait_ms_per_step": wait}

@@ -26,7 +26,7 @@ from pathlib import Path
 from specialize.engine import findings as fnd
 from specialize.engine.cli import HelpFormatter
 from specialize.engine.config import ConfigError
-from specialize.engine.io_helpers import percent
+from specialize.engine.io_helpers import percent, read_jsonl
 from specialize.engine.pipeline import Run, expand_runs, run_stages
 from specialize.engine.toy_teacher import ToyScale, prepare_toy_models, toy_key
 
@@ -208,10 +208,7 @@ def teacher_spread(filter_dir: Path) -> dict:
     tokens = 0
     split_tokens = 0  # positions where the top-1 holds under 90% of the mass: real choice points
     for path in sorted(filter_dir.glob("samples-*.jsonl")):
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
+        for rec in read_jsonl(path):
             for lp, tops in zip(rec["token_logprobs"], rec["top_logprobs"]):
                 probs = [math.exp(t[1]) for t in tops]
                 if not probs:

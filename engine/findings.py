@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from specialize.engine.io_helpers import read_jsonl
+from specialize.engine.rundir import RunDir
+
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "**not reproduced at this scale**"
 
@@ -106,10 +109,9 @@ def item_correct(result_file: Path, names: Sequence[str]) -> dict[str, float]:
 def dev_items_by_step(train_dir: Path, name: str) -> dict[int, dict[str, float]]:
     """step -> {id: 1/0} from the engine's dev dumps train/dev/step-NNNNNN/<name>.jsonl."""
     out = {}
-    for path in sorted((train_dir / "dev").glob(f"step-*/{name.replace('/', '_')}.jsonl")):
-        step = int(path.parent.name.split("-")[1])
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out[step] = {r["id"]: float(bool(r["correct"])) for r in rows}
+    for path in sorted((Path(train_dir) / "dev").glob(f"step-*/{name.replace('/', '_')}.jsonl")):
+        step = RunDir.step_of(path.parent)
+        out[step] = {r["id"]: float(bool(r["correct"])) for r in read_jsonl(path)}
     return out
 
 

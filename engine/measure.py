@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specialize.engine.io_helpers import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -108,7 +110,7 @@ def run_engine(recipe: dict, nproc: int = 1, timeout: int = 1800, env: dict | No
     rc, peak_rss, stderr = run_watched(cmd, subprocess_env({**stop, **(env or {})}), timeout,
                                        out.parent / f"{out.name}.stderr")
     log = out / "train_log.jsonl"
-    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    rows = read_jsonl(log)
     return {"returncode": rc, "rows": rows, "stderr_tail": stderr[-3000:], "peak_host_rss_gb": peak_rss / 2 ** 30}
 
 
