@@ -130,7 +130,8 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
         mine = examples[rank::world]
         preds = []
         # the largest slice's batch count, which every rank must run when the ranks generate together
-        in_step = -(-(-(-len(examples) // world)) // e.batch_size) if partitioned else 0
+        largest_slice = math.ceil(len(examples) / world)
+        in_step = math.ceil(largest_slice / e.batch_size) if partitioned else 0
         if mine or in_step:
             res = evaluate_model(model, tokenizer, mine, name, fmt=e.format, exemplars=exemplars,
                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
