@@ -14,12 +14,12 @@ COMMANDS = {
     "teacher": ("specialize.engine.teacher.cli", "sample CoT with top-k logprobs (generate) and keep correct ones (filter)"),
     "align": ("specialize.aligner.cli", "align teacher top-k distributions onto student tokens, in bulk"),
     "train": ("specialize.engine.train", "specialize a T5 student with the DeepSpeed engine"),
-    "eval": ("specialize.engine.evaluate",
+    "eval": ("specialize.engine.evaluation.evaluate",
              "evaluate a model (or scored predictions) on GSM8K, MultiArith, ASDiv, SVAMP, BBH"),
-    "select": ("specialize.engine.select", "pick checkpoints by in-distribution vs OOD dev signal"),
-    "plot": ("specialize.engine.plots", "draw scaling, trade-off, in-dist vs OOD and training-curve PNGs"),
+    "select": ("specialize.engine.evaluation.select", "pick checkpoints by in-distribution vs OOD dev signal"),
+    "plot": ("specialize.engine.evaluation.plots", "draw scaling, trade-off, in-dist vs OOD and training-curve PNGs"),
     "run": ("specialize.engine.pipeline", "run a recipe's stages (teacher -> filter -> align -> train -> eval -> plot)"),
-    "demo": ("specialize.engine.demo", "the whole paper in miniature, offline on a CPU"),
+    "demo": ("specialize.engine.demo.run", "the whole paper in miniature, offline on a CPU"),
     "memory": ("specialize.engine.memory", "estimate (and --measure) memory per GPU for a model and ZeRO setup"),
 }
 

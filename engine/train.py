@@ -111,7 +111,7 @@ def grad_norm_now(model) -> float:
 def selection_score(scores: dict, recipe: Recipe) -> float | None:
     """train.selection's value of one evaluation: select.selection_value, the rule `specialize select`
     applies to the same dev_scores.jsonl (one rule, so best/ and select cannot disagree)."""
-    from specialize.engine.select import selection_value
+    from specialize.engine.evaluation.select import selection_value
     t = recipe.train
     return selection_value(scores, t.selection, t.dev_in_dist, list(t.dev_ood))
 
@@ -123,7 +123,7 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
 
     partitioned (ZeRO-3): the training model generates as it is, each module's weights gathered around
     its forward (no full copy anywhere); all ranks then run the same number of batches in step."""
-    from specialize.engine.evaluate import evaluate_model
+    from specialize.engine.evaluation.evaluate import evaluate_model
     e = recipe.eval
     scores = {}
     for name, examples in dev_sets.items():

@@ -48,6 +48,28 @@ def test_import_direction(package):
     assert not bad, "imports against the direction aligner/kernels <- engine <- benchmarks:\n" + "\n".join(bad)
 
 
+# Inside the engine: the demo sits on top (only it and the pipeline's toy stage may import it), and
+# evaluation does not reach into the pipeline, the demo or the training loop.
+ENGINE_LAYERS = {
+    "engine": (("specialize.engine.demo",), ("engine/demo", "engine/pipeline")),
+    "engine/evaluation": (("specialize.engine.pipeline", "specialize.engine.demo", "specialize.engine.train"), ()),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(ENGINE_LAYERS))
+def test_engine_layers(folder):
+    forbidden, exempt = ENGINE_LAYERS[folder]
+    bad = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith(exempt):
+            continue
+        for line, name in imported_modules(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{rel}:{line} imports {name}")
+    assert not bad, "imports against the engine's layers:\n" + "\n".join(bad)
+
+
 def test_every_command_line_option_has_a_help_string():
     """`--help` must explain every option (engine/cli.HelpFormatter then appends its default)."""
     bare = []

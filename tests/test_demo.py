@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from specialize.engine import demo, findings
+from specialize.engine.demo import findings
+from specialize.engine.demo import run as demo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from specialize.engine import evaluate
 from specialize.engine.data import BBH_TASKS, Example, build_target, load_dataset_by_name
-from specialize.engine.evaluate import EvalResult, bootstrap_ci, evaluate_model, score_predictions
+from specialize.engine.evaluation import evaluate
+from specialize.engine.evaluation.evaluate import EvalResult, bootstrap_ci, evaluate_model, score_predictions
 from specialize.engine.tokenizers import train_t5_unigram
 
 MATH = ("gsm8k", "multiarith", "asdiv", "svamp")

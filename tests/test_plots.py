@@ -4,7 +4,7 @@ import json
 import matplotlib.image as mpimg
 import pytest
 
-from specialize.engine import plots
+from specialize.engine.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RECIPE = "train:\n  dev_in_dist: gsm8k_dev\n  dev_ood: [multiarith, svamp]\n"

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from specialize.engine import select
+from specialize.engine.evaluation import select
 
 
 def write_run(path, dev_rows, test_rows=(), recipe=None):

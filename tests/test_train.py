@@ -39,7 +39,7 @@ def _same_generations(run: Path, step: int) -> None:
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     from specialize.engine.data.synthetic import make_splits
-    from specialize.engine.evaluate import evaluate_model
+    from specialize.engine.evaluation.evaluate import evaluate_model
     info = json.loads((run / "best" / "specialize.json").read_text())
     assert info["step"] == step
     assert (run / "best" / "model.safetensors").is_file()

@@ -299,8 +299,8 @@ def test_engine_best_and_specialize_select_apply_one_rule(world, tmp_path):
     `specialize select` over the same dev_scores.jsonl must pick that step for that rule, also where an
     OOD set is missing from a row or scored NaN (neither rule may average what is left)."""
     from specialize.engine.config import dump_recipe
+    from specialize.engine.evaluation.select import select
     from specialize.engine.io_helpers import append_jsonl
-    from specialize.engine.select import select
     ind, o1, o2 = "dev/synthetic/dev_acc", "dev/synthetic/ood_steps_acc", "dev/synthetic/ood_numbers_acc"
     rows = [{"step": 2, ind: 0.30, o1: 0.10, o2: 0.20},
             {"step": 4, ind: 0.50, o1: 0.90},                      # o2 missing: no OOD value here

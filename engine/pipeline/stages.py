@@ -91,7 +91,7 @@ def toy_key(run: Run, stage: str) -> list:
 
 
 def stage_toy(run: Run) -> dict:
-    from specialize.engine.toy_teacher import prepare_toy_models
+    from specialize.engine.demo.toy_models import prepare_toy_models
     r = run.recipe
     return prepare_toy_models(run.dir("toy"), seed=r.train.seed, sizes=r.data.synthetic_sizes or None)
 
@@ -200,7 +200,7 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1, resume: b
 def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str) -> dict:
     """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies."""
     from specialize.engine.data import draw_exemplars, split_label
-    from specialize.engine.evaluate import evaluate_model, load_model_and_tokenizer
+    from specialize.engine.evaluation.evaluate import evaluate_model, load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(model_dir, recipe.model.tokenizer)
     shots = recipe.data.shots if recipe.eval.format.startswith("in_context") else 0
     exemplars = draw_exemplars(training_pool(recipe), shots, recipe.train.seed) if shots else ()
@@ -227,7 +227,7 @@ def selected_checkpoints(run: Run) -> dict[str, str]:
     other = {"in_dist": "ood", "ood": "in_dist"}.get(run.recipe.train.selection)
     if other is None or not run.recipe.train.dev_ood:
         return found
-    from specialize.engine.select import export_selected
+    from specialize.engine.evaluation.select import export_selected
     out = run.dir("eval") / f"selected-{other}"
     path = export_selected(str(train_dir), other, str(out))
     if path is None and (out / "selection.json").exists():
@@ -254,7 +254,7 @@ def tradeoff_datasets(recipe: Recipe) -> list[str]:
 def score_every_checkpoint(run: Run) -> int:
     """RQ4: score every kept checkpoint on the trade-off datasets (train.dev_limit examples each) into
     train/test_scores.jsonl; the evaluator exports DeepSpeed checkpoints to HF first."""
-    from specialize.engine.evaluate import evaluate_checkpoints
+    from specialize.engine.evaluation.evaluate import evaluate_checkpoints
     r, train_dir = run.recipe, run.dir("train")
     rows = evaluate_checkpoints(str(train_dir), tradeoff_datasets(r), fmt=r.eval.format, limit=r.train.dev_limit,
                                 tokenizer=r.model.tokenizer, shots=r.data.shots, seed=r.train.seed,
@@ -301,7 +301,7 @@ def evaluate_start(run: Run) -> dict:
 
 def stage_plot(runs: list[Run]) -> dict:
     """One plot directory per recipe, drawing across its runs (sizes, formats, losses)."""
-    from specialize.engine import plots
+    from specialize.engine.evaluation import plots
     first = runs[0]
     out = first.dir("plot")
     out.mkdir(parents=True, exist_ok=True)

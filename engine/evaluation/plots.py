@@ -25,8 +25,8 @@ import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from specialize.engine import select  # noqa: E402
 from specialize.engine.cli import HelpFormatter
+from specialize.engine.evaluation import select  # noqa: E402
 
 PLOTS = ("scaling", "tradeoff", "in_dist_vs_ood", "training_curves")
 TRAIN_TAGS = ("train/loss", "train/ce", "train/kl", "lr", "grad_norm", "tokens_per_second_per_gpu")

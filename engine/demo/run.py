@@ -1,7 +1,7 @@
 """`specialize demo --out DIR [--tiny]`: the whole paper in miniature, offline, on a CPU.
 
 1. the toy stage: a byte-level BPE + GPT-2-style teacher and a T5 Unigram + "instruction-tuned"
-   tiny T5 student, trained here on the synthetic world (engine/toy_teacher.py), kept under
+   tiny T5 student, trained here on the synthetic world (engine/demo/toy_models.py), kept under
    DIR/toy/<hash of the toy configuration>/ so a second run reuses them;
 2. teacher CoT samples with top-k logprobs through the `hf` teacher backend, filtered by correctness;
 3. Numba alignment onto the student's tokens;
@@ -9,7 +9,7 @@
 5. evaluation before/after on in-distribution, OOD and generic splits, checkpoint selection by the
    in-distribution vs the OOD dev signal;
 6. REPORT.md with the results table and each paper finding judged by a test that can fail
-   (engine/findings.py), results.json and PNG plots, all under DIR. A rerun reuses finished stages.
+   (engine/demo/findings.py), results.json and PNG plots, all under DIR. A rerun reuses finished stages.
 
 The configuration is recipes/mini/dm_vs_sm.yaml swept over loss.kind=[dm, sm], with named
 overrides: PATHS (everything under DIR) and, for --tiny, TINY (the test scale). This module only
@@ -23,14 +23,14 @@ import math
 import time
 from pathlib import Path
 
-from specialize.engine import findings as fnd
 from specialize.engine.cli import HelpFormatter
 from specialize.engine.config import ConfigError
+from specialize.engine.demo import findings as fnd
+from specialize.engine.demo.toy_models import ToyScale, prepare_toy_models, toy_key
 from specialize.engine.io_helpers import percent, read_jsonl
 from specialize.engine.pipeline import Run, expand_runs, run_stages
-from specialize.engine.toy_teacher import ToyScale, prepare_toy_models, toy_key
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mini" / "dm_vs_sm.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "mini" / "dm_vs_sm.yaml"
 SWEEP = "loss.kind=[dm, sm]"
 IN_DIST = "synthetic/test"
 OOD = ["synthetic/ood_steps", "synthetic/ood_templates", "synthetic/ood_numbers"]
@@ -80,7 +80,7 @@ def build_runs(out: Path, tiny: bool, recipe: Path = RECIPE) -> list[Run]:
 
 def selection(runs: list[Run]) -> dict:
     """rule -> Choice (the select module): the checkpoint each dev signal picks, over the given runs."""
-    from specialize.engine.select import select
+    from specialize.engine.evaluation.select import select
     try:
         return select([str(run.dir("train")) for run in runs], rules=["in_dist", "ood"])
     except (FileNotFoundError, ValueError):
@@ -267,7 +267,7 @@ def split_lines(recipe) -> list[str]:
 
 
 def _selection_table(runs: list[Run]) -> str:
-    from specialize.engine.select import format_table
+    from specialize.engine.evaluation.select import format_table
     choices = selection(runs)
     return format_table(choices) if choices else "(no dev scores were written)"
 

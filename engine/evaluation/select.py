@@ -139,7 +139,7 @@ def format_table(choices: dict[str, Choice]) -> str:
 def export_selected(train_dir, signal: str, out_dir) -> Optional[Path]:
     """The HF model dir of the checkpoint `signal` selects in one run, or None when that checkpoint
     was not kept as an HF model (the pipeline then evaluates best/ only). Writes out_dir/selection.json."""
-    from specialize.engine.evaluate import checkpoint_steps
+    from specialize.engine.evaluation.evaluate import checkpoint_steps
     try:
         choice = select([str(train_dir)], rules=[signal])[signal]
     except (FileNotFoundError, ValueError) as e:
