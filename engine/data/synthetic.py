@@ -66,8 +66,11 @@ class ArithmeticSpec:
     together: float = 0.0           # share of two-person problems (needs a "together" template)
 
 
-SMALL = dict(start=(2, 20), operand=(1, 9), factor=(2, 3), cap=99, together=0.3)
-LARGE = dict(start=(100, 999), operand=(100, 999), factor=(2, 9), cap=99999, together=0.3)
+# Values stay at or under 30 in train: about 500 distinct "a op b = c" facts, which a sub-million-
+# parameter model learns in minutes (with values up to 99, about 2,000 facts, the toy teacher was
+# still at 42% held-out after the same steps). ood_numbers goes past that range.
+SMALL = dict(start=(2, 9), operand=(1, 6), factor=(2, 2), cap=20, together=0.3)
+LARGE = dict(start=(30, 99), operand=(10, 50), factor=(2, 5), cap=999, together=0.3)
 
 ARITHMETIC_SPECS = {
     "train": ArithmeticSpec(steps=(2, 3), templates=TEMPLATES_A, **SMALL),

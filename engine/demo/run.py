@@ -1,6 +1,6 @@
 """`specialize demo --out DIR [--tiny]`: the whole paper in miniature, offline, on a CPU.
 
-1. the toy stage: a byte-level BPE + GPT-2-style teacher and a T5 Unigram + "instruction-tuned"
+1. the toy stage: a byte-level BPE + Llama-style teacher and a T5 Unigram + "instruction-tuned"
    tiny T5 student, trained here on the synthetic world (engine/demo/toy_models.py), kept under
    DIR/toy/<hash of the toy configuration>/ so a second run reuses them;
 2. teacher CoT samples with top-k logprobs through the `hf` teacher backend, filtered by correctness;
@@ -286,7 +286,7 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
         f"# specialize demo{' (--tiny)' if tiny else ''}: the paper in miniature",
         "",
         f"Wall time {seconds / 60:.1f} min on this machine (stages reused from an earlier run count as 0). "
-        "Synthetic math world from `specialize.engine.data.synthetic`; toy GPT-2 teacher "
+        "Synthetic math world from `specialize.engine.data.synthetic`; toy Llama-style teacher "
         f"({toy.get('teacher_params', '?')} params, greedy dev accuracy {_pct(toy.get('teacher_dev_acc'))}%) and "
         f"tiny T5 student ({toy.get('student_params', '?')} params); toy models in `{runs[0].dir('toy')}`.",
         "",
@@ -335,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         return prepare_toy_models(run.dir("toy"), seed=run.recipe.train.seed,
                                   sizes=run.recipe.data.synthetic_sizes or None, scale=scale)
 
+    # The stages run here (teacher sampling, evaluation) decode a sub-million-parameter model one
+    # token at a time: one thread does that as fast as two, and two threads on cores that are busy
+    # (another job, or this demo's own training ranks just before) spin against each other. Measured
+    # on one teacher batch (64 samples) on the 2-core machine under load: 0.41 s with one thread,
+    # 11.9 s with two. Training runs in its own ranks (one thread each, set by torchrun).
+    import torch
+    torch.set_num_threads(1)
     rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage})
     report = write_report(out, runs, rows, seconds=time.time() - t0, tiny=args.tiny)
     print(report["table"])
