@@ -25,7 +25,8 @@ import numpy as np
 from .codebook import Codebook
 from .dp import align_packed
 from .mapping import PAD_ID, PAD_LOGPROB, MappingStats, map_packed
-from .records import TeacherRecord, TeacherRecordError, iter_record_chunks
+from .records import TeacherRecord, TeacherRecordError, iter_packed_chunks
+from .top_logprobs import PackedTopK
 from .shards import save_shard_arrays
 from .student import StudentTokenizer
 
@@ -84,10 +85,17 @@ def _questions(student: StudentTokenizer, records, wheres, cache: dict | None) -
 
 def align_chunk(records: list[TeacherRecord], wheres: list[str], student: StudentTokenizer, book: Codebook,
                 band: int = 0, threads: int = 1, clock: PhaseClock | None = None,
-                question_cache: dict | None = None) -> dict:
+                question_cache: dict | None = None, top: PackedTopK | None = None) -> dict | None:
     """Packed outputs of checked records: labels/input_ids (flat, with offsets), topk_ids and
-    topk_logprobs [Σ T, k] (k: the chunk's widest top-k, at least 1) and per-record stats."""
+    topk_logprobs [Σ T, k] (k: the chunk's widest top-k, at least 1) and per-record stats.
+    The alternatives come from the records' `top_logprobs` lists, or packed from `top`
+    (records.Chunk); None when the codebook refuses a string of `top` (nothing done yet:
+    decode the chunk line by line and call again)."""
     clock = clock or PhaseClock()
+    if top is not None:
+        alt_rows = book.raw_rows(top)
+        if alt_rows is None:
+            return None
     labels = _encode(student, [r.text for r in records], wheres, "text")
     questions = _questions(student, records, wheres, question_cache)
     clock.lap("tokenize")
@@ -109,13 +117,17 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
                        band=band, threads=threads)
     clock.lap("dp")
 
-    per_token = list(chain.from_iterable(r.top_logprobs for r in records))
-    counts = np.fromiter(map(len, per_token), np.int64, len(per_token))
-    alts = list(chain.from_iterable(per_token))
-    # itemgetter over the flat list: zip(*alts) would be one call with a million arguments
-    strings = list(map(itemgetter(0), alts))
-    logprobs = np.fromiter(map(itemgetter(1), alts), np.float64, len(alts))
-    alt_ids = book.alternatives(strings, np.repeat(np.array(pending, bool), counts))
+    if top is None:
+        per_token = list(chain.from_iterable(r.top_logprobs for r in records))
+        counts = np.fromiter(map(len, per_token), np.int64, len(per_token))
+        alts = list(chain.from_iterable(per_token))
+        # itemgetter over the flat list: zip(*alts) would be one call with a million arguments
+        strings = list(map(itemgetter(0), alts))
+        logprobs = np.fromiter(map(itemgetter(1), alts), np.float64, len(alts))
+        alt_ids = book.alternatives(strings, np.repeat(np.array(pending, bool), counts))
+    else:
+        counts, logprobs = top.counts, top.logprobs
+        alt_ids = book.by_rows(alt_rows, np.repeat(np.array(pending, bool), counts))
     k = int(max(1, counts.max(initial=1)))
     ids, lps, mapped, kept, listed = map_packed(lab_flat, lab_off, s2t, s_off, t_off, _offsets(counts), alt_ids,
                                                 logprobs, k)
@@ -157,10 +169,14 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        chunks = iter_record_chunks(Path(in_path), CHUNK, teacher_enc)
-        for records, wheres in chunks:
+        for chunk in iter_packed_chunks(Path(in_path), CHUNK, teacher_enc):
             clock.lap("read")
-            out = align_chunk(records, wheres, student, book, band, threads, clock, question_cache)
+            out = align_chunk(chunk.records, chunk.wheres, student, book, band, threads, clock, question_cache,
+                              chunk.top)
+            if out is None:
+                chunk.per_line()
+                out = align_chunk(chunk.records, chunk.wheres, student, book, band, threads, clock, question_cache)
+            records = chunk.records
             lab_len = np.diff(out["lab_off"]).tolist()
             for p, rec in enumerate(records):
                 row = [off_in, len(out["questions"][p]), off_lab, lab_len[p], int(rec.sample_index)]
@@ -179,7 +195,7 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
             ids.append(out["topk_ids"])
             lps.append(out["topk_logprobs"])
             n_done = len(records)
-            del records, out  # drop this chunk's parsed JSON before reading the next
+            del chunk, records, out  # drop this chunk's parsed JSON before reading the next
             clock.lap("write")
             if progress is not None:
                 progress(n_done)
