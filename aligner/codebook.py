@@ -101,9 +101,12 @@ class Codebook:
         compiled look-up; each raw spelling met for the first time is decoded once); None
         when msgspec refuses a string spelled there (the chunk is then read line by line)."""
         rows = self._raw_rows.lookup(top.buf, top.starts, top.ends)
-        missing = np.flatnonzero(rows < 0)
-        if len(missing):
-            raw = top.buf.tobytes()
+        raw = None
+        # new spellings are added a batch of positions at a time, then everything is looked up
+        # again (compiled): a chunk repeats its strings, so a few rounds find them all without
+        # a Python pass over every position
+        while (missing := np.flatnonzero(rows < 0)[:32768]).size:
+            raw = raw if raw is not None else top.buf.tobytes()
             for key in {raw[s:e] for s, e in zip(top.starts[missing].tolist(), top.ends[missing].tolist())}:
                 try:
                     self._raw_rows.add(key, self._alt_row(decode_raw_string(key)))

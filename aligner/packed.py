@@ -96,6 +96,7 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
         alt_rows = book.raw_rows(top)
         if alt_rows is None:
             return None
+        clock.lap("map")
     labels = _encode(student, [r.text for r in records], wheres, "text")
     questions = _questions(student, records, wheres, question_cache)
     clock.lap("tokenize")

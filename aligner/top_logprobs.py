@@ -6,9 +6,9 @@ Here the field stays the raw JSON bytes of each line (msgspec `Raw`), and one Nu
 over the chunk (`_scan`) checks its shape — a list per teacher token of
 `[string, number]` pairs, JSON whitespace anywhere — and returns per token the number of
 alternatives, per alternative the byte span of its string's content (escapes left as
-written) and the text of its number. The numbers are then converted by msgspec itself, in
-one call on a JSON array of them: the same parser the per-line decoder uses, so the same
-float64 values bit for bit. The strings are looked up by their raw bytes (`RawStringTable`,
+written) and the text of its number. The numbers are then checked and converted by msgspec
+itself, in one call on a JSON array of them: the same parser the per-line decoder uses, so
+the same float64 values bit for bit, and the same refusals of what is not a JSON number. The strings are looked up by their raw bytes (`RawStringTable`,
 a compiled open-addressing table); only strings never met before are decoded, again by
 msgspec, and handed to the caller once.
 
@@ -80,41 +80,17 @@ def _string(buf, i, end):
 
 
 @njit(cache=True, inline="always")
-def _digits(buf, i, end):
-    j = i
-    while j < end and 48 <= buf[j] <= 57:
-        j += 1
-    return j
-
-
-@njit(cache=True, inline="always")
 def _number(buf, i, end):
-    """Index just past the JSON number starting at i (RFC 8259 grammar); -1 if there is none."""
-    if i < end and buf[i] == 45:  # -
-        i += 1
-    if i >= end:
-        return -1
-    if buf[i] == 48:  # a leading 0 stands alone
-        i += 1
-    else:
-        j = _digits(buf, i, end)
-        if j == i:
-            return -1
-        i = j
-    if i < end and buf[i] == 46:  # .
-        j = _digits(buf, i + 1, end)
-        if j == i + 1:
-            return -1
-        i = j
-    if i < end and (buf[i] == 101 or buf[i] == 69):  # e E
-        i += 1
-        if i < end and (buf[i] == 43 or buf[i] == 45):
-            i += 1
-        j = _digits(buf, i, end)
-        if j == i:
-            return -1
-        i = j
-    return i
+    """Index just past the run of number characters (digits, "+-.eE") starting at i; -1 if
+    there is none. Whether the run is a JSON number is msgspec's to decide: it converts
+    every run, and refuses a chunk with one that is not ("-01", "1.", "--1")."""
+    j = i
+    while j < end:
+        c = buf[j]
+        if not (48 <= c <= 57 or c == 45 or c == 46 or c == 101 or c == 69 or c == 43):
+            break
+        j += 1
+    return j if j > i else -1
 
 
 @njit(cache=True)
