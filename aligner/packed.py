@@ -1,12 +1,17 @@
 """The bulk path: one teacher shard → one aligned shard, chunk by chunk, on packed arrays.
 
-Per chunk of CHUNK records: the student tokenizer's batch call on all texts and questions;
-teacher codes from the `Codebook` (one dict look-up per token); every alternative's
-student id in one bulk look-up; the Numba DP over the packed pairs (`dp.align_packed`);
-the compiled mapping (`mapping.map_packed`). The parsed JSON of a chunk is dropped once its
-arrays exist, so the peak memory of a shard is its output arrays (labels, input ids, and
-topk ids + logprobs: 8·K bytes per label position, ~2.8 MB per 1,000 GSM8K samples at K = 5;
-twice that for a moment while the chunks are joined) plus one chunk of parsed records.
+Per chunk of CHUNK records (records.Chunk): each record's fields decoded by msgspec, the
+chunk's top_logprobs read as raw JSON in compiled code (top_logprobs.py); the student
+tokenizer with its per-piece cache (piece_cache.py, the same ids as the full tokenizer);
+teacher codes from the `Codebook` (one dict look-up per token); every alternative's student
+id through the codebook's compiled raw-string table; the Numba DP over the packed pairs
+(`dp.align_packed`); the compiled mapping (`mapping.map_packed`). A chunk the compiled
+reader refuses is decoded line by line (lists per record) and takes the same steps. The
+chunk's lines and parsed fields are dropped once its arrays exist, so the peak memory of a
+shard is its output arrays (labels, input ids, and topk ids + logprobs: 8·K bytes per label
+position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice that for a moment while the chunks
+are joined) plus one chunk of lines, raw top-k bytes and scan arrays (~40 MB for 1,024 GSM8K
+records with top-5).
 
 The result is the per-record path's (`bulk.align_records` + `shards.write_shard`), byte for
 byte: same arrays, same stats (the float sums are made in the same order). `PhaseClock`
@@ -26,9 +31,9 @@ from .codebook import Codebook
 from .dp import align_packed
 from .mapping import PAD_ID, PAD_LOGPROB, MappingStats, map_packed
 from .records import TeacherRecord, TeacherRecordError, iter_packed_chunks
-from .top_logprobs import PackedTopK
 from .shards import save_shard_arrays
 from .student import StudentTokenizer
+from .top_logprobs import PackedTopK
 
 CHUNK = 1024  # records per packed call (bounds the parsed JSON alive at once)
 PHASES = ("read", "tokenize", "encode", "dp", "map", "write")

@@ -1,9 +1,9 @@
 """Teacher records (`samples-*.jsonl`, fields of specialize.engine.teacher.records): parse and check.
 
 `check_record` is the one statement of what a record must hold; every problem is a
-`TeacherRecordError` naming file:line and the field. The bulk reader `iter_record_chunks`
-decodes each line straight into a typed `TeacherRecord` with msgspec, which checks the
-types and `logprob <= 0` while parsing, in C (about the cost of parsing alone; a Python
+`TeacherRecordError` naming file:line and the field. The bulk reader's per-line decoder
+(`_decode`, used by `Chunk`) decodes each line straight into a typed `TeacherRecord` with
+msgspec, which checks the types and `logprob <= 0` while parsing, in C (about the cost of parsing alone; a Python
 pass over every alternative cost more than the parse). A line it refuses, or one that
 needs filling in (no 'tokens' or 'top_logprobs'), goes through the standard library and
 `check_record`, which names the problem — or accepts what only the typed decoder is
@@ -11,7 +11,7 @@ stricter about (a bool logprob or sample_index; NaN, a lone surrogate or a posit
 logprob are refused by both) — so both readers take and refuse the same records, with
 the same messages.
 
-`iter_packed_chunks` goes one step further for the bulk path: each line's `top_logprobs`
+`iter_packed_chunks` (the bulk reader) goes one step further: each line's `top_logprobs`
 stays raw JSON, and the chunk's alternatives are read in compiled code
 (top_logprobs.read_top_logprobs); a chunk that reader does not accept, or whose strings
 msgspec refuses later (`Chunk.per_line`), is decoded line by line as above.
@@ -159,27 +159,6 @@ def _decode(line: bytes, where: str, teacher_enc=None) -> TeacherRecord | None:
                          d["top_logprobs"])
 
 
-def iter_record_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[tuple[list[TeacherRecord], list[str]]]:
-    """Checked records of one shard, `chunk` at a time, with the file:line of each (the bulk
-    path: only one chunk of parsed JSON is alive at a time)."""
-    records, wheres = [], []
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            rec = _decode(line, where, teacher_enc)
-            if rec is None:
-                continue
-            records.append(rec)
-            wheres.append(where)
-            if len(records) == chunk:
-                yield records, wheres
-                records, wheres = [], []
-    if records:
-        yield records, wheres
-
-
 class Chunk:
     """Up to `chunk` checked records of a shard with the file:line of each; `top` holds their
     alternatives packed (then the records' own `top_logprobs` are raw JSON, not lists), or
@@ -215,8 +194,9 @@ class Chunk:
 
 
 def iter_packed_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[Chunk]:
-    """The bulk reader of `iter_record_chunks`, with each chunk's alternatives packed where
-    the compiled reader takes them (blank lines skipped, as there)."""
+    """Checked records of one shard, `chunk` lines at a time (only one chunk of parsed JSON is
+    alive at a time), with each chunk's alternatives packed where the compiled reader takes
+    them; blank lines are skipped."""
     lines, wheres = [], []
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):

@@ -8,9 +8,10 @@ over the chunk (`_scan`) checks its shape — a list per teacher token of
 alternatives, per alternative the byte span of its string's content (escapes left as
 written) and the text of its number. The numbers are then checked and converted by msgspec
 itself, in one call on a JSON array of them: the same parser the per-line decoder uses, so
-the same float64 values bit for bit, and the same refusals of what is not a JSON number. The strings are looked up by their raw bytes (`RawStringTable`,
-a compiled open-addressing table); only strings never met before are decoded, again by
-msgspec, and handed to the caller once.
+the same float64 values bit for bit, and the same refusals of what is not a JSON number.
+The strings are looked up by their raw bytes (`RawStringTable`, a compiled open-addressing
+table); only strings never met before are decoded, again by msgspec, and handed to the
+caller once.
 
 `read_top_logprobs` returns None for anything it does not accept: a different shape, a
 control character in a string, a number it cannot convert, a logprob > 0, a count of lists

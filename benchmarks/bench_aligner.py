@@ -28,8 +28,9 @@ several samples per question; the question is then tokenized once). The 300,000-
 projection is made from the packed end-to-end run, and also as the run's start cost (CPU
 outside the workers' phase clocks: spawn, imports, Numba cache loads; paid once) plus the
 one-process per-pair CPU (cold caches for the first pass, warm for the rest: the packed
-path is also run a second time in this process with the same StudentTokenizer). Student tokenization is also timed per text, full tokenizer vs
-the per-piece cache (aligner/piece_cache.py), with equal ids checked.
+path is also run a second time in this process with the same StudentTokenizer). Student
+tokenization is also timed per text, full tokenizer vs the per-piece cache
+(aligner/piece_cache.py), with equal ids checked.
 The machine is shared; its load average is recorded with the results.
 """
 from __future__ import annotations

@@ -52,9 +52,9 @@ def _pipelines():
         "flan-shaped": _train_unigram(texts, normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(),
                                                                    normalizers.Replace(Regex(" {2,}"), " ")]),
                                       pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), meta])),
-        "lowercase, whitespace split": _train_unigram(texts, normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
-                                                                                  normalizers.Replace(" ", " ")]),
-                                                      pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), meta])),
+        "lowercase, whitespace split": _train_unigram(
+            texts, normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(" ", " ")]),
+            pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), meta])),
         "no normaliser": _train_unigram(texts, None, meta),
     }
 
