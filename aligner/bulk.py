@@ -140,7 +140,8 @@ def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1,
             rows[p.name] = {**meta.get("stats", {"shard": p.name}), "status": "skipped"}
         else:
             pending.append(p)
-    total = sum(sum(1 for line in open(p, encoding="utf-8") if line.strip()) for p in pending)
+    # bytes: a line that is not UTF-8 is the readers' to report (naming file:line), not the progress bar's
+    total = sum(sum(1 for line in open(p, "rb") if line.strip()) for p in pending)
     bar = tqdm(total=total, unit="sample", desc="align", disable=not progress)
     try:
         # the packed path hands workers a ready StudentTokenizer (no transformers import there)

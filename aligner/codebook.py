@@ -13,7 +13,9 @@ position. `Codebook` keeps those results for the life of a shard's alignment:
 - per teacher token string and marker state: (code, gap, marker state after it);
 - per alternative string: its student id when read with and without a pending marker
   (`normalise.alternative_surface`, then the vocabulary), as a row of a small table that
-  is indexed in bulk.
+  is indexed in bulk — by the string itself, or by its raw JSON bytes in a chunk read by
+  top_logprobs.py (`raw_rows`: the look-up is compiled; each new raw spelling is
+  decoded once).
 
 Memory grows with the distinct strings met (bounded by the teacher vocabulary, a few MiB).
 """
@@ -22,9 +24,11 @@ from __future__ import annotations
 from itertools import repeat
 from typing import Sequence
 
+import msgspec
 import numpy as np
 
 from .normalise import alternative_surface, student_surfaces, surface_step, teacher_gap
+from .top_logprobs import PackedTopK, RawStringTable, decode_raw_string
 
 
 class Codebook:
@@ -39,6 +43,7 @@ class Codebook:
         self._alt_rows: dict[str, int] = {}
         self._alt_table: list[tuple[int, int]] = []   # row -> (id read without marker, id read with)
         self._alt_array = np.zeros((0, 2), np.int32)
+        self._raw_rows = RawStringTable()  # raw JSON string content -> row of _alt_table
 
     def _code(self, surface: str) -> int:
         return self._codes.setdefault(surface, len(self._codes))
@@ -80,6 +85,36 @@ class Codebook:
         self._alt_rows[token] = len(self._alt_table)
         self._alt_table.append(ids)
 
+    def _alt_row(self, token: str) -> int:
+        if token not in self._alt_rows:
+            self._add_alternative(token)
+        return self._alt_rows[token]
+
+    def by_rows(self, rows: np.ndarray, pending) -> np.ndarray:
+        """Student id (−1: none) of each alternative given its row (`raw_rows`) and marker state."""
+        if len(self._alt_array) != len(self._alt_table):
+            self._alt_array = np.array(self._alt_table, np.int32).reshape(-1, 2)
+        return self._alt_array[rows, np.asarray(pending, np.intp)]
+
+    def raw_rows(self, top: PackedTopK) -> np.ndarray | None:
+        """Rows of a packed chunk's alternatives, strings given by their raw JSON spans (a
+        compiled look-up; each raw spelling met for the first time is decoded once); None
+        when msgspec refuses a string spelled there (the chunk is then read line by line)."""
+        rows = self._raw_rows.lookup(top.buf, top.starts, top.ends)
+        raw = None
+        # new spellings are added a batch of positions at a time, then everything is looked up
+        # again (compiled): a chunk repeats its strings, so a few rounds find them all without
+        # a Python pass over every position
+        while (missing := np.flatnonzero(rows < 0)[:32768]).size:
+            raw = raw if raw is not None else top.buf.tobytes()
+            for key in {raw[s:e] for s, e in zip(top.starts[missing].tolist(), top.ends[missing].tolist())}:
+                try:
+                    self._raw_rows.add(key, self._alt_row(decode_raw_string(key)))
+                except (msgspec.DecodeError, UnicodeDecodeError):  # e.g. bytes that are not UTF-8
+                    return None
+            rows = self._raw_rows.lookup(top.buf, top.starts, top.ends)
+        return rows
+
     def alternatives(self, tokens: Sequence[str], pending: np.ndarray) -> np.ndarray:
         """Student id (−1: none) of each alternative string read in its position's marker
         state (`pending`, bool per alternative)."""
@@ -88,6 +123,4 @@ class Codebook:
             for token in set(tokens).difference(self._alt_rows):
                 self._add_alternative(token)
             rows = np.fromiter(map(self._alt_rows.__getitem__, tokens), np.intp, len(tokens))
-        if len(self._alt_array) != len(self._alt_table):
-            self._alt_array = np.array(self._alt_table, np.int32).reshape(-1, 2)
-        return self._alt_array[rows, np.asarray(pending, np.intp)]
+        return self.by_rows(rows, pending)

@@ -1,12 +1,17 @@
 """The bulk path: one teacher shard → one aligned shard, chunk by chunk, on packed arrays.
 
-Per chunk of CHUNK records: the student tokenizer's batch call on all texts and questions;
-teacher codes from the `Codebook` (one dict look-up per token); every alternative's
-student id in one bulk look-up; the Numba DP over the packed pairs (`dp.align_packed`);
-the compiled mapping (`mapping.map_packed`). The parsed JSON of a chunk is dropped once its
-arrays exist, so the peak memory of a shard is its output arrays (labels, input ids, and
-topk ids + logprobs: 8·K bytes per label position, ~2.8 MB per 1,000 GSM8K samples at K = 5;
-twice that for a moment while the chunks are joined) plus one chunk of parsed records.
+Per chunk of CHUNK records (records.Chunk): each record's fields decoded by msgspec, the
+chunk's top_logprobs read as raw JSON in compiled code (top_logprobs.py); the student
+tokenizer with its per-piece cache (piece_cache.py, the same ids as the full tokenizer);
+teacher codes from the `Codebook` (one dict look-up per token); every alternative's student
+id through the codebook's compiled raw-string table; the Numba DP over the packed pairs
+(`dp.align_packed`); the compiled mapping (`mapping.map_packed`). A chunk the compiled
+reader refuses is decoded line by line (lists per record) and takes the same steps. The
+chunk's lines and parsed fields are dropped once its arrays exist, so the peak memory of a
+shard is its output arrays (labels, input ids, and topk ids + logprobs: 8·K bytes per label
+position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice that for a moment while the chunks
+are joined) plus one chunk of lines, raw top-k bytes and scan arrays (~40 MB for 1,024 GSM8K
+records with top-5).
 
 The result is the per-record path's (`bulk.align_records` + `shards.write_shard`), byte for
 byte: same arrays, same stats (the float sums are made in the same order). `PhaseClock`
@@ -25,9 +30,10 @@ import numpy as np
 from .codebook import Codebook
 from .dp import align_packed
 from .mapping import PAD_ID, PAD_LOGPROB, MappingStats, map_packed
-from .records import TeacherRecord, TeacherRecordError, iter_record_chunks
+from .records import TeacherRecord, TeacherRecordError, iter_packed_chunks
 from .shards import save_shard_arrays
 from .student import StudentTokenizer
+from .top_logprobs import PackedTopK
 
 CHUNK = 1024  # records per packed call (bounds the parsed JSON alive at once)
 PHASES = ("read", "tokenize", "encode", "dp", "map", "write")
@@ -84,10 +90,18 @@ def _questions(student: StudentTokenizer, records, wheres, cache: dict | None) -
 
 def align_chunk(records: list[TeacherRecord], wheres: list[str], student: StudentTokenizer, book: Codebook,
                 band: int = 0, threads: int = 1, clock: PhaseClock | None = None,
-                question_cache: dict | None = None) -> dict:
+                question_cache: dict | None = None, top: PackedTopK | None = None) -> dict | None:
     """Packed outputs of checked records: labels/input_ids (flat, with offsets), topk_ids and
-    topk_logprobs [Σ T, k] (k: the chunk's widest top-k, at least 1) and per-record stats."""
+    topk_logprobs [Σ T, k] (k: the chunk's widest top-k, at least 1) and per-record stats.
+    The alternatives come from the records' `top_logprobs` lists, or packed from `top`
+    (records.Chunk); None when the codebook refuses a string of `top` (nothing done yet:
+    decode the chunk line by line and call again)."""
     clock = clock or PhaseClock()
+    if top is not None:
+        alt_rows = book.raw_rows(top)
+        if alt_rows is None:
+            return None
+        clock.lap("map")
     labels = _encode(student, [r.text for r in records], wheres, "text")
     questions = _questions(student, records, wheres, question_cache)
     clock.lap("tokenize")
@@ -109,13 +123,17 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
                        band=band, threads=threads)
     clock.lap("dp")
 
-    per_token = list(chain.from_iterable(r.top_logprobs for r in records))
-    counts = np.fromiter(map(len, per_token), np.int64, len(per_token))
-    alts = list(chain.from_iterable(per_token))
-    # itemgetter over the flat list: zip(*alts) would be one call with a million arguments
-    strings = list(map(itemgetter(0), alts))
-    logprobs = np.fromiter(map(itemgetter(1), alts), np.float64, len(alts))
-    alt_ids = book.alternatives(strings, np.repeat(np.array(pending, bool), counts))
+    if top is None:
+        per_token = list(chain.from_iterable(r.top_logprobs for r in records))
+        counts = np.fromiter(map(len, per_token), np.int64, len(per_token))
+        alts = list(chain.from_iterable(per_token))
+        # itemgetter over the flat list: zip(*alts) would be one call with a million arguments
+        strings = list(map(itemgetter(0), alts))
+        logprobs = np.fromiter(map(itemgetter(1), alts), np.float64, len(alts))
+        alt_ids = book.alternatives(strings, np.repeat(np.array(pending, bool), counts))
+    else:
+        counts, logprobs = top.counts, top.logprobs
+        alt_ids = book.by_rows(alt_rows, np.repeat(np.array(pending, bool), counts))
     k = int(max(1, counts.max(initial=1)))
     ids, lps, mapped, kept, listed = map_packed(lab_flat, lab_off, s2t, s_off, t_off, _offsets(counts), alt_ids,
                                                 logprobs, k)
@@ -157,10 +175,14 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        chunks = iter_record_chunks(Path(in_path), CHUNK, teacher_enc)
-        for records, wheres in chunks:
+        for chunk in iter_packed_chunks(Path(in_path), CHUNK, teacher_enc):
             clock.lap("read")
-            out = align_chunk(records, wheres, student, book, band, threads, clock, question_cache)
+            out = align_chunk(chunk.records, chunk.wheres, student, book, band, threads, clock, question_cache,
+                              chunk.top)
+            if out is None:
+                chunk.per_line()
+                out = align_chunk(chunk.records, chunk.wheres, student, book, band, threads, clock, question_cache)
+            records = chunk.records
             lab_len = np.diff(out["lab_off"]).tolist()
             for p, rec in enumerate(records):
                 row = [off_in, len(out["questions"][p]), off_lab, lab_len[p], int(rec.sample_index)]
@@ -179,7 +201,7 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
             ids.append(out["topk_ids"])
             lps.append(out["topk_logprobs"])
             n_done = len(records)
-            del records, out  # drop this chunk's parsed JSON before reading the next
+            del chunk, records, out  # drop this chunk's parsed JSON before reading the next
             clock.lap("write")
             if progress is not None:
                 progress(n_done)

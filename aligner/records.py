@@ -1,15 +1,20 @@
 """Teacher records (`samples-*.jsonl`, fields of specialize.engine.teacher.records): parse and check.
 
 `check_record` is the one statement of what a record must hold; every problem is a
-`TeacherRecordError` naming file:line and the field. The bulk reader `iter_record_chunks`
-decodes each line straight into a typed `TeacherRecord` with msgspec, which checks the
-types and `logprob <= 0` while parsing, in C (about the cost of parsing alone; a Python
+`TeacherRecordError` naming file:line and the field. The bulk reader's per-line decoder
+(`_decode`, used by `Chunk`) decodes each line straight into a typed `TeacherRecord` with
+msgspec, which checks the types and `logprob <= 0` while parsing, in C (about the cost of parsing alone; a Python
 pass over every alternative cost more than the parse). A line it refuses, or one that
 needs filling in (no 'tokens' or 'top_logprobs'), goes through the standard library and
 `check_record`, which names the problem — or accepts what only the typed decoder is
 stricter about (a bool logprob or sample_index; NaN, a lone surrogate or a positive
 logprob are refused by both) — so both readers take and refuse the same records, with
 the same messages.
+
+`iter_packed_chunks` (the bulk reader) goes one step further: each line's `top_logprobs`
+stays raw JSON, and the chunk's alternatives are read in compiled code
+(top_logprobs.read_top_logprobs); a chunk that reader does not accept, or whose strings
+msgspec refuses later (`Chunk.per_line`), is decoded line by line as above.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Annotated, Any, Iterator, Optional
 import msgspec
 
 from .teacher_tokenizers import tokenize_text
+from .top_logprobs import PackedTopK, read_top_logprobs
 
 _FIELDS = (("qid", str), ("question", str), ("text", str), ("sample_index", int))
 _TEXT_FIELDS = ("qid", "question", "text")
@@ -42,6 +48,21 @@ class TeacherRecord(msgspec.Struct):
 
 
 _DECODER = msgspec.json.Decoder(TeacherRecord)
+
+
+class _RawTopRecord(msgspec.Struct):
+    """TeacherRecord with `top_logprobs` left as its raw JSON (read by top_logprobs.py; empty
+    when the field is missing)."""
+    qid: str
+    question: str
+    text: str
+    sample_index: int
+    gold: Any
+    tokens: Optional[list[str]] = None
+    top_logprobs: msgspec.Raw = msgspec.Raw(b"")
+
+
+_RAW_TOP_DECODER = msgspec.json.Decoder(_RawTopRecord)
 
 
 def _lone_surrogate(s: str) -> int | None:
@@ -104,13 +125,21 @@ def check_record(rec, where: str, teacher_enc=None) -> dict:
 def read_teacher_records(path: Path, teacher_enc=None) -> list[dict]:
     """Parse and check one whole `samples-*.jsonl` shard (the per-record path)."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            line = _utf8(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             records.append(check_record(parse_line(line, where), where, teacher_enc))
     return records
+
+
+def _utf8(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TeacherRecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
 
 
 def _decode(line: bytes, where: str, teacher_enc=None) -> TeacherRecord | None:
@@ -120,12 +149,9 @@ def _decode(line: bytes, where: str, teacher_enc=None) -> TeacherRecord | None:
         if (rec.tokens is not None and rec.top_logprobs is not None and len(rec.top_logprobs) == len(rec.tokens)
                 and "".join(rec.tokens) == rec.text):
             return rec
-    except msgspec.DecodeError:  # ValidationError included
+    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError included; bad UTF-8 in a string
         pass
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TeacherRecordError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    text = _utf8(line, where)
     if not text.strip():
         return None
     d = check_record(parse_line(text, where), where, teacher_enc)
@@ -133,22 +159,53 @@ def _decode(line: bytes, where: str, teacher_enc=None) -> TeacherRecord | None:
                          d["top_logprobs"])
 
 
-def iter_record_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[tuple[list[TeacherRecord], list[str]]]:
-    """Checked records of one shard, `chunk` at a time, with the file:line of each (the bulk
-    path: only one chunk of parsed JSON is alive at a time)."""
-    records, wheres = [], []
+class Chunk:
+    """Up to `chunk` checked records of a shard with the file:line of each; `top` holds their
+    alternatives packed (then the records' own `top_logprobs` are raw JSON, not lists), or
+    is None (the records were decoded line by line and hold lists)."""
+
+    def __init__(self, lines: list[bytes], wheres: list[str], teacher_enc=None):
+        self.lines, self._line_wheres, self._teacher_enc = lines, wheres, teacher_enc
+        self.wheres = wheres
+        self.records, self.top = self._packed() or (self._decoded(), None)
+
+    def _packed(self) -> tuple[list, PackedTopK] | None:
+        records = []
+        for line in self.lines:
+            try:
+                rec = _RAW_TOP_DECODER.decode(line)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                return None
+            if rec.tokens is None or not len(rec.top_logprobs) or "".join(rec.tokens) != rec.text:
+                return None
+            records.append(rec)
+        top = read_top_logprobs([r.top_logprobs for r in records], [len(r.tokens) for r in records])
+        return (records, top) if top is not None else None
+
+    def _decoded(self) -> list[TeacherRecord]:
+        pairs = [(rec, where) for line, where in zip(self.lines, self._line_wheres)
+                 if (rec := _decode(line, where, self._teacher_enc)) is not None]  # None: a blank line
+        self.wheres = [where for _, where in pairs]
+        return [rec for rec, _ in pairs]
+
+    def per_line(self) -> None:
+        """Decode the records line by line instead (the packed alternatives are dropped)."""
+        self.records, self.top = self._decoded(), None
+
+
+def iter_packed_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[Chunk]:
+    """Checked records of one shard, `chunk` lines at a time (only one chunk of parsed JSON is
+    alive at a time), with each chunk's alternatives packed where the compiled reader takes
+    them; blank lines are skipped."""
+    lines, wheres = [], []
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
-            rec = _decode(line, where, teacher_enc)
-            if rec is None:
-                continue
-            records.append(rec)
-            wheres.append(where)
-            if len(records) == chunk:
-                yield records, wheres
-                records, wheres = [], []
-    if records:
-        yield records, wheres
+            lines.append(line)
+            wheres.append(f"{path}:{lineno}")
+            if len(lines) == chunk:
+                yield Chunk(lines, wheres, teacher_enc)
+                lines, wheres = [], []
+    if lines:
+        yield Chunk(lines, wheres, teacher_enc)

@@ -9,6 +9,9 @@ import it). `StudentTokenizer` wraps a Hugging Face tokenizer for batch work:
   the eos — without the per-call Python bookkeeping of `__call__`. The copy has truncation
   and padding switched off, as `__call__` without arguments has them, whatever the saved
   tokenizer.json holds; the caller's object is not changed.
+  Texts go through `piece_cache.PieceCachedEncoder` (the model's ids cached per
+  pre-tokenized piece, the same ids) where the pipeline is one it can restate exactly;
+  other texts and pipelines take `encode_batch_fast`.
 - a slow (Python) tokenizer falls back to `tokenizer(texts)["input_ids"]`.
 
 `pieces[id]` is the vocabulary piece of each id (`convert_ids_to_tokens`), from which the
@@ -17,10 +20,13 @@ aligner takes the student surfaces once per vocabulary instead of once per posit
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Sequence
 
 from tokenizers import Tokenizer
+
+from .piece_cache import PieceCachedEncoder, plan_for
 
 
 def load_student_tokenizer(name_or_path: str | os.PathLike):
@@ -47,11 +53,27 @@ class StudentTokenizer:
             self._slow = None
             size = self._backend.get_vocab_size(with_added_tokens=True)
             self.pieces: list[str | None] = [self._backend.id_to_token(i) for i in range(size)]
+            self._plan = plan_for(json.loads(spec))
         else:
             self._backend = None
+            self._plan = None
             self._slow = hf_tokenizer
             self.fingerprint = hashlib.sha256(repr(sorted(self.vocab.items())).encode()).hexdigest()
             self.pieces = hf_tokenizer.convert_ids_to_tokens(list(range(max(self.vocab.values(), default=-1) + 1)))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_cached", None)  # rebuilt on first use in the receiving process
+        return state
+
+    @property
+    def cached_encoder(self) -> PieceCachedEncoder | None:
+        """The per-piece cached encoder of this tokenizer (None: its pipeline has no plan)."""
+        if self._plan is None:
+            return None
+        if "_cached" not in self.__dict__:
+            self._cached = PieceCachedEncoder(self._backend, self._plan)
+        return self._cached
 
     @classmethod
     def load(cls, student) -> "StudentTokenizer":
@@ -66,6 +88,20 @@ class StudentTokenizer:
         """Student ids of each text, eos included (what `tokenizer(texts)["input_ids"]` gives).
         Raises the tokenizer's own error (TypeError for a lone surrogate) — callers that know
         where the texts came from turn it into a message naming the record."""
-        if self._backend is not None:
-            return [e.ids for e in self._backend.encode_batch_fast(list(texts))]
-        return self._slow(list(texts))["input_ids"]
+        if self._backend is None:
+            return self._slow(list(texts))["input_ids"]
+        cached = self.cached_encoder
+        if cached is None:
+            return self.encode_uncached(texts)
+        out = list(map(cached.encode, texts))
+        rest = [i for i, ids in enumerate(out) if ids is None]
+        if rest:
+            for i, ids in zip(rest, self.encode_uncached([texts[i] for i in rest])):
+                out[i] = ids
+        return out
+
+    def encode_uncached(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` through the full tokenizer for every text (the reference the cached path equals)."""
+        if self._backend is None:
+            return self._slow(list(texts))["input_ids"]
+        return [e.ids for e in self._backend.encode_batch_fast(list(texts))]

@@ -184,4 +184,7 @@ def test_benchmark_quick_runs_and_writes_json(tmp_path, shared_data, capsys):
     assert set(result["end_to_end"]) == {"packed", "per-record"}
     for path in ("packed", "per-record"):
         assert set(result["phases_us_per_pair"][path]["cpu"]) == {"read", "tokenize", "encode", "dp", "map", "write"}
+    assert result["end_to_end"]["packed"]["start_cpu_s"] >= 0
+    assert result["projection_300k"]["start_plus_per_pair_cpu_on_2_cores_s"] > 0
+    assert set(result["student_tokenize_us_per_text"]) == {"full", "cached_cold", "cached_warm"}
     assert "python-ref" in capsys.readouterr().out
