@@ -36,29 +36,28 @@ class TeacherRecordError(ValueError):
     """A teacher record that cannot be aligned; the message names file and line."""
 
 
-class TeacherRecord(msgspec.Struct):
-    """The fields the aligner reads (others in the line are skipped while decoding)."""
+class _RecordFields(msgspec.Struct):
+    """The fields the aligner reads besides `top_logprobs` (others in the line are skipped while
+    decoding); the two record types below differ only in how they take `top_logprobs`."""
     qid: str
     question: str
     text: str
     sample_index: int
     gold: Any
     tokens: Optional[list[str]] = None
+
+
+class TeacherRecord(_RecordFields):
+    """A record with its top-k decoded and checked (every logprob <= 0)."""
     top_logprobs: Optional[list[list[tuple[str, Annotated[float, msgspec.Meta(le=0)]]]]] = None
 
 
 _DECODER = msgspec.json.Decoder(TeacherRecord)
 
 
-class _RawTopRecord(msgspec.Struct):
+class _RawTopRecord(_RecordFields):
     """TeacherRecord with `top_logprobs` left as its raw JSON (read by top_logprobs.py; empty
     when the field is missing)."""
-    qid: str
-    question: str
-    text: str
-    sample_index: int
-    gold: Any
-    tokens: Optional[list[str]] = None
     top_logprobs: msgspec.Raw = msgspec.Raw(b"")
 
 
