@@ -46,6 +46,19 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _train_step(model, opt, cfg: ToyTrainConfig, step: int, input_ids, attention_mask, labels) -> float:
+    """One optimizer step of either toy loop: the scheduled lr, the loss on the labelled tokens, the
+    gradient clipped to norm 1; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, cfg)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def _causal_batch(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int):
     """Right-padded ids with labels = -100 on the prompt and padding (loss on the target only)."""
     eos = tokenizer.eos_token_id
@@ -118,19 +131,12 @@ def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     log, acc, t0 = [], None, time.time()
     bar = tqdm(range(cfg.steps), desc="toy teacher", leave=False)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
         batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
-        ids, mask, labels = _causal_batch(batch, tokenizer, max_len)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = _train_step(model, opt, cfg, step, *_causal_batch(batch, tokenizer, max_len))
+        bar.set_postfix(loss=f"{loss:.3f}")
         if check is not None and ((step + 1) % cfg.check_every == 0 or step + 1 == cfg.steps):
             acc = greedy_accuracy_causal(model, tokenizer, *check)
-            log.append({"step": step + 1, "loss": loss.item(), "heldout_acc": acc, "seconds": time.time() - t0})
+            log.append({"step": step + 1, "loss": loss, "heldout_acc": acc, "seconds": time.time() - t0})
             if acc >= cfg.target_accuracy:
                 break
     summary = _save(model, tokenizer, out_dir, cfg, log, acc, params=sum(p.numel() for p in model.parameters()))
@@ -168,18 +174,11 @@ def train_toy_student(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     log, t0 = [], time.time()
     bar = tqdm(range(cfg.steps), desc="toy student", leave=False)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        ids, mask, labels = _seq2seq_batch(rng.sample(list(pairs), min(cfg.batch_size, len(pairs))), tokenizer,
-                                           max_source, max_target)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
+        loss = _train_step(model, opt, cfg, step, *_seq2seq_batch(batch, tokenizer, max_source, max_target))
+        bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % cfg.check_every == 0:
-            log.append({"step": step + 1, "loss": loss.item(), "seconds": time.time() - t0})
+            log.append({"step": step + 1, "loss": loss, "seconds": time.time() - t0})
     return _save(model, tokenizer, out_dir, cfg, log, None, params=sum(p.numel() for p in model.parameters()))
 
 
