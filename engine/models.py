@@ -41,6 +41,11 @@ NAMED_CONFIGS["tiny"] = dict(_V11, vocab_size=512, d_model=64, d_ff=128, d_kv=16
 def t5_config(name_or_path: str, **overrides):
     """A `T5Config` from a named shape, a config.json / model folder, or a hub id; `overrides` win."""
     from transformers import T5Config
+    if "num_layers" in overrides and "num_decoder_layers" not in overrides:
+        # T5Config's own rule (the decoder has num_layers unless told otherwise), kept for overrides:
+        # the named shapes and saved configs spell num_decoder_layers out, so num_layers alone would
+        # otherwise change the encoder only
+        overrides = {**overrides, "num_decoder_layers": overrides["num_layers"]}
     if name_or_path in NAMED_CONFIGS:
         return T5Config(**{**NAMED_CONFIGS[name_or_path], **overrides})
     path = Path(name_or_path)

@@ -31,6 +31,17 @@ def tiny_t5(scaled: bool, vocab: int = 97, seed: int = 0):
 
 # ----------------------------------------------------------------------------- models
 
+def test_num_layers_alone_sets_the_decoder_too():
+    """T5Config's rule: the decoder has num_layers unless num_decoder_layers is given, also over a
+    named shape that spells num_decoder_layers out."""
+    for name in ("tiny", "flan-t5-base"):
+        cfg = t5_config(name, num_layers=3)
+        assert (cfg.num_layers, cfg.num_decoder_layers) == (3, 3)
+    cfg = t5_config("tiny", num_layers=3, num_decoder_layers=1)
+    assert (cfg.num_layers, cfg.num_decoder_layers) == (3, 1)
+    assert t5_config("flan-t5-base").num_decoder_layers == 12
+
+
 @pytest.mark.parametrize("name,d_model,layers,heads,d_ff", [
     ("t5-v1_1-small", 512, 8, 6, 1024), ("flan-t5-base", 768, 12, 12, 2048), ("flan-t5-large", 1024, 24, 16, 2816),
     ("t5-v1_1-xl", 2048, 24, 32, 5120), ("flan-t5-xxl", 4096, 24, 64, 10240)])
