@@ -193,6 +193,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     num_beams: int = 1
     out_dir: Optional[str] = None
+    # Questions per dataset when the eval stage scores *every* kept checkpoint for the trade-off
+    # plot (RQ4); None: train.dev_limit. The selected checkpoints are scored on `limit`.
+    tradeoff_limit: Optional[int] = None
 
 
 @dataclass

@@ -46,7 +46,8 @@ def test_plots_are_png(tiny_demo):
 
 def test_everything_under_out_and_stages_marked(tiny_demo):
     (toy,) = (tiny_demo / "toy").iterdir()  # toy/<hash of the toy configuration>
-    assert toy.name == demo.toy_key(0, None, demo.TINY_TOY)
+    recipe = demo.build_runs(tiny_demo, tiny=True)[0].recipe
+    assert toy.name == demo.toy_key(recipe.train.seed, recipe.data.synthetic_sizes or None, demo.TINY_TOY)
     for stage_dir, stage in [(f"toy/{toy.name}", "toy"), ("teacher", "teacher"), ("teacher-correct", "filter"),
                              ("aligned", "align"), ("dm/train", "train"), ("sm/train", "train"),
                              ("dm/eval", "eval"), ("sm/eval", "eval")]:
@@ -165,4 +166,4 @@ def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):
         allowed = set(demo.paths(tmp_path, tmp_path)) | (set(demo.TINY) if tiny else set())
         assert changed <= allowed, changed - allowed
         assert runs[0].recipe.model.name_or_path.startswith(str(tmp_path / "toy" / demo.toy_key(
-            0, None, demo.toy_scale(tiny))))
+            0, runs[0].recipe.data.synthetic_sizes or None, demo.toy_scale(tiny))))

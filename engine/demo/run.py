@@ -38,7 +38,7 @@ GENERIC = ["synthetic/generic_sort", "synthetic/generic_count", "synthetic/gener
 
 # --tiny: the test configuration (about a minute); the toy scale is not a recipe field.
 TINY_TOY = ToyScale(teacher_steps=120, teacher_layers=2, teacher_width=64, student_steps=20, student_overrides={},
-                    teacher_vocab=300, student_vocab=300, math_for_student=20, heldout_check=8,
+                    teacher_vocab=300, student_vocab=300, student_math={"train": 20}, heldout_check=8,
                     teacher_sees_questions=True, teacher_examples=24, student_examples=48, practice_questions=2000)
 TINY = {"teacher.samples": 4, "teacher.limit": 24, "teacher.max_tokens": 40, "eval.max_new_tokens": 40,
         "train.micro_batch_size": 2, "train.max_steps": 6, "train.eval_every": 3, "train.save_every": 3,

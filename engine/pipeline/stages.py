@@ -252,11 +252,13 @@ def tradeoff_datasets(recipe: Recipe) -> list[str]:
 
 
 def score_every_checkpoint(run: Run) -> int:
-    """RQ4: score every kept checkpoint on the trade-off datasets (train.dev_limit examples each) into
-    train/test_scores.jsonl; the evaluator exports DeepSpeed checkpoints to HF first."""
+    """RQ4: score every kept checkpoint on the trade-off datasets (eval.tradeoff_limit examples each,
+    default train.dev_limit) into train/test_scores.jsonl; the evaluator exports DeepSpeed checkpoints
+    to HF first."""
     from specialize.engine.evaluation.evaluate import evaluate_checkpoints
     r, train_dir = run.recipe, run.dir("train")
-    rows = evaluate_checkpoints(str(train_dir), tradeoff_datasets(r), fmt=r.eval.format, limit=r.train.dev_limit,
+    limit = r.eval.tradeoff_limit or r.train.dev_limit
+    rows = evaluate_checkpoints(str(train_dir), tradeoff_datasets(r), fmt=r.eval.format, limit=limit,
                                 tokenizer=r.model.tokenizer, shots=r.data.shots, seed=r.train.seed,
                                 data_dir=r.data.data_dir, batch_size=r.eval.batch_size,
                                 max_new_tokens=r.eval.max_new_tokens, num_beams=r.eval.num_beams, progress=False)
