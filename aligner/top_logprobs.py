@@ -6,12 +6,14 @@ Here the field stays the raw JSON bytes of each line (msgspec `Raw`), and one Nu
 over the chunk (`_scan`) checks its shape — a list per teacher token of
 `[string, number]` pairs, JSON whitespace anywhere — and returns per token the number of
 alternatives, per alternative the byte span of its string's content (escapes left as
-written) and the text of its number. The numbers are then checked and converted by msgspec
-itself, in one call on a JSON array of them: the same parser the per-line decoder uses, so
-the same float64 values bit for bit, and the same refusals of what is not a JSON number.
-The strings are looked up by their raw bytes (`RawStringTable`, a compiled open-addressing
-table); only strings never met before are decoded, again by msgspec, and handed to the
-caller once.
+written) and its logprob. Numbers are converted in the same pass (json_numbers.py: the
+correctly rounded double, so the float64 msgspec gives, bit for bit); the few that module
+leaves over (zeros, subnormals, more than 19 digits) are converted by msgspec itself, in
+one call on a JSON array of their text — the same parser the per-line decoder uses, with
+the same refusals of what is out of a double's range. Text that is not a JSON number
+refuses the chunk. The strings are looked up by their raw bytes (`RawStringTable`, a
+compiled open-addressing table); only strings never met before are decoded, again by
+msgspec, and handed to the caller once.
 
 `read_top_logprobs` returns None for anything it does not accept: a different shape, a
 control character in a string, a number it cannot convert, a logprob > 0, a count of lists
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 from numba import njit
+
+from .json_numbers import FALLBACK, INVALID, POW5, parse_number
 
 _FLOATS = msgspec.json.Decoder(list[float])
 _STR = msgspec.json.Decoder(str)
@@ -80,26 +84,15 @@ def _string(buf, i, end):
     return -1
 
 
-@njit(cache=True, inline="always")
-def _number(buf, i, end):
-    """Index just past the run of number characters (digits, "+-.eE") starting at i; -1 if
-    there is none. Whether the run is a JSON number is msgspec's to decide: it converts
-    every run, and refuses a chunk with one that is not ("-01", "1.", "--1")."""
-    j = i
-    while j < end:
-        c = buf[j]
-        if not (48 <= c <= 57 or c == 45 or c == 46 or c == 101 or c == 69 or c == 43):
-            break
-        j += 1
-    return j if j > i else -1
-
-
 @njit(cache=True)
-def _scan(buf, rec_off, n_tokens, counts, starts, ends, nums):
-    """Fill counts/starts/ends and the number blob `nums` ("[n,n,...]"); returns
-    (tokens, alternatives, blob length), or (-1, -1, -1) at the first record it refuses."""
+def _scan(buf, rec_off, n_tokens, counts, starts, ends, bits, fallback, nums, pow5):
+    """Fill counts/starts/ends, the float64 bits of each logprob json_numbers converts, and
+    for the others their index (`fallback`) and text (the blob `nums`, "[n,n,...]");
+    returns (tokens, alternatives, fallbacks, blob length), or -1s at the first record it
+    refuses."""
     n_tok = 0
     n_alt = 0
+    n_fb = 0
     w = 0
     nums[w] = 91  # [
     w += 1
@@ -107,62 +100,66 @@ def _scan(buf, rec_off, n_tokens, counts, starts, ends, nums):
         end = rec_off[r + 1]
         i = _ws(buf, rec_off[r], end)
         if i >= end or buf[i] != 91:
-            return -1, -1, -1
+            return -1, -1, -1, -1
         i = _ws(buf, i + 1, end)
         lists = 0
         while i < end and buf[i] != 93:  # each token's list
             if lists > 0:
                 if buf[i] != 44:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 i = _ws(buf, i + 1, end)
             if i >= end or buf[i] != 91 or n_tok >= counts.shape[0]:
-                return -1, -1, -1
+                return -1, -1, -1, -1
             i = _ws(buf, i + 1, end)
             alts = 0
             while i < end and buf[i] != 93:  # each [string, number]
                 if alts > 0:
                     if buf[i] != 44:
-                        return -1, -1, -1
+                        return -1, -1, -1, -1
                     i = _ws(buf, i + 1, end)
                 if i >= end or buf[i] != 91 or n_alt >= starts.shape[0]:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 i = _ws(buf, i + 1, end)
                 if i >= end or buf[i] != 34:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 j = _string(buf, i, end)
                 if j < 0:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 starts[n_alt] = i + 1
                 ends[n_alt] = j - 1
                 i = _ws(buf, j, end)
                 if i >= end or buf[i] != 44:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 i = _ws(buf, i + 1, end)
-                j = _number(buf, i, end)
-                if j < 0:
-                    return -1, -1, -1
-                if n_alt > 0:
-                    nums[w] = 44
-                    w += 1
-                for b in range(i, j):
-                    nums[w] = buf[b]
-                    w += 1
+                j, status, value = parse_number(buf, i, end, pow5)
+                if status == INVALID:
+                    return -1, -1, -1, -1
+                bits[n_alt] = value
+                if status == FALLBACK:
+                    if n_fb > 0:
+                        nums[w] = 44
+                        w += 1
+                    for b in range(i, j):
+                        nums[w] = buf[b]
+                        w += 1
+                    fallback[n_fb] = n_alt
+                    n_fb += 1
                 i = _ws(buf, j, end)
                 if i >= end or buf[i] != 93:
-                    return -1, -1, -1
+                    return -1, -1, -1, -1
                 i = _ws(buf, i + 1, end)
                 n_alt += 1
                 alts += 1
             if i >= end:
-                return -1, -1, -1
+                return -1, -1, -1, -1
             counts[n_tok] = alts
             n_tok += 1
             lists += 1
             i = _ws(buf, i + 1, end)
         if i >= end or lists != n_tokens[r] or _ws(buf, i + 1, end) != end:
-            return -1, -1, -1
+            return -1, -1, -1, -1
     nums[w] = 93  # ]
-    return n_tok, n_alt, w + 1
+    return n_tok, n_alt, n_fb, w + 1
 
 
 def read_top_logprobs(raws, n_tokens) -> PackedTopK | None:
@@ -177,15 +174,19 @@ def read_top_logprobs(raws, n_tokens) -> PackedTopK | None:
     max_alts = len(buf) // 7 + 1
     counts = np.empty(total_tokens, np.int64)
     starts, ends = np.empty(max_alts, np.int64), np.empty(max_alts, np.int64)
+    bits, fallback = np.empty(max_alts, np.uint64), np.empty(max_alts, np.int64)
     nums = np.empty(len(buf) + 2, np.uint8)
-    n_tok, n_alt, n_bytes = _scan(buf, rec_off, np.asarray(n_tokens, np.int64), counts, starts, ends, nums)
+    n_tok, n_alt, n_fb, n_bytes = _scan(buf, rec_off, np.asarray(n_tokens, np.int64), counts, starts, ends, bits,
+                                        fallback, nums, POW5)
     if n_tok != total_tokens:
         return None
-    try:
-        logprobs = np.array(_FLOATS.decode(nums[:n_bytes].tobytes()), np.float64)
-    except msgspec.DecodeError:
-        return None
-    if len(logprobs) != n_alt or not (logprobs <= 0).all():  # also refuses NaN
+    logprobs = bits[:n_alt].view(np.float64)
+    if n_fb:
+        try:
+            logprobs[fallback[:n_fb]] = _FLOATS.decode(nums[:n_bytes].tobytes())
+        except (msgspec.DecodeError, ValueError):  # not a number msgspec takes; ValueError: a count mismatch
+            return None
+    if not (logprobs <= 0).all():  # also refuses NaN
         return None
     return PackedTopK(buf, counts, starts[:n_alt], ends[:n_alt], logprobs)
 
