@@ -64,9 +64,11 @@ def _offsets(lengths) -> np.ndarray:
     return off
 
 
-def _encode(student: StudentTokenizer, texts: list[str], wheres: list[str], field: str) -> list[list[int]]:
+def _encode(student: StudentTokenizer, texts: list[str], wheres: list[str], field: str, packed: bool = False):
+    """`student.encode(texts)` (or `encode_packed` with `packed`); a text the tokenizer refuses
+    raises TeacherRecordError naming its record."""
     try:
-        return student.encode(texts)
+        return student.encode_packed(texts) if packed else student.encode(texts)
     except Exception as batch_error:  # find the record the tokenizer refuses, and name it
         for text, where in zip(texts, wheres):
             try:
@@ -84,7 +86,8 @@ def _questions(student: StudentTokenizer, records, wheres, cache: dict | None) -
         return _encode(student, [r.question for r in records], wheres, "question")
     new = {r.question: w for r, w in zip(records, wheres) if r.question not in cache}
     if new:
-        cache.update(zip(new, _encode(student, list(new), list(new.values()), "question")))
+        ids, off = _encode(student, list(new), list(new.values()), "question", packed=True)
+        cache.update(zip(new, (ids[a:b].tolist() for a, b in zip(off[:-1].tolist(), off[1:].tolist()))))
     return [cache[r.question] for r in records]
 
 
@@ -102,12 +105,10 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
         if alt_rows is None:
             return None
         clock.lap("map")
-    labels = _encode(student, [r.text for r in records], wheres, "text")
+    lab_flat, lab_off = _encode(student, [r.text for r in records], wheres, "text", packed=True)
     questions = _questions(student, records, wheres, question_cache)
     clock.lap("tokenize")
 
-    lab_off = _offsets(list(map(len, labels)))
-    lab_flat = np.fromiter(chain.from_iterable(labels), np.int32, int(lab_off[-1]))
     s_len = np.maximum(np.diff(lab_off) - 1, 0)  # the eos stays one-hot: not aligned
     s_off = _offsets(s_len)
     not_eos = np.ones(len(lab_flat), bool)
