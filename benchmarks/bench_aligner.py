@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         # twice with one StudentTokenizer: first from cold caches (piece ids, alternative strings:
         # what each worker above paid), then warm, as every pair after the first few thousand of
         # a long run is (the caches grow with distinct strings, not with pairs)
+        from specialize.aligner import packed
         from specialize.aligner.student import StudentTokenizer
+        packed._BOOK.clear()  # the end-to-end runs above may have run in this process (small folder)
         stok = StudentTokenizer.load(str(tmp / "student"))
         for label, target in (("packed", "packed-1"), ("packed, warm", "packed-2")):
             inproc = align_teacher_dir(tmp / "teacher", stok, tmp / target, workers=1, progress=False)
