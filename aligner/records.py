@@ -199,7 +199,7 @@ def iter_packed_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[Chu
     lines, wheres = [], []
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+            if line.isspace():  # a blank line (bytes.strip() would copy every line to tell)
                 continue
             lines.append(line)
             wheres.append(f"{path}:{lineno}")
