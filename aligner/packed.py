@@ -1,17 +1,20 @@
 """The bulk path: one teacher shard → one aligned shard, chunk by chunk, on packed arrays.
 
-Per chunk of CHUNK records (records.Chunk): each record's fields decoded by msgspec, the
-chunk's top_logprobs read as raw JSON in compiled code (top_logprobs.py); the student
-tokenizer with its per-piece cache (piece_cache.py, the same ids as the full tokenizer);
-teacher codes from the `Codebook` (one C-level dict look-up per token, a compiled walk); every alternative's student
-id through the codebook's compiled raw-string table; the Numba DP over the packed pairs
-(`dp.align_packed`); the compiled mapping (`mapping.map_packed`). A chunk the compiled
-reader refuses is decoded line by line (lists per record) and takes the same steps. The
-chunk's lines and parsed fields are dropped once its arrays exist, so the peak memory of a
-shard is its output arrays (labels, input ids, and topk ids + logprobs: 8·K bytes per label
-position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice that for a moment while the chunks
-are joined) plus one chunk of lines, raw top-k bytes and scan arrays (~40 MB for 1,024 GSM8K
-records with top-5).
+Per chunk of CHUNK records (records.Chunk): one compiled pass over the chunk's lines reads
+every top_logprobs value, numbers included (top_logprobs.py, json_numbers.py), and msgspec
+decodes the other fields; the student tokenizer takes the chunk's texts in one batch
+(piece_cache.py: words looked up in compiled code, the same ids as the full tokenizer);
+teacher codes from the `Codebook` (one C-level dict look-up per token, a compiled walk);
+every alternative's student id through the codebook's compiled raw-string table; the Numba
+DP over the packed pairs (`dp.align_packed`); the compiled mapping (`mapping.map_packed`).
+A chunk the compiled reader refuses is decoded line by line (lists per record) and takes
+the same steps. The chunk's lines and parsed fields are dropped once its arrays exist, so
+the peak memory of a shard is its output arrays (labels, input ids, and topk ids +
+logprobs: 8·K bytes per label position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice
+that for a moment while the chunks are joined) plus one chunk of lines, their joined bytes
+and scan arrays (~40 MB for 1,024 GSM8K records with top-5). Measured: ~270 MiB peak RSS
+per worker for 3,737-record shards, ~510 MiB for 37,365-record ones (issue #18's run),
+most of the first figure being the interpreter, NumPy, Numba and the tokenizer.
 
 The result is the per-record path's (`bulk.align_records` + `shards.write_shard`), byte for
 byte: same arrays, same stats (the float sums are made in the same order). `PhaseClock`
