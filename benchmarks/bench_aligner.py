@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from naive_aligner import naive_align
 
     from specialize.aligner import align_codes_many, align_teacher_dir
+    from specialize.aligner.bulk import SPAWN_MIN_LINES
     from specialize.aligner.normalise import encode_surfaces, student_surfaces, teacher_surfaces
 
     quick = args.quick
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                                         progress=False, implementation=impl)
             wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
             end_to_end[impl] = {
-                "workers": e2e_workers, "pairs": n, "seconds": wall, "pairs_per_s": n / wall, "cpu_s": cpu,
+                "workers": e2e_workers, "in_this_process": n < SPAWN_MIN_LINES or e2e_workers == 1,
+                "pairs": n, "seconds": wall, "pairs_per_s": n / wall, "cpu_s": cpu,
                 "cpu_us_per_pair": cpu / n * 1e6, "peak_rss_mib_per_worker": max(r["peak_rss_mib"] for r in summary),
                 "mapped_share": sum(r["mapped"] for r in summary) / max(1, sum(r["positions"] for r in summary))}
         if spq > 1:  # the headline: a paper-sized folder (7,473 questions x 40 samples by default)
@@ -458,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"end to end, align_teacher_dir --workers {e2e_workers} ({impl}): {e['pairs']} pairs in "
               f"{e['seconds']:.2f} s wall "
               f"= {e['pairs_per_s']:.0f} pairs/s ({e['cpu_us_per_pair']:.0f} CPU us/pair incl. process start), "
-              f"peak RSS {e['peak_rss_mib_per_worker']:.0f} MiB per worker, mapped {e['mapped_share']:.1%} of positions")
+              f"peak RSS {e['peak_rss_mib_per_worker']:.0f} MiB "
+              f"{'(this process: the benchmark holds everything)' if e.get('in_this_process') else 'per worker'}, "
+              f"mapped {e['mapped_share']:.1%} of positions")
     print(f"shards of the two paths byte-identical: {identical}")
     print("logprob texts converted in compiled code (the rest by msgspec): "
           + ", ".join(f"{k} {v:.2%}" for k, v in coverage.items() if k != "numbers") + f" of {coverage['numbers']:,}")
