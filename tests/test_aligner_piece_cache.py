@@ -168,3 +168,15 @@ def test_a_pickled_tokenizer_rebuilds_its_cache():
     first = stok.encode(text)
     clone = pickle.loads(pickle.dumps(stok))
     assert "_cached" not in clone.__dict__ and clone.encode(text) == first
+
+
+def test_batch_path_with_an_added_token_holding_a_space():
+    """An added token whose content has whitespace may appear only once the text is normalised
+    ("7  =" squeezes to "7 ="): the batch path must leave such a batch to the full tokenizer."""
+    tok = Tokenizer.from_str(pipelines()["t5-style (engine.tokenizers)"].to_str())
+    tok.add_tokens(["7 ="])
+    stok = wrapped(tok)
+    texts = ["So 7  = 7.", "a\t7 \n=b", "plain words here", "7 = 7"] + [ex.rationale for ex in rationales()[:50]]
+    for batch in (texts, texts[:1], texts[1:2], texts[2:3], texts[4:]):
+        assert unpacked(stok.encode_packed(batch)) == expected(tok, batch)
+    assert stok.cached_encoder.encode_packed(texts[:1]) is None  # found in the squeezed text only
