@@ -40,7 +40,8 @@ class TeacherRecordError(ValueError):
 
 class _RecordFields(msgspec.Struct):
     """The fields the aligner reads besides `top_logprobs` (others in the line are skipped while
-    decoding); the two record types below differ only in how they take `top_logprobs`."""
+    decoding): what the bulk reader decodes from a line without its top_logprobs value;
+    `TeacherRecord` adds the value decoded (the per-line path)."""
     qid: str
     question: str
     text: str

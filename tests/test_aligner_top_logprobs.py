@@ -93,7 +93,8 @@ def test_any_key_order_and_other_fields(top_lists, order, others, indent, ensure
     assert packed.counts.tolist() == [len(alts) for alts in want.top_logprobs]
     raw = packed.buf.tobytes()
     assert [decode_raw_string(raw[s:e]) for s, e in zip(packed.starts, packed.ends)] == [a for a, _ in flat]
-    np.testing.assert_array_equal(packed.logprobs.view(np.int64), np.array([lp for _, lp in flat], np.float64).view(np.int64))
+    want_bits = np.array([lp for _, lp in flat], np.float64).view(np.int64)
+    np.testing.assert_array_equal(packed.logprobs.view(np.int64), want_bits)
 
 
 @pytest.mark.parametrize("text", [
@@ -102,7 +103,8 @@ def test_any_key_order_and_other_fields(top_lists, order, others, indent, ensure
     '"top_logprobs": [[["a", -1]]], "top_logprobs": [[["b", -2]]]}',  # twice: msgspec's rule, not the walker's
     '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], '
     '"top\\u005flogprobs": [[["a", -1]]]}',  # the key spelled with an escape
-    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], "top_logprobs": [[["a", -1]]]} x',
+    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], '
+    '"top_logprobs": [[["a", -1]]]} x',  # text after the object
     '[{"top_logprobs": [[["a", -1]]]}]',
 ])
 def test_lines_the_walker_leaves_to_the_per_line_decoder(text):
