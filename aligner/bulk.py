@@ -5,9 +5,9 @@ packed path (packed.py: chunked, compiled, bounded memory) or by the per-record 
 below (`align_records`, kept as the readable comparison; same bytes), and written
 atomically (`shards.save_shard_arrays`): on a rerun a finished shard is skipped, a partial one
 (left as `*.tmp`) is redone. `workers` > 1 aligns several input shards at once in
-separate processes; with a single pending shard the workers become Numba threads of the
-pair-parallel DP instead. Stats per shard are kept in its meta.json so a resumed run can
-still print the full summary.
+separate processes; with a single pending shard, or fewer than SPAWN_MIN_LINES pending
+lines, the workers become Numba threads of the pair-parallel DP instead. Stats per shard
+are kept in its meta.json so a resumed run can still print the full summary.
 """
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ from .teacher_tokenizers import load_teacher_tokenizer
 
 CHUNK = 512  # samples aligned per Numba call in the per-record path
 IMPLEMENTATIONS = ("packed", "per-record")
+# Below this many pending lines the shards are aligned in this process (`workers` then
+# become Numba threads of the DP): a spawned worker costs ~0.9 s CPU before its first
+# record (interpreter, NumPy/Numba/tokenizers imports, Numba cache loads; measured for
+# issue #18), as much as ~6,000 records of packed work, so two of them only pay off
+# on larger folders.
+SPAWN_MIN_LINES = 12_000
 
 
 def _load_student(student_tokenizer):
@@ -111,6 +117,43 @@ def _worker_init() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_WORKER_STUDENT: dict[str, StudentTokenizer] = {}
+
+
+def _align_shard_in_worker(in_path, out_path, student: StudentTokenizer, *args) -> dict:
+    """`_align_shard` in a pool worker: each task brings its own unpickled copy of the
+    student, so the first copy of each vocabulary is kept and used for every later shard
+    of this worker, whose piece and word caches the earlier shards filled."""
+    kept = _WORKER_STUDENT.get(student.fingerprint)
+    if kept is None:
+        _WORKER_STUDENT.clear()
+        kept = _WORKER_STUDENT[student.fingerprint] = student
+    return _align_shard(in_path, out_path, kept, *args)
+
+
+def _lines_at_least(paths: list[Path], limit: int = SPAWN_MIN_LINES) -> int:
+    """min(limit, newlines in the files), reading no further than the limit needs."""
+    lines = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            while lines < limit and (block := fh.read(1 << 20)):
+                lines += block.count(b"\n")
+        if lines >= limit:
+            return limit
+    return lines
+
+
+def _count_lines(path: Path) -> int:
+    """Lines of a file, for the progress bar (blank lines included: the bar's total only),
+    counted in blocks: a Python loop over the lines of a 300,000-record folder cost ~3 s CPU."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
 def _out_name(in_path: Path) -> str:
     return "aligned-" + in_path.stem.split("-", 1)[-1]
 
@@ -140,17 +183,21 @@ def align_teacher_dir(teacher_dir, student_tokenizer, out_dir, workers: int = 1,
             rows[p.name] = {**meta.get("stats", {"shard": p.name}), "status": "skipped"}
         else:
             pending.append(p)
-    # bytes: a line that is not UTF-8 is the readers' to report (naming file:line), not the progress bar's
-    total = sum(sum(1 for line in open(p, "rb") if line.strip()) for p in pending)
-    bar = tqdm(total=total, unit="sample", desc="align", disable=not progress)
+    # bytes: a line that is not UTF-8 is the readers' to report (naming file:line), not the progress bar's.
+    # The count is one more pass over the folder (~2 s CPU for 300,000 GSM8K records), made
+    # only for a bar that is shown; whether to spawn workers needs only a lower bound
+    lines = sum(map(_count_lines, pending)) if progress else None
+    spawn = workers > 1 and len(pending) > 1 and _lines_at_least(pending) >= SPAWN_MIN_LINES
+    bar = tqdm(total=lines, unit="sample", desc="align", disable=not progress)
     try:
         # the packed path hands workers a ready StudentTokenizer (no transformers import there)
         prepare = StudentTokenizer.load if implementation == "packed" else _load_student
-        if workers > 1 and len(pending) > 1:
+        if spawn:
             student = prepare(student_tokenizer)
             procs = min(workers, len(pending))
+            task = _align_shard_in_worker if implementation == "packed" else _align_shard
             with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-                futures = {pool.submit(_align_shard, str(p), str(out_dir / _out_name(p)), student, band,
+                futures = {pool.submit(task, str(p), str(out_dir / _out_name(p)), student, band,
                                        max(1, workers // procs), teacher_tokenizer, None, implementation): p
                            for p in pending}
                 for fut in as_completed(futures):

@@ -10,7 +10,9 @@ position. `Codebook` keeps those results for the life of a shard's alignment:
   the same alignments);
 - the code of every student vocabulary id, so a pair's student codes are one array
   lookup (`<unk>` positions then get codes that equal nothing, as in `encode_surfaces`);
-- per teacher token string and marker state: (code, gap, marker state after it);
+- per teacher token string, for both marker states: (code, gap, marker state after it),
+  as a row of a table that one compiled pass walks over a chunk's packed tokens (the state
+  carried from token to token; only strings met for the first time take Python);
 - per alternative string: its student id when read with and without a pending marker
   (`normalise.alternative_surface`, then the vocabulary), as a row of a small table that
   is indexed in bulk — by the string itself, or by its raw JSON bytes in a chunk read by
@@ -26,9 +28,23 @@ from typing import Sequence
 
 import msgspec
 import numpy as np
+from numba import njit
 
 from .normalise import alternative_surface, student_surfaces, surface_step, teacher_gap
 from .top_logprobs import PackedTopK, RawStringTable, decode_raw_string
+
+
+@njit(cache=True)
+def _walk_teacher(rows, t_off, table, codes, gaps, pending):
+    """Per token of each packed sequence: the marker state before it, and the code and gap of
+    its entry in that state (`table[row, state]` = code, gap, state after)."""
+    for p in range(t_off.shape[0] - 1):
+        state = 1  # the student prepends "▁" to the text
+        for t in range(t_off[p], t_off[p + 1]):
+            pending[t] = state
+            codes[t] = table[rows[t], state, 0]
+            gaps[t] = table[rows[t], state, 1]
+            state = table[rows[t], state, 2]
 
 
 class Codebook:
@@ -39,7 +55,9 @@ class Codebook:
         surfaces = student_surfaces([p if p is not None else "" for p in student_pieces])
         self.student_codes = np.array([self._code(s) if p is not None else -1
                                        for s, p in zip(surfaces, student_pieces)], np.int32)
-        self._teacher: tuple[dict, dict] = ({}, {})  # by pending state (False, True): token -> entry
+        self._teacher_rows: dict[str, int] = {}
+        self._teacher_table: list[tuple] = []  # row -> ((code, gap, after) read without marker, with)
+        self._teacher_array = np.zeros((0, 2, 3), np.int32)
         self._alt_rows: dict[str, int] = {}
         self._alt_table: list[tuple[int, int]] = []   # row -> (id read without marker, id read with)
         self._alt_array = np.zeros((0, 2), np.int32)
@@ -48,25 +66,29 @@ class Codebook:
     def _code(self, surface: str) -> int:
         return self._codes.setdefault(surface, len(self._codes))
 
-    def _teacher_entry(self, token: str, pending: bool) -> tuple[int, int, bool]:
-        surface, after = surface_step(token, pending)
-        entry = (self._code(surface), teacher_gap(surface), after)
-        self._teacher[pending][token] = entry
-        return entry
+    def _add_teacher(self, token: str) -> None:
+        entries = []
+        for pending in (False, True):
+            surface, after = surface_step(token, pending)
+            entries.append((self._code(surface), teacher_gap(surface), int(after)))
+        self._teacher_rows[token] = len(self._teacher_table)
+        self._teacher_table.append(tuple(entries))
 
-    def teacher(self, tokens: Sequence[str], codes: list, gaps: list, pendings: list) -> None:
-        """Append the codes, gaps and pending-before states of one teacher sequence
-        (`teacher_surfaces` + `encode_surfaces` for the teacher side)."""
-        by_state = self._teacher
-        pending = True  # the student prepends "▁" to the text
-        for token in tokens:
-            pendings.append(pending)
-            entry = by_state[pending].get(token)
-            if entry is None:
-                entry = self._teacher_entry(token, pending)
-            code, gap, pending = entry
-            codes.append(code)
-            gaps.append(gap)
+    def teacher(self, tokens: Sequence[str], offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Codes (int32), gaps (int32) and pending-before states (bool) of packed teacher
+        sequences (`tokens` flat, `offsets` int64 [P + 1]): `teacher_surfaces` +
+        `encode_surfaces` for the teacher side."""
+        rows = np.fromiter(map(self._teacher_rows.get, tokens, repeat(-1)), np.int64, len(tokens))
+        if (rows < 0).any():  # strings met for the first time: add each once, then look up again
+            for token in set(tokens).difference(self._teacher_rows):
+                self._add_teacher(token)
+            rows = np.fromiter(map(self._teacher_rows.__getitem__, tokens), np.int64, len(tokens))
+        if len(self._teacher_array) != len(self._teacher_table):
+            self._teacher_array = np.array(self._teacher_table, np.int32).reshape(-1, 2, 3)
+        codes, gaps = np.empty(len(tokens), np.int32), np.empty(len(tokens), np.int32)
+        pending = np.empty(len(tokens), np.bool_)
+        _walk_teacher(rows, np.asarray(offsets, np.int64), self._teacher_array, codes, gaps, pending)
+        return codes, gaps, pending
 
     def student(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Codes of packed student id sequences (offsets: int64 [P + 1]); `<unk>` at local

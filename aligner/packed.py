@@ -1,17 +1,20 @@
 """The bulk path: one teacher shard → one aligned shard, chunk by chunk, on packed arrays.
 
-Per chunk of CHUNK records (records.Chunk): each record's fields decoded by msgspec, the
-chunk's top_logprobs read as raw JSON in compiled code (top_logprobs.py); the student
-tokenizer with its per-piece cache (piece_cache.py, the same ids as the full tokenizer);
-teacher codes from the `Codebook` (one dict look-up per token); every alternative's student
-id through the codebook's compiled raw-string table; the Numba DP over the packed pairs
-(`dp.align_packed`); the compiled mapping (`mapping.map_packed`). A chunk the compiled
-reader refuses is decoded line by line (lists per record) and takes the same steps. The
-chunk's lines and parsed fields are dropped once its arrays exist, so the peak memory of a
-shard is its output arrays (labels, input ids, and topk ids + logprobs: 8·K bytes per label
-position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice that for a moment while the chunks
-are joined) plus one chunk of lines, raw top-k bytes and scan arrays (~40 MB for 1,024 GSM8K
-records with top-5).
+Per chunk of CHUNK records (records.Chunk): one compiled pass over the chunk's lines reads
+every top_logprobs value, numbers included (top_logprobs.py, json_numbers.py), and msgspec
+decodes the other fields; the student tokenizer takes the chunk's texts in one batch
+(piece_cache.py: words looked up in compiled code, the same ids as the full tokenizer);
+teacher codes from the `Codebook` (one C-level dict look-up per token, a compiled walk);
+every alternative's student id through the codebook's compiled raw-string table; the Numba
+DP over the packed pairs (`dp.align_packed`); the compiled mapping (`mapping.map_packed`).
+A chunk the compiled reader refuses is decoded line by line (lists per record) and takes
+the same steps. The chunk's lines and parsed fields are dropped once its arrays exist, so
+the peak memory of a shard is its output arrays (labels, input ids, and topk ids +
+logprobs: 8·K bytes per label position, ~2.8 MB per 1,000 GSM8K samples at K = 5; twice
+that for a moment while the chunks are joined) plus one chunk of lines, their joined bytes
+and scan arrays (~40 MB for 1,024 GSM8K records with top-5). Measured: ~270 MiB peak RSS
+per worker for 3,737-record shards, ~510 MiB for 37,365-record ones (issue #18's run),
+most of the first figure being the interpreter, NumPy, Numba and the tokenizer.
 
 The result is the per-record path's (`bulk.align_records` + `shards.write_shard`), byte for
 byte: same arrays, same stats (the float sums are made in the same order). `PhaseClock`
@@ -64,9 +67,11 @@ def _offsets(lengths) -> np.ndarray:
     return off
 
 
-def _encode(student: StudentTokenizer, texts: list[str], wheres: list[str], field: str) -> list[list[int]]:
+def _encode(student: StudentTokenizer, texts: list[str], wheres: list[str], field: str, packed: bool = False):
+    """`student.encode(texts)` (or `encode_packed` with `packed`); a text the tokenizer refuses
+    raises TeacherRecordError naming its record."""
     try:
-        return student.encode(texts)
+        return student.encode_packed(texts) if packed else student.encode(texts)
     except Exception as batch_error:  # find the record the tokenizer refuses, and name it
         for text, where in zip(texts, wheres):
             try:
@@ -84,7 +89,8 @@ def _questions(student: StudentTokenizer, records, wheres, cache: dict | None) -
         return _encode(student, [r.question for r in records], wheres, "question")
     new = {r.question: w for r, w in zip(records, wheres) if r.question not in cache}
     if new:
-        cache.update(zip(new, _encode(student, list(new), list(new.values()), "question")))
+        ids, off = _encode(student, list(new), list(new.values()), "question", packed=True)
+        cache.update(zip(new, (ids[a:b].tolist() for a, b in zip(off[:-1].tolist(), off[1:].tolist()))))
     return [cache[r.question] for r in records]
 
 
@@ -102,25 +108,20 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
         if alt_rows is None:
             return None
         clock.lap("map")
-    labels = _encode(student, [r.text for r in records], wheres, "text")
+    lab_flat, lab_off = _encode(student, [r.text for r in records], wheres, "text", packed=True)
     questions = _questions(student, records, wheres, question_cache)
     clock.lap("tokenize")
 
-    lab_off = _offsets(list(map(len, labels)))
-    lab_flat = np.fromiter(chain.from_iterable(labels), np.int32, int(lab_off[-1]))
     s_len = np.maximum(np.diff(lab_off) - 1, 0)  # the eos stays one-hot: not aligned
     s_off = _offsets(s_len)
     not_eos = np.ones(len(lab_flat), bool)
     not_eos[lab_off[1:][s_len < np.diff(lab_off)] - 1] = False
     s_codes = book.student(lab_flat[not_eos], s_off)
-    t_codes, t_gaps, pending = [], [], []
-    for rec in records:
-        book.teacher(rec.tokens, t_codes, t_gaps, pending)
     t_off = _offsets([len(r.tokens) for r in records])
+    t_codes, t_gaps, pending = book.teacher(list(chain.from_iterable(r.tokens for r in records)), t_off)
     clock.lap("encode")
 
-    s2t = align_packed(np.array(t_codes, np.int32), t_off, s_codes, s_off, np.array(t_gaps, np.int32),
-                       band=band, threads=threads)
+    s2t = align_packed(t_codes, t_off, s_codes, s_off, t_gaps, band=band, threads=threads)
     clock.lap("dp")
 
     if top is None:
@@ -130,10 +131,10 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
         # itemgetter over the flat list: zip(*alts) would be one call with a million arguments
         strings = list(map(itemgetter(0), alts))
         logprobs = np.fromiter(map(itemgetter(1), alts), np.float64, len(alts))
-        alt_ids = book.alternatives(strings, np.repeat(np.array(pending, bool), counts))
+        alt_ids = book.alternatives(strings, np.repeat(pending, counts))
     else:
         counts, logprobs = top.counts, top.logprobs
-        alt_ids = book.by_rows(alt_rows, np.repeat(np.array(pending, bool), counts))
+        alt_ids = book.by_rows(alt_rows, np.repeat(pending, counts))
     k = int(max(1, counts.max(initial=1)))
     ids, lps, mapped, kept, listed = map_packed(lab_flat, lab_off, s2t, s_off, t_off, _offsets(counts), alt_ids,
                                                 logprobs, k)
@@ -166,8 +167,9 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
     clock = PhaseClock()
     book = _codebook_for(student)
     question_cache: dict[str, list[int]] = {}  # bounded by the shard's distinct questions
-    total = MappingStats()
     rows, inputs, labels, ids, lps, strings = [], [], [], [], [], []
+    positions = mapped = n_samples = 0
+    kept = listed = 0.0
     off_in = off_lab = off_str = 0
     # The parsed records hold no reference cycles and are freed chunk by chunk; the cyclic
     # collector would otherwise rescan every live container at each allocation threshold
@@ -183,34 +185,43 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
                 chunk.per_line()
                 out = align_chunk(chunk.records, chunk.wheres, student, book, band, threads, clock, question_cache)
             records = chunk.records
-            lab_len = np.diff(out["lab_off"]).tolist()
-            for p, rec in enumerate(records):
-                row = [off_in, len(out["questions"][p]), off_lab, lab_len[p], int(rec.sample_index)]
-                for text in (rec.qid, rec.question, str(rec.gold)):
-                    b = text.encode("utf-8")
-                    row += [off_str, len(b)]
-                    strings.append(b)
-                    off_str += len(b)
-                rows.append(row)
-                off_in += row[1]
-                off_lab += row[3]
-                total = total + MappingStats(int(out["positions"][p]), int(out["mapped"][p]), float(out["kept"][p]),
-                                             float(out["listed"][p]), 1)
-            inputs.append(np.fromiter(chain.from_iterable(out["questions"]), np.int32))
+            n = len(records)
+            texts = [t.encode("utf-8") for rec in records for t in (rec.qid, rec.question, str(rec.gold))]
+            row = np.empty((n, 11), np.int64)
+            q_len = np.fromiter(map(len, out["questions"]), np.int64, n)
+            lab_len = np.diff(out["lab_off"])
+            row[:, 0], row[:, 1] = off_in + _offsets(q_len)[:-1], q_len
+            row[:, 2], row[:, 3] = off_lab + out["lab_off"][:-1], lab_len
+            row[:, 4] = [rec.sample_index for rec in records]
+            text_len = np.fromiter(map(len, texts), np.int64, len(texts))
+            row[:, 5::2] = (off_str + _offsets(text_len)[:-1]).reshape(n, 3)
+            row[:, 6::2] = text_len.reshape(n, 3)
+            rows.append(row)
+            strings += texts
+            off_in += int(q_len.sum())
+            off_lab += int(lab_len.sum())
+            off_str += int(text_len.sum())
+            # the float sums in record order, one addition at a time, as MappingStats.__add__ makes them
+            positions += int(out["positions"].sum())
+            mapped += int(out["mapped"].sum())
+            kept = float(np.cumsum(np.concatenate([[kept], out["kept"]]))[-1])
+            listed = float(np.cumsum(np.concatenate([[listed], out["listed"]]))[-1])
+            n_samples += n
+            inputs.append(np.fromiter(chain.from_iterable(out["questions"]), np.int32, int(q_len.sum())))
             labels.append(out["labels"])
             ids.append(out["topk_ids"])
             lps.append(out["topk_logprobs"])
-            n_done = len(records)
             del chunk, records, out  # drop this chunk's parsed JSON before reading the next
             clock.lap("write")
             if progress is not None:
-                progress(n_done)
+                progress(n)
     finally:
         if gc_was_enabled:
             gc.enable()
+    total = MappingStats(positions, mapped, kept, listed, n_samples)
     k = max((a.shape[1] for a in ids), default=1)
     arrays = {
-        "index": np.array(rows, np.int64).reshape(-1, 11),
+        "index": np.concatenate(rows) if rows else np.zeros((0, 11), np.int64),
         "input_ids": np.concatenate(inputs) if inputs else np.zeros(0, np.int32),
         "labels": np.concatenate(labels) if labels else np.zeros(0, np.int32),
         "topk_ids": np.concatenate([_pad_k(a, k, PAD_ID) for a in ids]) if ids else np.zeros((0, k), np.int32),

@@ -11,10 +11,12 @@ stricter about (a bool logprob or sample_index; NaN, a lone surrogate or a posit
 logprob are refused by both) — so both readers take and refuse the same records, with
 the same messages.
 
-`iter_packed_chunks` (the bulk reader) goes one step further: each line's `top_logprobs`
-stays raw JSON, and the chunk's alternatives are read in compiled code
-(top_logprobs.read_top_logprobs); a chunk that reader does not accept, or whose strings
-msgspec refuses later (`Chunk.per_line`), is decoded line by line as above.
+`iter_packed_chunks` (the bulk reader) goes one step further: one compiled pass over a
+chunk's lines (top_logprobs.scan_lines) finds each line's `top_logprobs` and reads its
+alternatives, and msgspec decodes the rest of each line (the value replaced by 0, so
+msgspec does not step over ~10 KB of top-k per GSM8K record); a chunk that reader does not
+accept, or whose strings msgspec refuses later (`Chunk.per_line`), is decoded line by line
+as above.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Annotated, Any, Iterator, Optional
 import msgspec
 
 from .teacher_tokenizers import tokenize_text
-from .top_logprobs import PackedTopK, read_top_logprobs
+from .top_logprobs import PackedTopK, scan_lines
 
 _FIELDS = (("qid", str), ("question", str), ("text", str), ("sample_index", int))
 _TEXT_FIELDS = ("qid", "question", "text")
@@ -38,7 +40,8 @@ class TeacherRecordError(ValueError):
 
 class _RecordFields(msgspec.Struct):
     """The fields the aligner reads besides `top_logprobs` (others in the line are skipped while
-    decoding); the two record types below differ only in how they take `top_logprobs`."""
+    decoding): what the bulk reader decodes from a line without its top_logprobs value;
+    `TeacherRecord` adds the value decoded (the per-line path)."""
     qid: str
     question: str
     text: str
@@ -55,13 +58,7 @@ class TeacherRecord(_RecordFields):
 _DECODER = msgspec.json.Decoder(TeacherRecord)
 
 
-class _RawTopRecord(_RecordFields):
-    """TeacherRecord with `top_logprobs` left as its raw JSON (read by top_logprobs.py; empty
-    when the field is missing)."""
-    top_logprobs: msgspec.Raw = msgspec.Raw(b"")
-
-
-_RAW_TOP_DECODER = msgspec.json.Decoder(_RawTopRecord)
+_FIELDS_DECODER = msgspec.json.Decoder(_RecordFields)  # a line without its top_logprobs (bulk reader)
 
 
 def _lone_surrogate(s: str) -> int | None:
@@ -158,28 +155,37 @@ def _decode(line: bytes, where: str, teacher_enc=None) -> TeacherRecord | None:
                          d["top_logprobs"])
 
 
+def read_packed(lines: list[bytes]) -> tuple[list[_RecordFields], PackedTopK] | None:
+    """The records of a chunk's lines (without their top_logprobs) and their alternatives
+    packed, or None where the per-line decoder must decide: a line the compiled scan or
+    msgspec does not take, no 'tokens', tokens that do not spell the text, or a count of
+    top_logprobs lists other than the token count."""
+    scanned = scan_lines(lines)
+    if scanned is None:
+        return None
+    records = []
+    for line in scanned.without_top(lines):
+        try:
+            rec = _FIELDS_DECODER.decode(line)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return None
+        if rec.tokens is None or "".join(rec.tokens) != rec.text:
+            return None
+        records.append(rec)
+    if scanned.lists.tolist() != [len(r.tokens) for r in records]:
+        return None
+    return records, scanned.top
+
+
 class Chunk:
     """Up to `chunk` checked records of a shard with the file:line of each; `top` holds their
-    alternatives packed (then the records' own `top_logprobs` are raw JSON, not lists), or
+    alternatives packed (then the records are `_RecordFields`, without `top_logprobs`), or
     is None (the records were decoded line by line and hold lists)."""
 
     def __init__(self, lines: list[bytes], wheres: list[str], teacher_enc=None):
         self.lines, self._line_wheres, self._teacher_enc = lines, wheres, teacher_enc
         self.wheres = wheres
-        self.records, self.top = self._packed() or (self._decoded(), None)
-
-    def _packed(self) -> tuple[list, PackedTopK] | None:
-        records = []
-        for line in self.lines:
-            try:
-                rec = _RAW_TOP_DECODER.decode(line)
-            except (msgspec.DecodeError, UnicodeDecodeError):
-                return None
-            if rec.tokens is None or not len(rec.top_logprobs) or "".join(rec.tokens) != rec.text:
-                return None
-            records.append(rec)
-        top = read_top_logprobs([r.top_logprobs for r in records], [len(r.tokens) for r in records])
-        return (records, top) if top is not None else None
+        self.records, self.top = read_packed(lines) or (self._decoded(), None)
 
     def _decoded(self) -> list[TeacherRecord]:
         pairs = [(rec, where) for line, where in zip(self.lines, self._line_wheres)
@@ -199,7 +205,7 @@ def iter_packed_chunks(path: Path, chunk: int, teacher_enc=None) -> Iterator[Chu
     lines, wheres = [], []
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+            if line.isspace():  # a blank line (bytes.strip() would copy every line to tell)
                 continue
             lines.append(line)
             wheres.append(f"{path}:{lineno}")

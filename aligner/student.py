@@ -22,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from itertools import chain
 from typing import Sequence
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from .piece_cache import PieceCachedEncoder, plan_for
@@ -99,6 +101,32 @@ class StudentTokenizer:
             for i, ids in zip(rest, self.encode_uncached([texts[i] for i in rest])):
                 out[i] = ids
         return out
+
+    def encode_packed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` flat: (ids int32, offsets int64 [len(texts) + 1]); the per-piece cache's
+        batch path (`PieceCachedEncoder.encode_packed`) where it takes the batch."""
+        texts = list(texts)
+        cached = self.cached_encoder if self._backend is not None else None
+        packed = cached.encode_packed(texts) if cached is not None else None
+        if packed is None:
+            lists = self.encode(texts)
+            off = np.zeros(len(lists) + 1, np.int64)
+            np.cumsum(np.fromiter(map(len, lists), np.int64, len(lists)), out=off[1:])
+            return np.fromiter(chain.from_iterable(lists), np.int32, int(off[-1])), off
+        ids, off, taken = packed
+        if taken.all():
+            return ids, off
+        rest = np.flatnonzero(~taken)
+        lists = self.encode([texts[i] for i in rest])  # the per-text path (full tokenizer where needed)
+        lengths = np.diff(off)
+        lengths[rest] = np.fromiter(map(len, lists), np.int64, len(lists))
+        out_off = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=out_off[1:])
+        out = np.empty(int(out_off[-1]), np.int32)
+        from_batch = np.repeat(taken, lengths)
+        out[from_batch] = ids
+        out[~from_batch] = np.fromiter(chain.from_iterable(lists), np.int32, int(lengths[rest].sum()))
+        return out, out_off
 
     def encode_uncached(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` through the full tokenizer for every text (the reference the cached path equals)."""

@@ -2,22 +2,27 @@
 
 Parsed into Python objects, a GSM8K record's top-5 is ~340 strings, floats and tuples
 that the mapping then walks again; that was most of the bulk path's read and mapping time.
-Here the field stays the raw JSON bytes of each line (msgspec `Raw`), and one Numba pass
-over the chunk (`_scan`) checks its shape — a list per teacher token of
-`[string, number]` pairs, JSON whitespace anywhere — and returns per token the number of
-alternatives, per alternative the byte span of its string's content (escapes left as
-written) and the text of its number. The numbers are then checked and converted by msgspec
-itself, in one call on a JSON array of them: the same parser the per-line decoder uses, so
-the same float64 values bit for bit, and the same refusals of what is not a JSON number.
-The strings are looked up by their raw bytes (`RawStringTable`, a compiled open-addressing
+Here one Numba pass over a chunk's lines (`scan_lines`) walks the top-level keys of each
+line's object, steps over every value but the `top_logprobs` one, and checks that one's
+shape — a list per teacher token of `[string, number]` pairs, JSON whitespace anywhere —
+returning per token the number of alternatives, per alternative the byte span of its
+string's content (escapes left as written) and its logprob, and per line where the value
+is (msgspec then decodes the other fields from the line without it: records.read_packed).
+Numbers are converted in the same pass (json_numbers.py: the correctly rounded double, so
+the float64 msgspec gives, bit for bit); the few that module leaves over (zeros,
+subnormals, more than 19 digits) are converted by msgspec itself, in one call on a JSON
+array of their text — the same parser the per-line decoder uses, with the same refusals of
+what is out of a double's range. Text that is not a JSON number refuses the chunk. The
+strings are looked up by their raw bytes (`RawStringTable`, a compiled open-addressing
 table); only strings never met before are decoded, again by msgspec, and handed to the
 caller once.
 
-`read_top_logprobs` returns None for anything it does not accept: a different shape, a
-control character in a string, a number it cannot convert, a logprob > 0, a count of lists
-other than the record's token count. The caller then reads that chunk with the per-line
-decoder (records.py), which accepts or refuses it with the usual messages — so both readers
-take and refuse the same records.
+`scan_lines` returns None for anything it does not accept: a different shape, a control
+character in a string, a number it cannot convert, a logprob > 0, a key with an escape, a
+line without `top_logprobs` or with it twice; records.read_packed adds a count of lists
+other than the record's token count and whatever msgspec refuses in the rest of a line.
+The caller then reads that chunk with the per-line decoder (records.py), which accepts or
+refuses it with the usual messages — so both readers take and refuse the same records.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 from numba import njit
+
+from .json_numbers import FALLBACK, INVALID, POW5, parse_number
 
 _FLOATS = msgspec.json.Decoder(list[float])
 _STR = msgspec.json.Decoder(str)
@@ -80,114 +87,214 @@ def _string(buf, i, end):
     return -1
 
 
-@njit(cache=True, inline="always")
-def _number(buf, i, end):
-    """Index just past the run of number characters (digits, "+-.eE") starting at i; -1 if
-    there is none. Whether the run is a JSON number is msgspec's to decide: it converts
-    every run, and refuses a chunk with one that is not ("-01", "1.", "--1")."""
-    j = i
-    while j < end:
-        c = buf[j]
-        if not (48 <= c <= 57 or c == 45 or c == 46 or c == 101 or c == 69 or c == 43):
-            break
-        j += 1
-    return j if j > i else -1
-
-
 @njit(cache=True)
-def _scan(buf, rec_off, n_tokens, counts, starts, ends, nums):
-    """Fill counts/starts/ends and the number blob `nums` ("[n,n,...]"); returns
-    (tokens, alternatives, blob length), or (-1, -1, -1) at the first record it refuses."""
-    n_tok = 0
-    n_alt = 0
-    w = 0
-    nums[w] = 91  # [
-    w += 1
-    for r in range(rec_off.shape[0] - 1):
-        end = rec_off[r + 1]
-        i = _ws(buf, rec_off[r], end)
-        if i >= end or buf[i] != 91:
-            return -1, -1, -1
-        i = _ws(buf, i + 1, end)
-        lists = 0
-        while i < end and buf[i] != 93:  # each token's list
-            if lists > 0:
-                if buf[i] != 44:
-                    return -1, -1, -1
-                i = _ws(buf, i + 1, end)
-            if i >= end or buf[i] != 91 or n_tok >= counts.shape[0]:
-                return -1, -1, -1
+def _scan_value(buf, i, end, counts, starts, ends, bits, fallback, nums, pow5, pos):
+    """Scan one top_logprobs value starting at buf[i]: append its counts/starts/ends, the
+    float64 bits of each logprob json_numbers converts, and for the others their index
+    (`fallback`) and text (the blob `nums`, "[n,n,...]"); `pos` holds the running (tokens,
+    alternatives, fallbacks, blob length). Returns the index just past the value, or -1
+    where it is not one the reader takes (or an array is full)."""
+    n_tok, n_alt, n_fb, w = pos[0], pos[1], pos[2], pos[3]
+    if i >= end or buf[i] != 91:
+        return -1
+    i = _ws(buf, i + 1, end)
+    lists = 0
+    while i < end and buf[i] != 93:  # each token's list
+        if lists > 0:
+            if buf[i] != 44:
+                return -1
             i = _ws(buf, i + 1, end)
-            alts = 0
-            while i < end and buf[i] != 93:  # each [string, number]
-                if alts > 0:
-                    if buf[i] != 44:
-                        return -1, -1, -1
-                    i = _ws(buf, i + 1, end)
-                if i >= end or buf[i] != 91 or n_alt >= starts.shape[0]:
-                    return -1, -1, -1
+        if i >= end or buf[i] != 91 or n_tok >= counts.shape[0]:
+            return -1
+        i = _ws(buf, i + 1, end)
+        alts = 0
+        while i < end and buf[i] != 93:  # each [string, number]
+            if alts > 0:
+                if buf[i] != 44:
+                    return -1
                 i = _ws(buf, i + 1, end)
-                if i >= end or buf[i] != 34:
-                    return -1, -1, -1
-                j = _string(buf, i, end)
-                if j < 0:
-                    return -1, -1, -1
-                starts[n_alt] = i + 1
-                ends[n_alt] = j - 1
-                i = _ws(buf, j, end)
-                if i >= end or buf[i] != 44:
-                    return -1, -1, -1
-                i = _ws(buf, i + 1, end)
-                j = _number(buf, i, end)
-                if j < 0:
-                    return -1, -1, -1
-                if n_alt > 0:
+            if i >= end or buf[i] != 91 or n_alt >= starts.shape[0]:
+                return -1
+            i = _ws(buf, i + 1, end)
+            if i >= end or buf[i] != 34:
+                return -1
+            j = _string(buf, i, end)
+            if j < 0:
+                return -1
+            starts[n_alt] = i + 1
+            ends[n_alt] = j - 1
+            i = _ws(buf, j, end)
+            if i >= end or buf[i] != 44:
+                return -1
+            i = _ws(buf, i + 1, end)
+            j, status, value = parse_number(buf, i, end, pow5)
+            if status == INVALID:
+                return -1
+            bits[n_alt] = value
+            if status == FALLBACK:
+                if n_fb > 0:
                     nums[w] = 44
                     w += 1
                 for b in range(i, j):
                     nums[w] = buf[b]
                     w += 1
-                i = _ws(buf, j, end)
-                if i >= end or buf[i] != 93:
-                    return -1, -1, -1
-                i = _ws(buf, i + 1, end)
-                n_alt += 1
-                alts += 1
-            if i >= end:
-                return -1, -1, -1
-            counts[n_tok] = alts
-            n_tok += 1
-            lists += 1
+                fallback[n_fb] = n_alt
+                n_fb += 1
+            i = _ws(buf, j, end)
+            if i >= end or buf[i] != 93:
+                return -1
             i = _ws(buf, i + 1, end)
-        if i >= end or lists != n_tokens[r] or _ws(buf, i + 1, end) != end:
-            return -1, -1, -1
-    nums[w] = 93  # ]
-    return n_tok, n_alt, w + 1
+            n_alt += 1
+            alts += 1
+        if i >= end:
+            return -1
+        counts[n_tok] = alts
+        n_tok += 1
+        lists += 1
+        i = _ws(buf, i + 1, end)
+    if i >= end:
+        return -1
+    pos[0], pos[1], pos[2], pos[3] = n_tok, n_alt, n_fb, w
+    return i + 1
 
 
-def read_top_logprobs(raws, n_tokens) -> PackedTopK | None:
-    """The packed alternatives of a chunk's raw `top_logprobs` values (`n_tokens`: each
-    record's token count), or None where the per-line decoder must decide (module docstring)."""
-    lengths = np.fromiter(map(len, raws), np.int64, len(raws))
-    rec_off = np.zeros(len(raws) + 1, np.int64)
-    np.cumsum(lengths, out=rec_off[1:])
-    buf = np.frombuffer(b"".join(raws), np.uint8)
-    total_tokens = int(sum(n_tokens))
-    # a pair takes at least 7 bytes ('["",0]' and a comma): bounds on what the chunk can hold
-    max_alts = len(buf) // 7 + 1
-    counts = np.empty(total_tokens, np.int64)
+@njit(cache=True)
+def _skip_value(buf, i, end):
+    """Index just past the JSON value at buf[i] (strings and brackets followed, so a value's
+    own commas and quotes are stepped over); -1 if there is none. Whether it is valid JSON is
+    msgspec's to decide, on the line without its top_logprobs."""
+    if i >= end:
+        return -1
+    c = buf[i]
+    if c == 34:
+        return _string(buf, i, end)
+    if c == 91 or c == 123:
+        depth = 0
+        while i < end:
+            c = buf[i]
+            if c == 34:
+                i = _string(buf, i, end)
+                if i < 0:
+                    return -1
+                continue
+            if c == 91 or c == 123:
+                depth += 1
+            elif c == 93 or c == 125:
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        return -1
+    j = i
+    while j < end and not (buf[j] == 44 or buf[j] == 125 or buf[j] == 93 or buf[j] == 32 or buf[j] == 10
+                           or buf[j] == 13 or buf[j] == 9):
+        j += 1
+    return j if j > i else -1
+
+
+_KEY = np.frombuffer(b"top_logprobs", np.uint8)
+
+
+@njit(cache=True)
+def _scan_lines(buf, line_off, key, counts, starts, ends, bits, fallback, nums, pow5, pos, top_span, lists):
+    """Walk the top-level keys of each line's JSON object; scan the value of the one key
+    spelled exactly `key` (`_scan_value`; its span in top_span, its token lists in `lists`)
+    and step over the others. Returns -1, or the first line it does not take: not an object
+    as far as it can tell, a key with an escape (it might spell `key`), `key` missing or
+    twice, or a value `_scan_value` refuses."""
+    for r in range(line_off.shape[0] - 1):
+        end = line_off[r + 1]
+        i = _ws(buf, line_off[r], end)
+        if i >= end or buf[i] != 123:
+            return r
+        i = _ws(buf, i + 1, end)
+        found = False
+        while True:
+            if i >= end or buf[i] != 34:
+                return r
+            j = _string(buf, i, end)
+            if j < 0:
+                return r
+            is_key = j - i - 2 == key.shape[0]
+            for k in range(i + 1, j - 1):
+                if buf[k] == 92:
+                    return r
+                if is_key and buf[k] != key[k - i - 1]:
+                    is_key = False
+            i = _ws(buf, j, end)
+            if i >= end or buf[i] != 58:  # :
+                return r
+            i = _ws(buf, i + 1, end)
+            if is_key:
+                if found:
+                    return r
+                found = True
+                tokens_before = pos[0]
+                top_span[r, 0] = i
+                i = _scan_value(buf, i, end, counts, starts, ends, bits, fallback, nums, pow5, pos)
+                top_span[r, 1] = i
+                lists[r] = pos[0] - tokens_before
+            else:
+                i = _skip_value(buf, i, end)
+            if i < 0:
+                return r
+            i = _ws(buf, i, end)
+            if i < end and buf[i] == 44:
+                i = _ws(buf, i + 1, end)
+                continue
+            if i < end and buf[i] == 125:
+                break
+            return r
+        if not found or _ws(buf, i + 1, end) != end:
+            return r
+    return -1
+
+
+@dataclass
+class ScannedLines:
+    """What `scan_lines` found in a chunk's lines: their alternatives packed (spans in the
+    chunk's buffer), and per line the span of its top_logprobs value and its token lists."""
+    top: PackedTopK
+    spans: np.ndarray  # int64 [lines, 2], offsets into the chunk's buffer
+    lists: np.ndarray  # int64 [lines]
+    line_off: np.ndarray  # int64 [lines + 1]
+
+    def without_top(self, lines: list[bytes]) -> list[bytes]:
+        """Each line with its top_logprobs value replaced by 0 (for msgspec to decode the rest)."""
+        local = (self.spans - self.line_off[:-1, None]).tolist()
+        return [line[:a] + b"0" + line[b:] for line, (a, b) in zip(lines, local)]
+
+
+def scan_lines(lines: list[bytes]) -> ScannedLines | None:
+    """The packed alternatives of a chunk's JSON lines and where each line's top_logprobs
+    is, or None where the per-line decoder must decide (module docstring). The caller checks
+    the rest of each line (msgspec on `without_top`) and that `lists` equals its token count."""
+    line_off = np.zeros(len(lines) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, lines), np.int64, len(lines)), out=line_off[1:])
+    buf = np.frombuffer(b"".join(lines), np.uint8)
+    # bounds on what the chunk can hold: a token's list takes at least 3 bytes ('[]' and a
+    # comma), a pair at least 7 ('["",0]' and a comma); np.empty leaves unused pages untouched
+    max_lists, max_alts = len(buf) // 3 + 1, len(buf) // 7 + 1
+    counts = np.empty(max_lists, np.int64)
     starts, ends = np.empty(max_alts, np.int64), np.empty(max_alts, np.int64)
+    bits, fallback = np.empty(max_alts, np.uint64), np.empty(max_alts, np.int64)
     nums = np.empty(len(buf) + 2, np.uint8)
-    n_tok, n_alt, n_bytes = _scan(buf, rec_off, np.asarray(n_tokens, np.int64), counts, starts, ends, nums)
-    if n_tok != total_tokens:
+    nums[0] = 91  # [
+    pos = np.array([0, 0, 0, 1], np.int64)
+    spans, lists = np.empty((len(lines), 2), np.int64), np.empty(len(lines), np.int64)
+    if _scan_lines(buf, line_off, _KEY, counts, starts, ends, bits, fallback, nums, POW5, pos, spans, lists) >= 0:
         return None
-    try:
-        logprobs = np.array(_FLOATS.decode(nums[:n_bytes].tobytes()), np.float64)
-    except msgspec.DecodeError:
+    n_tok, n_alt, n_fb, n_bytes = pos.tolist()
+    nums[n_bytes] = 93  # ]
+    logprobs = bits[:n_alt].view(np.float64)
+    if n_fb:
+        try:
+            logprobs[fallback[:n_fb]] = _FLOATS.decode(nums[:n_bytes + 1].tobytes())
+        except (msgspec.DecodeError, ValueError):  # not a number msgspec takes; ValueError: a count mismatch
+            return None
+    if not (logprobs <= 0).all():  # also refuses NaN
         return None
-    if len(logprobs) != n_alt or not (logprobs <= 0).all():  # also refuses NaN
-        return None
-    return PackedTopK(buf, counts, starts[:n_alt], ends[:n_alt], logprobs)
+    return ScannedLines(PackedTopK(buf, counts[:n_tok], starts[:n_alt], ends[:n_alt], logprobs), spans, lists, line_off)
 
 
 _EMPTY = -1

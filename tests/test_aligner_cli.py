@@ -181,7 +181,8 @@ def test_benchmark_quick_runs_and_writes_json(tmp_path, shared_data, capsys):
     assert {"python-ref", "numba-1t", "numba-2t", "numba-2t-b16"} <= providers
     assert result["config"]["pairs"] == 400 and result["projection_300k"]["end_to_end_cpu_on_2_cores_min"] > 0
     assert result["shards_byte_identical"] is True  # the packed and per-record paths, measured side by side
-    assert set(result["end_to_end"]) == {"packed", "per-record"}
+    assert set(result["end_to_end"]) == {"packed", "per-record", "packed, 2 samples per question"}
+    assert result["headline"]["pairs"] == 800 and result["headline"]["cpu_us_per_pair"] > 0
     for path in ("packed", "per-record"):
         assert set(result["phases_us_per_pair"][path]["cpu"]) == {"read", "tokenize", "encode", "dp", "map", "write"}
     assert result["end_to_end"]["packed"]["start_cpu_s"] >= 0

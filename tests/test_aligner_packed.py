@@ -175,7 +175,9 @@ def test_missing_tokens_are_made_by_the_teacher_tokenizer(teacher_dir, tmp_path,
                teacher_tokenizer=str(shared_data / "tokenizers" / "p50k_base.tiktoken"))
 
 
-def test_resume_and_workers_with_the_packed_path(teacher_dir, tmp_path):
+def test_resume_and_workers_with_the_packed_path(teacher_dir, tmp_path, monkeypatch):
+    import specialize.aligner.bulk as bulk
+    monkeypatch.setattr(bulk, "SPAWN_MIN_LINES", 0)  # spawned workers even for this small folder
     out = tmp_path / "o"
     first = align_teacher_dir(teacher_dir / "teacher", str(teacher_dir / "student"), out, workers=2, progress=False)
     assert [r["status"] for r in first] == ["aligned"] * 3

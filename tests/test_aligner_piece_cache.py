@@ -10,6 +10,7 @@ the cache must refuse (byte-level BPE).
 import functools
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,6 +73,12 @@ def expected(tok: Tokenizer, texts):
     return [e.ids for e in tok.encode_batch(list(texts))]
 
 
+def unpacked(packed):
+    ids, off = packed
+    assert ids.dtype == np.int32 and off[0] == 0 and off[-1] == len(ids)
+    return [ids[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+
+
 def test_python_whitespace_is_rust_whitespace_plus_four():
     """The rule piece_cache relies on: str.split() splits on Rust's whitespace and \\x1c-\\x1f only."""
     split = pre_tokenizers.WhitespaceSplit()
@@ -104,6 +111,11 @@ def test_every_gsm8k_rationale_and_question():
     assert stok.encode(texts) == want
     assert stok.encode(texts) == want  # from a warm cache
     assert sum(stok.cached_encoder.encode(t) is None for t in texts) < 10  # the cached path did the work
+    fresh = wrapped(tok)  # the batch path from empty caches, in chunks as the aligner calls it, then warm
+    for _ in range(2):
+        assert sum((unpacked(fresh.encode_packed(texts[i:i + 1024])) for i in range(0, len(texts), 1024)), []) == want
+    _, _, taken = fresh.cached_encoder.encode_packed(texts)
+    assert taken.mean() > 0.9  # ASCII texts: the batch path did the work
 
 
 @pytest.mark.parametrize("name", ["flan-shaped", "lowercase, whitespace split", "no normaliser"])
@@ -113,6 +125,7 @@ def test_other_pipelines_on_gsm8k(name):
     stok = wrapped(tok)
     assert stok.cached_encoder is not None
     assert stok.encode(texts) == expected(tok, texts)
+    assert unpacked(wrapped(tok).encode_packed(texts)) == expected(tok, texts)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -120,6 +133,19 @@ def test_other_pipelines_on_gsm8k(name):
 def test_hypothesis_strings_equal_the_full_tokenizer(batch):
     for tok in pipelines().values():
         assert wrapped_cached(id(tok)).encode(batch) == expected(tok, batch)
+        assert unpacked(wrapped_cached(id(tok)).encode_packed(batch)) == expected(tok, batch)
+
+
+def test_batch_path_with_a_full_word_pool(monkeypatch):
+    """The word pool is emptied when it holds MAX_CACHED words; ids stay those of the tokenizer."""
+    import specialize.aligner.piece_cache as piece_cache
+    monkeypatch.setattr(piece_cache, "MAX_CACHED", 50)
+    tok = pipelines()["t5-style (engine.tokenizers)"]
+    stok = wrapped(tok)
+    texts = [ex.rationale for ex in rationales()[:400]]
+    for i in range(0, len(texts), 40):
+        assert unpacked(stok.encode_packed(texts[i:i + 40])) == expected(tok, texts[i:i + 40])
+    assert len(stok.cached_encoder._words) < 50 + 40 * 200
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,3 +168,15 @@ def test_a_pickled_tokenizer_rebuilds_its_cache():
     first = stok.encode(text)
     clone = pickle.loads(pickle.dumps(stok))
     assert "_cached" not in clone.__dict__ and clone.encode(text) == first
+
+
+def test_batch_path_with_an_added_token_holding_a_space():
+    """An added token whose content has whitespace may appear only once the text is normalised
+    ("7  =" squeezes to "7 ="): the batch path must leave such a batch to the full tokenizer."""
+    tok = Tokenizer.from_str(pipelines()["t5-style (engine.tokenizers)"].to_str())
+    tok.add_tokens(["7 ="])
+    stok = wrapped(tok)
+    texts = ["So 7  = 7.", "a\t7 \n=b", "plain words here", "7 = 7"] + [ex.rationale for ex in rationales()[:50]]
+    for batch in (texts, texts[:1], texts[1:2], texts[2:3], texts[4:]):
+        assert unpacked(stok.encode_packed(batch)) == expected(tok, batch)
+    assert stok.cached_encoder.encode_packed(texts[:1]) is None  # found in the squeezed text only

@@ -18,8 +18,8 @@ from test_aligner_cli import teacher_dir  # noqa: F401 (the module-scoped fixtur
 from test_aligner_packed import both_paths, write_lines
 
 from specialize.aligner.bulk import align_teacher_dir
-from specialize.aligner.records import _DECODER, _RAW_TOP_DECODER, TeacherRecordError
-from specialize.aligner.top_logprobs import RawStringTable, decode_raw_string, read_top_logprobs
+from specialize.aligner.records import _DECODER, TeacherRecordError, read_packed
+from specialize.aligner.top_logprobs import RawStringTable, decode_raw_string
 
 STRINGS = ["a", " a", "\n", "\"", "\\", "/", "\t", "\x01", "\x7f", "é", "日本", "😀", "▁", "", "  x", "\u2028"]
 # logprobs as a teacher writes them (repr of a double) and as JSON allows them
@@ -45,11 +45,8 @@ def line(top_text, n_tokens):
 
 def read(lines):
     """What records.Chunk does with the lines before the per-line fallback."""
-    try:
-        recs = [_RAW_TOP_DECODER.decode(b) for b in lines]
-    except msgspec.DecodeError:  # not even JSON: the per-line decoder names the problem
-        return None
-    return read_top_logprobs([r.top_logprobs for r in recs], [len(r.tokens) for r in recs])
+    packed = read_packed(lines)
+    return packed[1] if packed is not None else None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -64,6 +61,54 @@ def test_same_alternatives_and_bits_as_msgspec(records, ensure_ascii, compact):
     raw = got.buf.tobytes()
     assert [decode_raw_string(raw[s:e]) for s, e in zip(got.starts, got.ends)] == [s for s, _ in flat]
     np.testing.assert_array_equal(got.logprobs.view(np.int64), np.array([lp for _, lp in flat], np.float64).view(np.int64))
+
+
+OTHER_VALUES = st.one_of(st.integers(), st.text(max_size=6), st.none(), st.booleans(), st.lists(st.integers(), max_size=3),
+                         # a nested top_logprobs key, and text that spells one: neither is the record's
+                         st.just({"top_logprobs": [[["x", -1.0]]], "k": [{}, []]}), st.just('"top_logprobs": [[["y", -2]]]'))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(top_lists=top, order=st.permutations(["qid", "question", "text", "sample_index", "gold", "tokens", "top_logprobs"]),
+       others=st.dictionaries(st.sampled_from(["finish_reason", "meta", "token_logprobs", "é"]), OTHER_VALUES, max_size=3),
+       indent=st.sampled_from([None, 1]), ensure_ascii=st.booleans())
+def test_any_key_order_and_other_fields(top_lists, order, others, indent, ensure_ascii):
+    """The line walker finds top_logprobs wherever the teacher put it, past any other field,
+    and msgspec reads the rest: the same records and alternatives as the typed decoder."""
+    n = len(top_lists)
+    fields = {"qid": "q", "question": "Q?", "text": "t" * n, "sample_index": 3, "gold": {"a": [1]}, "tokens": ["t"] * n,
+              "top_logprobs": [[[s, float(x)] for s, x in alts] for alts in top_lists]}
+    rec = {**{k: fields[k] for k in order}, **others}
+    text = json.dumps(rec, indent=indent, ensure_ascii=ensure_ascii).replace("\n", " ")
+    want = _DECODER.decode(text)
+    got = read_packed([text.encode()])
+    if ensure_ascii and "é" in others:  # a key spelled with an escape: the per-line decoder's
+        assert got is None
+        return
+    assert got is not None
+    (record,), packed = got
+    assert (record.qid, record.question, record.text, record.sample_index, record.gold, record.tokens) == \
+        (want.qid, want.question, want.text, want.sample_index, want.gold, want.tokens)
+    flat = [alt for alts in want.top_logprobs for alt in alts]
+    assert packed.counts.tolist() == [len(alts) for alts in want.top_logprobs]
+    raw = packed.buf.tobytes()
+    assert [decode_raw_string(raw[s:e]) for s, e in zip(packed.starts, packed.ends)] == [a for a, _ in flat]
+    want_bits = np.array([lp for _, lp in flat], np.float64).view(np.int64)
+    np.testing.assert_array_equal(packed.logprobs.view(np.int64), want_bits)
+
+
+@pytest.mark.parametrize("text", [
+    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"]}',  # no top_logprobs
+    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], '
+    '"top_logprobs": [[["a", -1]]], "top_logprobs": [[["b", -2]]]}',  # twice: msgspec's rule, not the walker's
+    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], '
+    '"top\\u005flogprobs": [[["a", -1]]]}',  # the key spelled with an escape
+    '{"qid": "q", "question": "Q", "text": "t", "sample_index": 0, "gold": 1, "tokens": ["t"], '
+    '"top_logprobs": [[["a", -1]]]} x',  # text after the object
+    '[{"top_logprobs": [[["a", -1]]]}]',
+])
+def test_lines_the_walker_leaves_to_the_per_line_decoder(text):
+    assert read_packed([text.encode()]) is None
 
 
 @pytest.mark.parametrize("top_text", [
