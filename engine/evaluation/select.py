@@ -150,7 +150,8 @@ def export_selected(train_dir, signal: str, out_dir) -> Optional[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "selection.json").write_text(json.dumps({**asdict(choice), "model_dir": str(path) if path else None}, indent=1))
     if path is None:
-        print(f"[select] {train_dir}: step {choice.step} ({signal}) has no HF checkpoint kept", file=sys.stderr)
+        print(f"[select] {train_dir}: step {choice.step} ({signal}) has no HF export yet (the eval stage exports "
+              "its DeepSpeed checkpoint when one is kept)", file=sys.stderr)
     return path
 
 
