@@ -1,7 +1,8 @@
 """Tokenizers trained locally, for offline runs and tests.
 
 No T5 SentencePiece model can be downloaded here, so the student side uses a T5-style
-Unigram tokenizer trained with Hugging Face `tokenizers`: whitespace (newlines included)
+Unigram tokenizer built with Hugging Face `tokenizers` (trained by its UnigramTrainer, or, for a
+small closed world such as the demo's, made from word counts): whitespace (newlines included)
 collapsed to single spaces as T5's SentencePiece normaliser does, "▁" word markers,
 ids pad=0, eos=1, unk=2 as in T5. The teacher side of the demo is a GPT-2-style
 byte-level BPE. Both come back as `PreTrainedTokenizerFast` and round-trip through
@@ -66,7 +67,8 @@ def word_count_unigram(texts: Iterable[str], vocab_size: int = 2000) -> PreTrain
     alphabet = ["▁"] + sorted(chars) + ["▁" + c for c in sorted(chars)]
     total = sum(segments.values())
     room = max(0, vocab_size - len(T5_SPECIALS) - len(alphabet))
-    words = [w for w, _ in segments.most_common() if w not in set(alphabet)][:room]
+    in_alphabet = set(alphabet)
+    words = [w for w, _ in segments.most_common() if w not in in_alphabet][:room]
     score = {w: math.log(segments[w] / total) for w in words + alphabet if segments[w]}
     # A character never seen alone costs more than any word, so the Viterbi spelling takes whole
     # words and falls back to characters (rarer ones costlier) only for what the vocabulary lacks.
