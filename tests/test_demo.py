@@ -107,9 +107,10 @@ def test_report_states_teacher_yield_and_ood_split(tiny_demo):
     split = report.split("## OOD dev/test split")[1].split("##")[0]
     # the counts in the report are the parts the engine and the test stage load, and they are disjoint
     from specialize.engine.data import load_dataset_by_name
-    ood_dev = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data.ood_dev_size
-    dev = load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=ood_dev)
-    test = load_dataset_by_name(demo.OOD[0], split="test", seed=0, ood_dev_size=ood_dev)
+    data = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data
+    split_of = dict(seed=0, sizes=data.synthetic_sizes or None, ood_dev_size=data.ood_dev_size)
+    dev = load_dataset_by_name(demo.OOD[0], split="dev", **split_of)
+    test = load_dataset_by_name(demo.OOD[0], split="test", **split_of)
     assert f"| {demo.OOD[0]} | {len(dev)} | {len(test)} |" in split
     assert not {e.question for e in dev} & {e.question for e in test}
     # the OOD items the test stage scored are all from the test part
@@ -123,8 +124,9 @@ def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
     """The engine's dev predictions (train/dev/step-*/<name>.jsonl) on the OOD split are all from its
     dev part, so checkpoint selection never sees a test item."""
     from specialize.engine.data import load_dataset_by_name
-    ood_dev = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data.ood_dev_size
-    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, ood_dev_size=ood_dev)}
+    data = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data
+    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, sizes=data.synthetic_sizes or None,
+                                              ood_dev_size=data.ood_dev_size)}
     dumps = sorted((tiny_demo / "dm" / "train" / "dev").glob(f"step-*/{demo.OOD[0].replace('/', '_')}.jsonl"))
     assert dumps, "the engine wrote no dev predictions for the OOD dev set"
     for path in dumps:
