@@ -29,6 +29,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .offsets import offsets
+
 MATCH, SUBSTITUTE, STUDENT_GAP = 0, 2, 1
 DIAG, UP, LEFT = 0, 1, 2
 
@@ -295,10 +297,7 @@ def align_codes_many(teacher, student, gaps=None, band: int = 0, threads: int | 
     s_len = np.fromiter(map(len, student), np.int64, len(student))
     if gaps is not None and not np.array_equal(np.fromiter(map(len, gaps), np.int64, len(gaps)), t_len):
         raise ValueError("each gap array must have one entry per teacher token")
-    t_off = np.zeros(len(teacher) + 1, np.int64)
-    np.cumsum(t_len, out=t_off[1:])
-    s_off = np.zeros(len(student) + 1, np.int64)
-    np.cumsum(s_len, out=s_off[1:])
+    t_off, s_off = offsets(t_len), offsets(s_len)
     cat = lambda seqs: (np.concatenate(seqs, dtype=np.int32, casting="same_kind") if len(seqs)  # noqa: E731
                         else np.zeros(0, np.int32))
     t_all, s_all = cat(teacher), cat(student)

@@ -33,6 +33,7 @@ import numpy as np
 from .codebook import Codebook
 from .dp import align_packed
 from .mapping import PAD_ID, PAD_LOGPROB, MappingStats, map_packed
+from .offsets import offsets
 from .records import TeacherRecord, TeacherRecordError, iter_packed_chunks
 from .shards import save_shard_arrays
 from .student import StudentTokenizer
@@ -59,12 +60,6 @@ class PhaseClock:
 
     def to_dict(self) -> dict:
         return {"wall": dict(self.wall), "cpu": dict(self.cpu)}
-
-
-def _offsets(lengths) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
 
 
 def _encode(student: StudentTokenizer, texts: list[str], wheres: list[str], field: str, packed: bool = False):
@@ -113,11 +108,11 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
     clock.lap("tokenize")
 
     s_len = np.maximum(np.diff(lab_off) - 1, 0)  # the eos stays one-hot: not aligned
-    s_off = _offsets(s_len)
+    s_off = offsets(s_len)
     not_eos = np.ones(len(lab_flat), bool)
     not_eos[lab_off[1:][s_len < np.diff(lab_off)] - 1] = False
     s_codes = book.student(lab_flat[not_eos], s_off)
-    t_off = _offsets([len(r.tokens) for r in records])
+    t_off = offsets([len(r.tokens) for r in records])
     t_codes, t_gaps, pending = book.teacher(list(chain.from_iterable(r.tokens for r in records)), t_off)
     clock.lap("encode")
 
@@ -136,7 +131,7 @@ def align_chunk(records: list[TeacherRecord], wheres: list[str], student: Studen
         counts, logprobs = top.counts, top.logprobs
         alt_ids = book.by_rows(alt_rows, np.repeat(pending, counts))
     k = int(max(1, counts.max(initial=1)))
-    ids, lps, mapped, kept, listed = map_packed(lab_flat, lab_off, s2t, s_off, t_off, _offsets(counts), alt_ids,
+    ids, lps, mapped, kept, listed = map_packed(lab_flat, lab_off, s2t, s_off, t_off, offsets(counts), alt_ids,
                                                 logprobs, k)
     clock.lap("map")
     return {"labels": lab_flat, "lab_off": lab_off, "questions": questions, "topk_ids": ids, "topk_logprobs": lps,
@@ -190,11 +185,11 @@ def align_shard_packed(in_path: str, out_path: str, student: StudentTokenizer, b
             row = np.empty((n, 11), np.int64)
             q_len = np.fromiter(map(len, out["questions"]), np.int64, n)
             lab_len = np.diff(out["lab_off"])
-            row[:, 0], row[:, 1] = off_in + _offsets(q_len)[:-1], q_len
+            row[:, 0], row[:, 1] = off_in + offsets(q_len)[:-1], q_len
             row[:, 2], row[:, 3] = off_lab + out["lab_off"][:-1], lab_len
             row[:, 4] = [rec.sample_index for rec in records]
             text_len = np.fromiter(map(len, texts), np.int64, len(texts))
-            row[:, 5::2] = (off_str + _offsets(text_len)[:-1]).reshape(n, 3)
+            row[:, 5::2] = (off_str + offsets(text_len)[:-1]).reshape(n, 3)
             row[:, 6::2] = text_len.reshape(n, 3)
             rows.append(row)
             strings += texts

@@ -49,6 +49,7 @@ import numpy as np
 from numba import njit
 from tokenizers import Tokenizer
 
+from .offsets import offsets
 from .top_logprobs import RawStringTable
 
 MAX_CACHED = 1_000_000  # pieces; the cache is emptied when it grows past this (memory stays bounded)
@@ -171,12 +172,6 @@ def _batch_steps(plan: Plan) -> bool | None:
     if not plan.whitespace_split and not any(s[0] == "squeeze" for s in steps):
         return None  # single spaces only after the squeeze: otherwise "a  b" has a piece "▁" alone
     return any(s[0] == "lower" for s in steps)
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
 
 
 class PieceCachedEncoder:
@@ -325,7 +320,7 @@ class PieceCachedEncoder:
         taken[np.flatnonzero(taken)[~has_words]] = False
         lengths = np.zeros(len(texts), np.int64)
         lengths[taken] = body_len[has_words] + len(prefix) + len(suffix)
-        off = _offsets(lengths)
+        off = offsets(lengths)
         out = np.empty(int(off[-1]), np.int32)
         start_of = np.full(len(batch), -1, np.int64)  # batch text -> where its ids start in out
         start_of[has_words] = off[:-1][taken]

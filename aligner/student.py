@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from .offsets import offsets
 from .piece_cache import PieceCachedEncoder, plan_for
 
 
@@ -110,8 +111,7 @@ class StudentTokenizer:
         packed = cached.encode_packed(texts) if cached is not None else None
         if packed is None:
             lists = self.encode(texts)
-            off = np.zeros(len(lists) + 1, np.int64)
-            np.cumsum(np.fromiter(map(len, lists), np.int64, len(lists)), out=off[1:])
+            off = offsets([len(ids) for ids in lists])
             return np.fromiter(chain.from_iterable(lists), np.int32, int(off[-1])), off
         ids, off, taken = packed
         if taken.all():
@@ -120,8 +120,7 @@ class StudentTokenizer:
         lists = self.encode([texts[i] for i in rest])  # the per-text path (full tokenizer where needed)
         lengths = np.diff(off)
         lengths[rest] = np.fromiter(map(len, lists), np.int64, len(lists))
-        out_off = np.zeros(len(texts) + 1, np.int64)
-        np.cumsum(lengths, out=out_off[1:])
+        out_off = offsets(lengths)
         out = np.empty(int(out_off[-1]), np.int32)
         from_batch = np.repeat(taken, lengths)
         out[from_batch] = ids

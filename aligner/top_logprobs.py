@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit
 
 from .json_numbers import FALLBACK, INVALID, POW5, parse_number
+from .offsets import offsets
 
 _FLOATS = msgspec.json.Decoder(list[float])
 _STR = msgspec.json.Decoder(str)
@@ -269,8 +270,7 @@ def scan_lines(lines: list[bytes]) -> ScannedLines | None:
     """The packed alternatives of a chunk's JSON lines and where each line's top_logprobs
     is, or None where the per-line decoder must decide (module docstring). The caller checks
     the rest of each line (msgspec on `without_top`) and that `lists` equals its token count."""
-    line_off = np.zeros(len(lines) + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, lines), np.int64, len(lines)), out=line_off[1:])
+    line_off = offsets([len(line) for line in lines])
     buf = np.frombuffer(b"".join(lines), np.uint8)
     # bounds on what the chunk can hold: a token's list takes at least 3 bytes ('[]' and a
     # comma), a pair at least 7 ('["",0]' and a comma); np.empty leaves unused pages untouched
@@ -358,8 +358,7 @@ class RawStringTable:
 
     def _build(self):
         pool = np.frombuffer(b"".join(self._keys), np.uint8) if self._keys else np.zeros(0, np.uint8)
-        key_off = np.zeros(len(self._keys) + 1, np.int64)
-        np.cumsum([len(k) for k in self._keys], out=key_off[1:])
+        key_off = offsets([len(k) for k in self._keys])
         table = np.full(1 << max(4, (2 * len(self._keys)).bit_length()), _EMPTY, np.int64)
         _insert_all(pool, key_off, table)
         self._arrays = (pool, key_off, table, np.array(self._values, np.int64))
