@@ -169,9 +169,12 @@ def run_hf(recipe: dict, root: Path, nproc: int, timeout: int = 1800) -> dict:
         rc, peak_rss, stderr = run_watched(cmd, subprocess_env(), timeout, root / "hf.stderr")
     result = Path(spec["result"])
     if rc != 0 or not result.is_file():
-        return {"error": f"exit {rc}: {stderr[-1500:]}", **({"retried": retried} if retried else {})}
-    return {**json.loads(result.read_text()), "peak_host_rss_gb": peak_rss / 2 ** 30,
-            **({"retried": retried} if retried else {})}
+        out = {"error": f"exit {rc}: {stderr[-1500:]}"}
+    else:
+        out = {**json.loads(result.read_text()), "peak_host_rss_gb": peak_rss / 2 ** 30}
+    if retried:
+        out["retried"] = retried
+    return out
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -22,10 +22,13 @@ T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
 GPT_EOS = "<|endoftext|>"
 
 
-def _t5_pipeline(tok: Tokenizer) -> Tokenizer:
+def _t5_normalizer() -> normalizers.Normalizer:
     # T5's SentencePiece normaliser: NFKC, and every run of whitespace becomes one space.
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Strip()])
+    return normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+
+
+def _t5_pipeline(tok: Tokenizer) -> Tokenizer:
+    tok.normalizer = _t5_normalizer()
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     return tok
@@ -58,7 +61,7 @@ def word_count_unigram(texts: Iterable[str], vocab_size: int = 2000) -> PreTrain
     """
     segments: Counter[str] = Counter()
     chars: Counter[str] = Counter()
-    normalizer = _t5_pipeline(Tokenizer(models.Unigram())).normalizer
+    normalizer = _t5_normalizer()
     for text in texts:
         for word in normalizer.normalize_str(text).split(" "):
             parts = _SEGMENT.findall(word)

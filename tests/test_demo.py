@@ -99,6 +99,15 @@ def test_dev_area_and_steps_to_reach():
     assert findings.steps_to_reach({50: 0.1}, 0.45) is None
 
 
+def ood_part(tiny_demo, part: str) -> list:
+    """The first OOD split's dev or test part as the demo's recipe cuts it (the engine and the
+    test stage load the same)."""
+    from specialize.engine.data import load_dataset_by_name
+    data = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data
+    return load_dataset_by_name(demo.OOD[0], split=part, seed=0, sizes=data.synthetic_sizes or None,
+                                ood_dev_size=data.ood_dev_size)
+
+
 def test_report_states_teacher_yield_and_ood_split(tiny_demo):
     report = (tiny_demo / "REPORT.md").read_text()
     filt = json.loads((tiny_demo / "teacher-correct" / ".done-filter.json").read_text())
@@ -106,11 +115,7 @@ def test_report_states_teacher_yield_and_ood_split(tiny_demo):
     assert f"kept without the cut: {filt['kept_without_cut']}" in report
     split = report.split("## OOD dev/test split")[1].split("##")[0]
     # the counts in the report are the parts the engine and the test stage load, and they are disjoint
-    from specialize.engine.data import load_dataset_by_name
-    data = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data
-    split_of = dict(seed=0, sizes=data.synthetic_sizes or None, ood_dev_size=data.ood_dev_size)
-    dev = load_dataset_by_name(demo.OOD[0], split="dev", **split_of)
-    test = load_dataset_by_name(demo.OOD[0], split="test", **split_of)
+    dev, test = ood_part(tiny_demo, "dev"), ood_part(tiny_demo, "test")
     assert f"| {demo.OOD[0]} | {len(dev)} | {len(test)} |" in split
     assert not {e.question for e in dev} & {e.question for e in test}
     # the OOD items the test stage scored are all from the test part
@@ -123,10 +128,7 @@ def test_report_states_teacher_yield_and_ood_split(tiny_demo):
 def test_engine_dev_sets_are_the_ood_dev_part(tiny_demo):
     """The engine's dev predictions (train/dev/step-*/<name>.jsonl) on the OOD split are all from its
     dev part, so checkpoint selection never sees a test item."""
-    from specialize.engine.data import load_dataset_by_name
-    data = demo.build_runs(tiny_demo, tiny=True)[0].recipe.data
-    dev = {e.id for e in load_dataset_by_name(demo.OOD[0], split="dev", seed=0, sizes=data.synthetic_sizes or None,
-                                              ood_dev_size=data.ood_dev_size)}
+    dev = {e.id for e in ood_part(tiny_demo, "dev")}
     dumps = sorted((tiny_demo / "dm" / "train" / "dev").glob(f"step-*/{demo.OOD[0].replace('/', '_')}.jsonl"))
     assert dumps, "the engine wrote no dev predictions for the OOD dev set"
     for path in dumps:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -244,7 +243,7 @@ def toy_key(seed: int = 0, sizes: dict | None = None, scale: ToyScale | None = N
     from specialize.engine.teacher.records import config_hash
     fingerprint = [(e.question, e.rationale) for s in (seed, seed + 1)
                    for split in make_splits(seed=s, sizes=sizes).values() for e in split[:5]]
-    code = [Path(m.__file__).read_text() for m in (sys.modules[__name__], tokenizers)]
+    code = [Path(f).read_text() for f in (__file__, tokenizers.__file__)]
     return config_hash({"scale": asdict(scale or ToyScale()), "seed": seed, "sizes": dict(sizes or {}),
                         "world": fingerprint, "code": code})
 
