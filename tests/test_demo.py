@@ -171,3 +171,33 @@ def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):
         assert changed <= allowed, changed - allowed
         assert runs[0].recipe.model.name_or_path.startswith(str(tmp_path / "toy" / demo.toy_key(
             0, runs[0].recipe.data.synthetic_sizes or None, demo.toy_scale(tiny))))
+
+
+def test_accuracy_by_group_by_hand():
+    correct = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0, "x": 0.0}  # "x" has no group: left out
+    got = demo.accuracy_by_group(correct, {"a": 2, "b": 2, "c": 3, "d": 2})
+    assert got == {2: (3, pytest.approx(2 / 3)), 3: (1, 1.0)}
+
+
+def test_operations_counts_cot_lines_before_the_answer():
+    from specialize.engine.data.records import Example
+    assert demo.operations(Example("q", "Q?", "9", "3 + 4 = 7.\nSo 7 + 2 = 9.\nThe answer is 9.")) == 2
+
+
+def test_report_by_length_rows_are_the_scored_questions(tiny_demo):
+    """The by-length table splits exactly the in-dist questions the test stage scored, and its DM column
+    is their accuracy recomputed from the evaluator's predictions."""
+    from specialize.engine.data import load_dataset_by_name
+    report = (tiny_demo / "REPORT.md").read_text()
+    section = report.split("## By reasoning length")[1].split("##")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith(f"| {demo.IN_DIST} |")]
+    assert rows
+    recipe = demo.build_runs(tiny_demo, tiny=True)[0].recipe
+    ops = {e.id: demo.operations(e) for e in load_dataset_by_name(
+        demo.IN_DIST, split="test", seed=0, sizes=recipe.data.synthetic_sizes or None)}
+    scored = json.loads((tiny_demo / "dm" / "eval" / "best.json").read_text())["results"][demo.IN_DIST]["predictions"]
+    assert sum(int(r[2]) for r in rows) == len(scored)
+    for _, k, n, _, acc in rows:
+        mine = [p["correct"] for p in scored if ops[p["id"]] == int(k)]
+        assert len(mine) == int(n) and float(acc) == pytest.approx(100 * sum(mine) / len(mine), abs=0.05)

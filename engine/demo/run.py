@@ -266,6 +266,42 @@ def split_lines(recipe) -> list[str]:
             "| OOD split | dev items | test items |", "|---|---:|---:|", *rows]
 
 
+def accuracy_by_group(correct: dict[str, float], group: dict[str, int]) -> dict[int, tuple[int, float]]:
+    """group key -> (questions, accuracy) over the items of `correct` (id -> 1/0) that `group` keys."""
+    out: dict[int, list[float]] = {}
+    for i, c in correct.items():
+        if i in group:
+            out.setdefault(group[i], []).append(c)
+    return {k: (len(v), sum(v) / len(v)) for k, v in sorted(out.items())}
+
+
+def operations(example) -> int:
+    """A synthetic problem's operation count: its gold CoT's lines less the answer line."""
+    return len((example.rationale or "").strip().splitlines()) - 1
+
+
+def length_lines(runs: list[Run]) -> list[str]:
+    """Test accuracy of the start and the DM pick per split and number of operations: where the
+    student's reasoning holds and where it stops."""
+    from specialize.engine.data import load_dataset_by_name
+    dm = next(run for run in runs if run.tag == "dm")
+    r, d = dm.recipe, dm.recipe.data
+    start, best = _start_file(dm), _picked_file(dm, "in_dist")
+    rows = []
+    for name in [IN_DIST, *OOD]:
+        if name not in r.eval.datasets:
+            continue
+        group = {e.id: operations(e) for e in load_dataset_by_name(
+            name, None, "test", d.dev_size, r.train.seed, d.synthetic_sizes or None, ood_dev_size=d.ood_dev_size)}
+        before = accuracy_by_group(fnd.item_correct(start, [name]), group)
+        after = accuracy_by_group(fnd.item_correct(best, [name]), group)
+        rows += [f"| {name} | {k} | {after[k][0]} | {_pct(before.get(k, (0, None))[1])} | {_pct(acc)} |"
+                 for k, (_, acc) in after.items()]
+    return ["Test accuracy (%) by the number of operations in the gold CoT (two-person problems count "
+            "the final sum). Training problems have 2 or 3.", "",
+            "| split | operations | questions | start | DM best |", "|---|---:|---:|---:|---:|", *rows]
+
+
 def _selection_table(runs: list[Run]) -> str:
     from specialize.engine.evaluation.select import format_table
     choices = selection(runs)
@@ -297,6 +333,8 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
         "",
         "## Paper findings, checked",
         "", *finding_lines(found), "",
+        "## By reasoning length",
+        "", *length_lines(runs), "",
         "## OOD dev/test split",
         "", *split_lines(runs[0].recipe),
         "",
