@@ -120,7 +120,7 @@ def greedy_accuracy_causal(model, tokenizer, prompts: Sequence[str], golds: Sequ
 
 def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str | Path, cfg: ToyTrainConfig,
                       check: tuple[Sequence[str], Sequence[str], Callable[[str, str], bool]] | None = None,
-                      model_kwargs: dict | None = None, max_len: int = 320) -> dict:
+                      model_kwargs: dict | None = None, max_len: int = 320, bar_position: int = 0) -> dict:
     """Train the causal teacher on (prompt, CoT target) pairs; save it with its tokenizer to out_dir.
 
     `check` = (prompts, golds, is_correct) held out for the early stop; returns a summary dict
@@ -132,7 +132,7 @@ def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     model.train()
     log, acc, t0 = [], None, time.time()
-    bar = tqdm(range(cfg.steps), desc="toy teacher", leave=False)
+    bar = tqdm(range(cfg.steps), desc="toy teacher", leave=False, position=bar_position)
     for step in bar:
         batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
         loss = _train_step(model, opt, cfg, step, *_causal_batch(batch, tokenizer, max_len))
@@ -256,10 +256,11 @@ def _is_correct_on(dataset: str, text: str, gold: str) -> bool:
     return is_correct(text, gold, dataset)
 
 
-def _train_teacher_job(threads: int, pairs, tokenizer, out_dir, cfg, check, model_kwargs) -> dict:
+def _train_teacher_job(threads: int, pairs, tokenizer, out_dir, cfg, check, model_kwargs, bar_position: int = 0) -> dict:
     """train_toy_teacher on `threads` torch threads (module level, so a spawned process can run it)."""
     torch.set_num_threads(threads)
-    return train_toy_teacher(pairs, tokenizer, out_dir, cfg, check=check, model_kwargs=model_kwargs)
+    return train_toy_teacher(pairs, tokenizer, out_dir, cfg, check=check, model_kwargs=model_kwargs,
+                             bar_position=bar_position)
 
 
 def _pairs(examples, fmt: str) -> list[tuple[str, str]]:
@@ -323,7 +324,8 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
         # scale to a second thread). On a busy machine one thread each, as two threads thrash there.
         each = 1 if busy else cores // 2
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            teacher_future = pool.submit(_train_teacher_job, each, *teacher_job)
+            # the teacher's progress bar on the line below the student's
+            teacher_future = pool.submit(_train_teacher_job, each, *teacher_job, bar_position=1)
             torch.set_num_threads(each)
             student = train_toy_student(**student_job)
             teacher = teacher_future.result()
