@@ -242,13 +242,18 @@ def teacher_lines(filt: dict, spread: dict) -> list[str]:
     return lines
 
 
+def load_part(recipe, name: str, part: str) -> list:
+    """The `part` (dev or test) of a dataset as the run's engine and test stage load it."""
+    from specialize.engine.data import load_dataset_by_name
+    d = recipe.data
+    return load_dataset_by_name(name, None, part, d.dev_size, recipe.train.seed, d.synthetic_sizes or None,
+                                ood_dev_size=d.ood_dev_size)
+
+
 def ood_split_counts(recipe) -> dict[str, tuple[int, int]]:
     """name -> (dev items, test items) of each OOD split the run uses, as the engine and the test
     stage load them."""
-    from specialize.engine.data import load_dataset_by_name
-    d = recipe.data
-    return {n: tuple(len(load_dataset_by_name(n, None, part, d.dev_size, recipe.train.seed, d.synthetic_sizes or None,
-                                              ood_dev_size=d.ood_dev_size)) for part in ("dev", "test"))
+    return {n: tuple(len(load_part(recipe, n, part)) for part in ("dev", "test"))
             for n in OOD if n in recipe.eval.datasets or n in recipe.train.dev_ood}
 
 
@@ -283,16 +288,13 @@ def operations(example) -> int:
 def length_lines(runs: list[Run]) -> list[str]:
     """Test accuracy of the start and the DM pick per split and number of operations: where the
     student's reasoning holds and where it stops."""
-    from specialize.engine.data import load_dataset_by_name
     dm = next(run for run in runs if run.tag == "dm")
-    r, d = dm.recipe, dm.recipe.data
     start, best = _start_file(dm), _picked_file(dm, "in_dist")
     rows = []
     for name in [IN_DIST, *OOD]:
-        if name not in r.eval.datasets:
+        if name not in dm.recipe.eval.datasets:
             continue
-        group = {e.id: operations(e) for e in load_dataset_by_name(
-            name, None, "test", d.dev_size, r.train.seed, d.synthetic_sizes or None, ood_dev_size=d.ood_dev_size)}
+        group = {e.id: operations(e) for e in load_part(dm.recipe, name, "test")}
         before = accuracy_by_group(fnd.item_correct(start, [name]), group)
         after = accuracy_by_group(fnd.item_correct(best, [name]), group)
         rows += [f"| {name} | {k} | {after[k][0]} | {_pct(before.get(k, (0, None))[1])} | {_pct(acc)} |"

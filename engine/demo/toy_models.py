@@ -251,11 +251,6 @@ def toy_key(seed: int = 0, sizes: dict | None = None, scale: ToyScale | None = N
                         "world": fingerprint, "code": code})
 
 
-def _is_correct_on(dataset: str, text: str, gold: str) -> bool:
-    from specialize.engine.data import is_correct
-    return is_correct(text, gold, dataset)
-
-
 def _train_teacher_job(threads: int, pairs, tokenizer, out_dir, cfg, check, model_kwargs, bar_position: int = 0) -> dict:
     """train_toy_teacher on `threads` torch threads (module level, so a spawned process can run it)."""
     torch.set_num_threads(threads)
@@ -304,9 +299,9 @@ def prepare_toy_models(toy_dir: str | Path, seed: int = 0, sizes: dict | None = 
                              scale.student_vocab)
 
     dev = (world["train"] if scale.teacher_sees_questions else world["dev"])[: scale.heldout_check]
-    from specialize.engine.data import build_prompt
+    from specialize.engine.data import build_prompt, is_correct
     check = ([build_prompt(e.question, "zero_shot_cot") for e in dev], [e.answer for e in dev],
-             functools.partial(_is_correct_on, "synthetic/dev"))
+             functools.partial(is_correct, dataset="synthetic/dev"))
     teacher_job = (teacher_pairs, t_tok, toy_dir / "teacher",
                    ToyTrainConfig(steps=scale.teacher_steps, seed=seed, check_every=max(1, scale.teacher_steps // 6)),
                    check, dict(n_layer=scale.teacher_layers, n_embd=scale.teacher_width,
