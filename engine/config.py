@@ -96,6 +96,14 @@ class TeacherConfig:
     temperature: float = 0.5
     max_tokens: int = 256
     top_logprobs: int = 5
+    # Which distribution the stored logprobs describe. raw: the model's own softmax(logits), whatever
+    # the sampling temperature; it is what OpenAI and vLLM (its default --logprobs-mode raw_logprobs)
+    # return, and what the paper distilled from. sampled: the temperature-scaled distribution the
+    # tokens were drawn from; SGLang returns that, and vLLM with --logprobs-mode processed_logprobs.
+    # The hf backend computes the one named; for a server this declares what it returns (the API
+    # cannot tell), so that two teachers' folders say what their soft targets are. Part of the
+    # teacher folder's configuration hash.
+    logprobs: Literal["raw", "sampled"] = "raw"
     format: str = "in_context_cot"
     shots: int = 8
     # In-context exemplars: seeded (a seeded draw from GSM8K train minus dev) or complex (the 8

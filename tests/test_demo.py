@@ -154,6 +154,15 @@ def test_teacher_spread_by_hand(tmp_path):
     assert got["tokens"] == 2
     assert got["top_k_entropy"] == pytest.approx(math.log(2) / 2)
     assert got["off_sampled"] == pytest.approx(0.25) and got["choice_points"] == pytest.approx(0.5)
+    # which distribution the numbers are of comes from the folder's manifest (the filter copies the teacher's)
+    settings = {"backend": "hf", "temperature": 0.7}
+    (tmp_path / "manifest.json").write_text(json.dumps({"settings": settings}))
+    assert demo.teacher_spread(tmp_path)["logprobs"] == "sampled"  # an hf folder from before the setting
+    (tmp_path / "manifest.json").write_text(json.dumps({"settings": {**settings, "logprobs": "raw"}}))
+    spread = demo.teacher_spread(tmp_path)
+    assert (spread["logprobs"], spread["temperature"]) == ("raw", 0.7)
+    lines = demo.teacher_lines({"samples": 1, "kept": 1}, spread)
+    assert any("own distribution (T = 1; the tokens were drawn at T = 0.7)" in line for line in lines)
 
 
 def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):

@@ -1,6 +1,10 @@
 """The `hf` teacher backend on a tiny random GPT-2: its logprobs are those of a direct forward
-pass on the sampled ids (temperature-scaled, the distribution sampled from), its tokens spell the
-text, and `generate` writes the full record set with prompts that never contain their own question."""
+pass on the sampled ids (the model's own distribution, or with logprobs="sampled" the temperature-
+scaled one the tokens were drawn from), its tokens spell the text, and `generate` writes the full
+record set with prompts that never contain their own question."""
+import dataclasses
+import json
+
 import pytest
 import torch
 from teacher_server import tiny_teacher
@@ -21,8 +25,17 @@ def backend():
     return HFBackend(model, tok, device="cpu", model_name="tiny-gpt2")
 
 
+@pytest.fixture(scope="module")
+def sampled_backend():
+    model, tok = tiny_teacher()
+    return HFBackend(model, tok, device="cpu", model_name="tiny-gpt2", logprobs="sampled")
+
+
+@pytest.mark.parametrize("mode", ["raw", "sampled"])
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 0.0])
-def test_logprobs_equal_a_direct_forward_pass(backend, temperature):
+def test_logprobs_equal_a_direct_forward_pass(backend, sampled_backend, mode, temperature):
+    backend = backend if mode == "raw" else sampled_backend
+    assert backend.logprobs == mode
     comp = backend.sample_sync(PROMPT, 3, temperature=temperature, max_tokens=24, top_logprobs=5, seed=7)
     prompt_ids = backend.encode(PROMPT)
     assert comp.prompt_tokens == len(prompt_ids)
@@ -33,7 +46,7 @@ def test_logprobs_equal_a_direct_forward_pass(backend, temperature):
         assert [bytes(b) for b in s.token_bytes] == [backend.byte_table[i] for i in s.token_ids]
         with torch.no_grad():
             logits = backend.model(torch.tensor([prompt_ids + s.token_ids])).logits[0].double()
-        ref = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+        ref = torch.log_softmax(logits / (temperature if mode == "sampled" and temperature else 1.0), dim=-1)
         positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(s.token_ids))
         expected = ref[positions, torch.tensor(s.token_ids)]
         torch.testing.assert_close(torch.tensor(s.token_logprobs, dtype=torch.float64), expected, atol=1e-4, rtol=0)
@@ -54,15 +67,17 @@ def _assert_forward_pass_logprobs(backend, prompt, sample, temperature):
     prompt_ids = backend.encode(prompt)
     with torch.no_grad():
         logits = backend.model(torch.tensor([prompt_ids + sample.token_ids])).logits[0].double()
-    ref = torch.log_softmax(logits / temperature, dim=-1)
+    ref = torch.log_softmax(logits / (temperature if backend.logprobs == "sampled" else 1.0), dim=-1)
     positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(sample.token_ids))
     torch.testing.assert_close(torch.tensor(sample.token_logprobs, dtype=torch.float64),
                                ref[positions, torch.tensor(sample.token_ids)], atol=1e-4, rtol=0)
 
 
-def test_batched_prompts_of_different_lengths_are_exact(backend):
+@pytest.mark.parametrize("mode", ["raw", "sampled"])
+def test_batched_prompts_of_different_lengths_are_exact(backend, sampled_backend, mode):
     """Left-padded rows of several requests: each sample's logprobs still match its own unpadded
     forward pass, and a request's samples are those it gets alone (its own seeded generator)."""
+    backend = backend if mode == "raw" else sampled_backend
     prompts = [PROMPT, "Q: 2 + 2?\nA:", PROMPT + " First, 3 + 4 = 7."]
     results = backend.sample_batch_sync([(p, 2, 10 + i) for i, p in enumerate(prompts)], 0.8, 16, 3)
     for i, (prompt, comp) in enumerate(zip(prompts, results)):
@@ -118,3 +133,49 @@ def test_generate_with_hf_backend_writes_every_key_once(backend, tmp_path, capsy
     # Another exemplar seed means other prompts: the folder refuses it rather than mixing the two.
     with pytest.raises(ResumeError, match="exemplar_seed"):
         generate(cfg, pool[:4], str(tmp_path), backend=backend, exemplar_pool=pool, progress=False, seed=7)
+
+
+def test_the_logprobs_setting_changes_the_soft_targets_not_the_samples(backend, sampled_backend):
+    """The same seed draws the same tokens in both modes; at T < 1 the raw distribution is the flatter
+    one, so its top-1 holds less mass than the sampled one's wherever the teacher is not certain."""
+    raw = backend.sample_sync(PROMPT, 2, temperature=0.5, max_tokens=16, top_logprobs=3, seed=11)
+    hot = sampled_backend.sample_sync(PROMPT, 2, temperature=0.5, max_tokens=16, top_logprobs=3, seed=11)
+    assert [s.token_ids for s in raw.samples] == [s.token_ids for s in hot.samples]
+    top1 = lambda comp: [alts[0][1] for s in comp.samples for alts in s.top_logprobs]  # noqa: E731
+    assert all(r <= h + 1e-6 for r, h in zip(top1(raw), top1(hot))) and any(r < h - 1e-3 for r, h in zip(top1(raw), top1(hot)))
+
+
+def test_generate_records_the_logprobs_setting_and_refuses_a_mismatch(backend, sampled_backend, tmp_path):
+    pool = load_dataset_by_name("synthetic/train")[:2]
+    cfg = TeacherConfig(backend="hf", dataset="synthetic", samples=1, max_tokens=6, top_logprobs=2,
+                        format="zero_shot_cot", shots=0, concurrency=1)
+    generate(cfg, pool, str(tmp_path / "raw"), backend=backend, progress=False)
+    assert json.loads((tmp_path / "raw" / "manifest.json").read_text())["settings"]["logprobs"] == "raw"
+    # the other mode is another configuration: its folder does not resume this one
+    with pytest.raises(ResumeError, match="logprobs"):
+        generate(dataclasses.replace(cfg, logprobs="sampled"), pool, str(tmp_path / "raw"), backend=sampled_backend,
+                 progress=False)
+    # a backend that computes other logprobs than the configuration says is refused before anything is written
+    with pytest.raises(ValueError, match="backend computes 'sampled'"):
+        generate(cfg, pool, str(tmp_path / "other"), backend=sampled_backend, progress=False)
+    assert not (tmp_path / "other" / "manifest.json").exists()
+
+
+def test_a_folder_from_before_the_logprobs_setting_resumes_as_what_it_holds(sampled_backend, tmp_path):
+    """Old hf folders hold the sampled distribution: with logprobs "sampled" they resume (the manifest
+    is rewritten to say so); with "raw" they are another configuration."""
+    pool = load_dataset_by_name("synthetic/train")[:3]
+    cfg = TeacherConfig(backend="hf", dataset="synthetic", samples=1, max_tokens=6, top_logprobs=2,
+                        format="zero_shot_cot", shots=0, concurrency=1, logprobs="sampled")
+    generate(cfg, pool[:2], str(tmp_path), backend=sampled_backend, progress=False)
+    manifest = tmp_path / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["settings"]["logprobs"]
+    old["config_hash"] = "0123456789abcdef"  # what a folder written before the setting existed has
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ResumeError, match="logprobs"):
+        generate(dataclasses.replace(cfg, logprobs="raw"), pool, str(tmp_path), progress=False,
+                 backend=HFBackend(sampled_backend.model, sampled_backend.tokenizer, device="cpu", model_name="tiny-gpt2"))
+    summary = generate(cfg, pool, str(tmp_path), backend=sampled_backend, progress=False)
+    assert (summary["samples"], summary["stored"]) == (1, 3)  # only the missing question was asked for
+    assert json.loads(manifest.read_text())["settings"]["logprobs"] == "sampled"

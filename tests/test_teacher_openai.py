@@ -186,3 +186,26 @@ def test_sigkill_at_random_points_then_resume_gives_each_key_once(server, tmp_pa
     assert sorted(keys) == sorted((f"synthetic/train/{q}", i) for q in range(limit) for i in range(samples))
     assert len(keys) == len(set(keys)) == expected
     assert_secret_absent(out, *logs)
+
+
+@pytest.mark.parametrize("mode", ["raw", "sampled"])
+def test_the_manifest_says_which_distribution_the_server_returned(hf_backend, questions, tmp_path, mode):
+    """A vLLM-like server (raw logprobs, its default) and an SGLang-like one (the temperature-scaled
+    distribution): at T = 0.6 the records hold what the server sent, checked against a forward pass of
+    the model behind it, and the folder's manifest carries the declared `teacher.logprobs`."""
+    import torch
+    served = HFBackend(hf_backend.model, hf_backend.tokenizer, device="cpu", model_name="tiny-gpt2", logprobs=mode)
+    with TeacherServer(served, model_name="tiny-gpt2", lifetime=60) as srv:
+        generate(config(srv, samples=1, temperature=0.6, logprobs=mode), questions[:1], str(tmp_path), progress=False)
+    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["logprobs"] == mode
+    (rec,) = iter_records(tmp_path)
+    from specialize.engine.data import build_prompt
+    prompt_ids = served.encode(build_prompt(rec["question"], "zero_shot_cot"))
+    id_of = {raw: i for i, raw in reversed(list(enumerate(served.byte_table)))}  # the lowest id of each piece
+    ids = [id_of[bytes(raw)] for raw in rec["token_bytes"]]
+    with torch.no_grad():
+        logits = hf_backend.model(torch.tensor([prompt_ids + ids])).logits[0].double()
+    ref = torch.log_softmax(logits / (0.6 if mode == "sampled" else 1.0), dim=-1)
+    top1 = ref[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(ids)].max(-1).values
+    got = torch.tensor([alts[0][1] for alts in rec["top_logprobs"]], dtype=torch.float64)
+    torch.testing.assert_close(got, top1, atol=1e-4, rtol=0)

@@ -203,7 +203,9 @@ def finding_lines(found: list[fnd.Finding]) -> list[str]:
 def teacher_spread(filter_dir: Path) -> dict:
     """How much the kept teacher samples' top-k says beyond the sampled token: the mean entropy (nats)
     of the top-k renormalised, and the mean probability off the sampled token, over every token of
-    every kept sample (the logprobs of the temperature-scaled distribution actually sampled)."""
+    every kept sample, in the distribution the folder's manifest names (teacher.logprobs)."""
+    from specialize.engine.teacher.records import read_manifest, with_legacy_defaults
+    settings = with_legacy_defaults((read_manifest(filter_dir) or {}).get("settings", {}))
     entropy = off = 0.0
     tokens = 0
     split_tokens = 0  # positions where the top-1 holds under 90% of the mass: real choice points
@@ -221,7 +223,8 @@ def teacher_spread(filter_dir: Path) -> dict:
     if not tokens:
         return {}
     return {"tokens": tokens, "top_k_entropy": entropy / tokens, "off_sampled": off / tokens,
-            "choice_points": split_tokens / tokens}
+            "choice_points": split_tokens / tokens, "logprobs": settings.get("logprobs"),
+            "temperature": settings.get("temperature")}
 
 
 def teacher_lines(filt: dict, spread: dict) -> list[str]:
@@ -234,6 +237,10 @@ def teacher_lines(filt: dict, spread: dict) -> list[str]:
              f"({100 * filt.get('kept_without_cut', 0) / n:.1f}%); samples cut: {filt.get('cut_samples', 'n/a')}.",
              f"- Questions with at least one kept sample: {filt.get('questions_kept')}/{filt.get('questions')}."]
     if spread:
+        which = {"raw": f"the teacher's own distribution (T = 1; the tokens were drawn at T = {spread.get('temperature')})",
+                 "sampled": f"the distribution the tokens were drawn from (T = {spread.get('temperature')})"}
+        lines.append(f"- The soft targets are {which.get(spread.get('logprobs'), 'of an unrecorded kind')} "
+                     "(teacher.logprobs).")
         lines.append(f"- The soft targets carry information: over the {spread['tokens']} tokens of the kept samples, "
                      f"the teacher's mean top-k entropy is {spread['top_k_entropy']:.3f} nats, the mean probability "
                      f"off the sampled token {100 * spread['off_sampled']:.1f}%, and at "

@@ -107,7 +107,8 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
     rows.append(("data", f"{data_note}; tokenizer {tok_note}; " + ", ".join(lengths)))
     rows.append(("teacher", f"{r.teacher.backend}:{r.teacher.model} {r.teacher.format} {r.teacher.shots}-shot "
                             f"({r.teacher.prompt} prompt{', cut at the answer' if r.teacher.cut_at_answer else ''}), "
-                            f"{r.teacher.samples} samples, T={r.teacher.temperature}, top-{r.teacher.top_logprobs}"))
+                            f"{r.teacher.samples} samples, T={r.teacher.temperature}, top-{r.teacher.top_logprobs} "
+                            f"({r.teacher.logprobs} logprobs)"))
 
     # Aligned shards in the layout the engine reads, ids drawn from the true vocabulary.
     import tempfile

@@ -1,7 +1,7 @@
 """`specialize teacher generate|filter`.
 
   specialize teacher generate --dataset gsm8k --split train --backend openai --model M [--base-url URL]
-      [--api completions|chat] --samples 40 --temperature 0.5 --max-tokens 256 --top-logprobs 5
+      [--api completions|chat] --samples 40 --temperature 0.5 --max-tokens 256 --top-logprobs 5 [--logprobs raw|sampled]
       --format in_context_cot --shots 8 [--prompt seeded|complex] [--no-cut] [--data-dir DIR] [--limit N] --out DIR
       (stop sequences: --set 'teacher.stop=["\nQ:"]'; default the prompt style's, [] for none)
   specialize teacher generate --recipe R.yaml [--set teacher.samples=8] [flags override the recipe]
@@ -29,6 +29,8 @@ _FLAGS = {
     "--temperature": ("temperature", float, "sampling temperature"),
     "--max-tokens": ("max_tokens", int, "most tokens per sample"),
     "--top-logprobs": ("top_logprobs", int, "top-k logprobs kept per sampled token"),
+    "--logprobs": ("logprobs", str, "what the logprobs are: raw (the model's softmax; OpenAI, vLLM's default) "
+                                    "or sampled (temperature-scaled; SGLang, vLLM processed_logprobs)"),
     "--format": ("format", str, "prompt format (in_context_cot, zero_shot_cot, ...)"),
     "--shots": ("shots", int, "in-context exemplars per prompt"),
     "--prompt": ("prompt", str, "exemplar choice: seeded, or complex (the most reasoning steps)"),

@@ -27,7 +27,7 @@ from .truncate import cut_sample, resolve_stop
 # Settings that change what a sample is; the rest (concurrency, limits, timeouts, sample count,
 # question limit) can differ between a run and its resume.
 HASHED_FIELDS = ("backend", "model", "api", "dataset", "split", "temperature", "max_tokens", "top_logprobs",
-                 "format", "shots", "prompt", "stop", "cut_at_answer")
+                 "logprobs", "format", "shots", "prompt", "stop", "cut_at_answer")
 
 
 def prompt_hash(prompt: str) -> str:
@@ -70,7 +70,7 @@ def make_backend(cfg):
         from .hf_backend import HFBackend
         if not cfg.model:
             raise ValueError("the hf backend needs teacher.model (a local model folder or hub id)")
-        return HFBackend.from_pretrained(cfg.model)
+        return HFBackend.from_pretrained(cfg.model, logprobs=cfg.logprobs)
     if cfg.backend == "openai":
         from .openai_backend import OpenAIBackend
         return OpenAIBackend(cfg.model, base_url=cfg.base_url, api=cfg.api, api_key_env=cfg.api_key_env,
@@ -104,6 +104,9 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     failures, tokens, cost). Rerunning completes an interrupted run; another configuration is refused."""
     cfg = config
     backend = backend or make_backend(cfg)
+    made = getattr(backend, "logprobs", cfg.logprobs)  # a local backend knows which logprobs it computes
+    if made != cfg.logprobs:
+        raise ValueError(f"teacher.logprobs is {cfg.logprobs!r} but the backend computes {made!r} logprobs")
     settings = hashed_settings(cfg, backend)
     if cfg.format.startswith("in_context") and cfg.shots and cfg.prompt == "seeded":
         settings["exemplar_seed"] = seed  # it picks the exemplars, so the prompts: part of what a folder holds

@@ -5,10 +5,11 @@ request, prompts left-padded, positions counted from each row's first real token
 model on a GPU or CPU is not fed one prompt at a time. Each request samples with its own seeded
 generator, so its samples do not depend on what it was batched with.
 
-Logprobs are those of the distribution actually sampled from, i.e. the temperature-scaled
-softmax(logits / T) (at T = 0, greedy, the plain softmax): `token_logprobs[t]`
-equals log_softmax(model(prompt + sampled ids).logits / T) at the sampled id, which the tests check
-against a direct forward pass. Token strings are the decoded text pieces (see backends.decoded_pieces).
+Tokens are drawn from softmax(logits / T) (greedy at T = 0). The logprobs it stores are, with
+`logprobs="raw"` (the default, what OpenAI and vLLM return), those of the model's own distribution,
+log_softmax(logits), whatever T; with `logprobs="sampled"` those of the distribution the tokens were
+drawn from, log_softmax(logits / T) (the plain softmax at T = 0). The tests check both against a
+direct forward pass on prompt + sampled ids. Token strings are the decoded text pieces (see backends.decoded_pieces).
 """
 from __future__ import annotations
 
@@ -53,8 +54,11 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model, tokenizer, device: Optional[str] = None, model_name: Optional[str] = None,
-                 max_batch_rows: int = 64):
+                 max_batch_rows: int = 64, logprobs: str = "raw"):
         import torch
+        if logprobs not in ("raw", "sampled"):
+            raise ValueError(f"logprobs must be 'raw' or 'sampled', got {logprobs!r}")
+        self.logprobs = logprobs
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -175,13 +179,15 @@ class HFBackend:
                                  use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1].float()
+                logp = torch.log_softmax(logits, dim=-1)  # raw; the same ranking as any tempered one
                 if temperature > 0:
-                    logp = torch.log_softmax(logits / temperature, dim=-1)
-                    probs = logp.exp()
+                    drawn = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+                    probs = drawn.exp()
                     nxt = torch.cat([torch.multinomial(probs[a:b], 1, generator=g).squeeze(1)
                                      for (a, b), g in zip(spans, gens)])
+                    if self.logprobs == "sampled":
+                        logp = drawn
                 else:
-                    logp = torch.log_softmax(logits, dim=-1)
                     nxt = logp.argmax(-1)
                 chosen = logp.gather(1, nxt[:, None]).squeeze(1).tolist()
                 if k:

@@ -37,6 +37,16 @@ def config_hash(settings: dict) -> str:
     return settings_hash(settings)
 
 
+def with_legacy_defaults(settings: dict) -> dict:
+    """A manifest's settings with the fields added since it was written filled in by what that folder
+    holds: before `logprobs` was a setting, the hf backend stored the sampled (temperature-scaled)
+    distribution and the openai backend what the server returns, declared raw."""
+    out = dict(settings)
+    if "logprobs" not in out and "backend" in out:
+        out["logprobs"] = "sampled" if out["backend"] == "hf" else "raw"
+    return out
+
+
 def shard_name(index: int) -> str:
     return f"samples-{index:05d}.jsonl"
 
@@ -117,15 +127,18 @@ class ShardStore:
         path = self.folder / MANIFEST
         if path.exists():
             old = json.loads(path.read_text())
-            if old.get("config_hash") != self.hash:
-                changed = sorted(k for k in set(old.get("settings", {})) | set(self.settings)
-                                 if old.get("settings", {}).get(k) != self.settings.get(k))
+            if old.get("config_hash") == self.hash:
+                return
+            before, now = with_legacy_defaults(old.get("settings", {})), with_legacy_defaults(self.settings)
+            if before != now:
+                changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ResumeError(
                     f"{self.folder} holds teacher samples from another configuration (hash "
                     f"{old.get('config_hash')} != {self.hash}; differs in: {', '.join(changed) or '?'}). "
                     f"Use a new --out folder, or rerun with the original settings.")
-            return
-        if any(self.folder.glob(SHARD_GLOB)):
+            # a folder from before a setting existed that holds what the setting now names: the
+            # manifest is rewritten to say so, and the run resumes
+        elif any(self.folder.glob(SHARD_GLOB)):
             raise ResumeError(f"{self.folder} has sample shards but no {MANIFEST}; refusing to mix runs")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"config_hash": self.hash, "settings": self.settings}, indent=1))
