@@ -378,11 +378,20 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 UNHASHED = {"train": ("dist_timeout_s",)}
 
 
+def legacy_logprobs(backend: str) -> str:
+    """What a teacher's logprobs were before teacher.logprobs existed: the hf backend stored the sampled
+    (temperature-scaled) distribution, and a server's were taken as sent, raw for OpenAI and vLLM."""
+    return "sampled" if backend == "hf" else "raw"
+
+
 def hashed_dict(recipe: Recipe) -> dict:
-    """The recipe as a mapping, without the UNHASHED fields."""
+    """The recipe as a mapping, without the UNHASHED fields, and without teacher.logprobs where it
+    names what a recipe without it computed: the stages such a recipe finished stay done."""
     d = recipe_to_dict(recipe)
     for section, names in UNHASHED.items():
         d[section] = {k: v for k, v in d[section].items() if k not in names}
+    if d["teacher"]["logprobs"] == legacy_logprobs(d["teacher"]["backend"]):
+        del d["teacher"]["logprobs"]
     return d
 
 

@@ -39,11 +39,11 @@ def config_hash(settings: dict) -> str:
 
 def with_legacy_defaults(settings: dict) -> dict:
     """A manifest's settings with the fields added since it was written filled in by what that folder
-    holds: before `logprobs` was a setting, the hf backend stored the sampled (temperature-scaled)
-    distribution and the openai backend what the server returns, declared raw."""
+    holds (teacher.logprobs: `legacy_logprobs`)."""
+    from specialize.engine.config import legacy_logprobs
     out = dict(settings)
     if "logprobs" not in out and "backend" in out:
-        out["logprobs"] = "sampled" if out["backend"] == "hf" else "raw"
+        out["logprobs"] = legacy_logprobs(out["backend"])
     return out
 
 
