@@ -106,6 +106,16 @@ def test_done_markers_skip_and_refuse_stale(tmp_path):
                                     "stages=[teacher, filter]", "teacher.samples=9"], [])
     with pytest.raises(ConfigError, match="different configuration"):
         pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None)
+    # the demo's mode: a stale folder is deleted and its stage made again, the up-to-date ones are kept
+    (changed[0].dir("teacher") / "old-sample.jsonl").write_text("{}\n")
+    said = []
+    calls.clear()
+    pipeline.run_stages(changed, stage_funcs=fake, log=said.append, replace_stale=True)
+    assert calls == ["teacher", "filter"] and not (changed[0].dir("teacher") / "old-sample.jsonl").exists()
+    assert sum("another configuration; deleting it" in line for line in said) == 2
+    calls.clear()
+    pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None, replace_stale=True)
+    assert calls == []
 
 
 # The paper's conf/batch_size (sequences per micro-batch, one model over all its GPUs) and its

@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     # 11.9 s with two. Training runs in its own ranks (one thread each, set by torchrun).
     import torch
     torch.set_num_threads(1)
-    rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage})
+    # everything under --out is the demo's own: after an upgrade, a stage made by other code is made again
+    rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage}, replace_stale=True)
     report = write_report(out, runs, rows, seconds=time.time() - t0, tiny=args.tiny)
     print(report["table"])
     print("\n" + "\n".join(f"[demo] finding {f.name}: {f.verdict}" for f in report["findings"]))

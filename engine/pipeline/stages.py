@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,12 +44,17 @@ def _marker(path: Path, stage: str) -> Path:
     return path / f".done-{stage}.json"
 
 
+def is_stale(run: Run, stage: str) -> bool:
+    """The stage's folder holds finished outputs of another configuration."""
+    marker = _marker(run.dir(stage), stage)
+    return marker.exists() and json.loads(marker.read_text()).get("key") != stage_key(run, stage)
+
+
 def is_done(run: Run, stage: str) -> bool:
     marker = _marker(run.dir(stage), stage)
     if not marker.exists():
         return False
-    found = json.loads(marker.read_text()).get("key")
-    if found != stage_key(run, stage):
+    if is_stale(run, stage):
         raise ConfigError(f"{run.source}: {run.dir(stage)} holds '{stage}' outputs of a different configuration "
                           f"(marker {marker.name}); delete that directory or point the recipe elsewhere")
     return True
@@ -320,11 +326,14 @@ STAGE_FUNCS: dict[str, Callable] = {"toy": stage_toy, "teacher": stage_teacher, 
 
 def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str | None = None,
                nproc: int = 1, log: Callable[[str], None] = print,
-               stage_funcs: dict[str, Callable] | None = None, resume: bool = False) -> list[dict]:
+               stage_funcs: dict[str, Callable] | None = None, resume: bool = False,
+               replace_stale: bool = False) -> list[dict]:
     """Execute every run's stages in order, skipping finished ones; returns one row per (run, stage).
 
     `stage_funcs` replaces stage implementations by name (the demo passes its own toy scale); `resume`
-    continues an interrupted train stage from its last complete checkpoint.
+    continues an interrupted train stage from its last complete checkpoint. A stage folder holding
+    outputs of another configuration is refused (teacher samples cost money), or with `replace_stale`
+    (the demo, whose folders are all its own and cheap to remake) deleted and run again.
     """
     funcs = {**STAGE_FUNCS, **(stage_funcs or {})}
     rows = []
@@ -336,6 +345,10 @@ def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str |
         for stage in wanted:
             if stage == "plot":
                 continue
+            if replace_stale and is_stale(run, stage):
+                log(f"[run] {run.name}: {run.dir(stage)} holds '{stage}' outputs of another configuration; "
+                    "deleting it and running the stage again")
+                shutil.rmtree(run.dir(stage))
             if is_done(run, stage):
                 log(f"[run] {run.name}: {stage} done, reusing {run.dir(stage)}")
                 rows.append({"run": run.name, "stage": stage, "status": "reused"})
