@@ -154,3 +154,14 @@ def test_cli_flags_override_recipe_and_set(tmp_path):
     _, cfg = _config(args)
     assert (cfg.samples, cfg.temperature, cfg.model, cfg.format, cfg.out_dir) == (
         9, 0.9, "from-recipe", "in_context_cot", "o")
+
+
+@pytest.mark.parametrize("flags, field", [(["--logprobs", "tempered"], "teacher.logprobs"),
+                                          (["--backend", "local"], "teacher.backend"),
+                                          (["--api", "responses"], "teacher.api")])
+def test_cli_flags_are_checked_like_recipe_fields(tmp_path, capsys, flags, field):
+    """A bad flag value stops before any model is loaded or request sent, naming the recipe field."""
+    assert main(["generate", *flags, "--model", "m", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"command line: {field}: expected one of" in err
+    assert not (tmp_path / "o").exists()

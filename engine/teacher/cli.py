@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from specialize.engine.cli import HelpFormatter
@@ -75,14 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from specialize.engine.config import apply_overrides, load_recipe, recipe_from_dict
+    from specialize.engine.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict
     recipe = load_recipe(args.recipe, args.set) if args.recipe else recipe_from_dict(apply_overrides({}, args.set))
     given = {field: getattr(args, field) for field, *_ in _FLAGS.values() if getattr(args, field) is not None}
     if getattr(args, "cut_at_answer", None) is not None:
         given["cut_at_answer"] = args.cut_at_answer
     if "format" in given:
         given["format"] = given["format"].replace("-", "_")  # in-context-cot == in_context_cot
-    return recipe, dataclasses.replace(recipe.teacher, **given)
+    if given:  # through the recipe's own checks, so a bad flag is named like a bad recipe field
+        data = recipe_to_dict(recipe)
+        data["teacher"].update(given)
+        recipe = recipe_from_dict(data, source="command line")
+    return recipe, recipe.teacher
 
 
 def load_questions(name: str, split: str, data_dir, recipe) -> list:
