@@ -378,19 +378,25 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 UNHASHED = {"train": ("dist_timeout_s",)}
 
 
-def legacy_logprobs(backend: str) -> str:
-    """What a teacher's logprobs were before teacher.logprobs existed: the hf backend stored the sampled
-    (temperature-scaled) distribution, and a server's were taken as sent, raw for OpenAI and vLLM."""
-    return "sampled" if backend == "hf" else "raw"
+# What the hf backend stored before teacher.logprobs existed: the distribution it sampled from.
+HF_LEGACY_LOGPROBS = "sampled"
+
+
+def logprobs_change_the_samples(backend: str, logprobs: str) -> bool:
+    """Whether teacher.logprobs changes what the teacher stage computes: only on the hf backend, which
+    computes the distribution it names, and there not at the value it had before the setting existed.
+    For a server it declares what the server sends, and the samples are the same whatever it says."""
+    return backend == "hf" and logprobs != HF_LEGACY_LOGPROBS
 
 
 def hashed_dict(recipe: Recipe) -> dict:
-    """The recipe as a mapping, without the UNHASHED fields, and without teacher.logprobs where it
-    names what a recipe without it computed: the stages such a recipe finished stay done."""
+    """The recipe as a mapping, without the UNHASHED fields, and without teacher.logprobs where it does
+    not change what is computed (`logprobs_change_the_samples`): a recipe's finished stages stay done
+    across the upgrade that added it."""
     d = recipe_to_dict(recipe)
     for section, names in UNHASHED.items():
         d[section] = {k: v for k, v in d[section].items() if k not in names}
-    if d["teacher"]["logprobs"] == legacy_logprobs(d["teacher"]["backend"]):
+    if not logprobs_change_the_samples(d["teacher"]["backend"], d["teacher"]["logprobs"]):
         del d["teacher"]["logprobs"]
     return d
 

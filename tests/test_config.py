@@ -78,18 +78,18 @@ def test_micro_batch_sizes_per_format(tmp_path):
 
 
 def test_teacher_logprobs_enters_the_hash_only_where_it_changes_what_is_computed(tmp_path):
-    """A recipe that names what recipes computed before teacher.logprobs existed (a server's raw
-    logprobs, the hf backend's sampled ones) hashes as it did then, so its finished stages stay done;
-    the other value is another computation, and is hashed."""
+    """For a server teacher.logprobs only declares what the server sends (the samples are the same), and
+    the hf backend's "sampled" is what it computed before the setting existed: neither is hashed, so
+    finished stages stay done across the upgrade. hf "raw" computes other soft targets, and is hashed."""
     from specialize.engine.config import hashed_dict, recipe_hash, recipe_to_dict
     seen = {}
     for backend in ("openai", "hf"):
         for mode in ("raw", "sampled"):
             r = load_recipe(write(tmp_path, f"teacher:\n  backend: {backend}\n  logprobs: {mode}\n"))
             assert recipe_to_dict(r)["teacher"]["logprobs"] == mode  # the resolved recipe always says it
-            legacy = mode == ("sampled" if backend == "hf" else "raw")
-            assert ("logprobs" in hashed_dict(r)["teacher"]) == (not legacy)
+            assert ("logprobs" in hashed_dict(r)["teacher"]) == ((backend, mode) == ("hf", "raw"))
             seen[backend, mode] = recipe_hash(r)
-    assert len(set(seen.values())) == 4
+    assert seen["openai", "raw"] == seen["openai", "sampled"]
+    assert len({seen["openai", "raw"], seen["hf", "raw"], seen["hf", "sampled"]}) == 3
     with pytest.raises(ConfigError, match="teacher.logprobs"):
         load_recipe(write(tmp_path, "teacher:\n  logprobs: tempered\n"))

@@ -210,3 +210,19 @@ def test_report_by_length_rows_are_the_scored_questions(tiny_demo):
     for _, k, n, _, acc in rows:
         mine = [p["correct"] for p in scored if ops[p["id"]] == int(k)]
         assert len(mine) == int(n) and float(acc) == pytest.approx(100 * sum(mine) / len(mine), abs=0.05)
+
+
+def test_the_demo_remakes_stale_stages_only_in_a_folder_it_owns(tmp_path):
+    """A new or empty --out, one an earlier demo marked, or one holding a demo's REPORT.md is the demo's
+    own (and gets the mark); a folder holding anything else (a real run's outputs) is not."""
+    new = tmp_path / "new"
+    new.mkdir()
+    assert demo.claim_output_dir(new) and (new / demo.OWNER_MARK).exists()
+    assert demo.claim_output_dir(new)  # marked now
+    old = tmp_path / "old-demo"
+    old.mkdir()
+    (old / "REPORT.md").write_text("# specialize demo: the paper in miniature\n")
+    assert demo.claim_output_dir(old) and (old / demo.OWNER_MARK).exists()
+    real = tmp_path / "runs"
+    (real / "dm" / "train").mkdir(parents=True)
+    assert not demo.claim_output_dir(real) and not (real / demo.OWNER_MARK).exists()

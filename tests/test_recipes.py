@@ -106,15 +106,18 @@ def test_done_markers_skip_and_refuse_stale(tmp_path):
                                     "stages=[teacher, filter]", "teacher.samples=9"], [])
     with pytest.raises(ConfigError, match="different configuration"):
         pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None)
-    # the demo's mode: a stale folder is deleted and its stage made again, the up-to-date ones are kept
+    # the demo's mode: below its own folder a stale folder is deleted and its stage made again...
     (changed[0].dir("teacher") / "old-sample.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="different configuration"):  # ...and only there
+        pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None, replace_stale_under=tmp_path / "elsewhere")
+    assert (changed[0].dir("teacher") / "old-sample.jsonl").exists()
     said = []
     calls.clear()
-    pipeline.run_stages(changed, stage_funcs=fake, log=said.append, replace_stale=True)
+    pipeline.run_stages(changed, stage_funcs=fake, log=said.append, replace_stale_under=tmp_path)
     assert calls == ["teacher", "filter"] and not (changed[0].dir("teacher") / "old-sample.jsonl").exists()
     assert sum("another configuration; deleting it" in line for line in said) == 2
     calls.clear()
-    pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None, replace_stale=True)
+    pipeline.run_stages(changed, stage_funcs=fake, log=lambda s: None, replace_stale_under=tmp_path)
     assert calls == []
 
 

@@ -165,3 +165,21 @@ def test_cli_flags_are_checked_like_recipe_fields(tmp_path, capsys, flags, field
     err = capsys.readouterr().err
     assert f"command line: {field}: expected one of" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("declared", ["raw", "sampled"])
+def test_a_server_folder_from_before_the_logprobs_setting_takes_the_declared_kind(tmp_path, declared):
+    """Only the user knows what an old server sent (SGLang: the tempered distribution): an openai folder
+    written before teacher.logprobs existed resumes under either declaration and records it; an hf one
+    holds the sampled distribution, so "raw" is refused there."""
+    old = {k: v for k, v in SETTINGS.items() if k != "logprobs"}
+    ShardStore(tmp_path / "server", {**old, "backend": "openai"}).append([record("q", 0)])
+    store = ShardStore(tmp_path / "server", {**old, "backend": "openai", "logprobs": declared})
+    assert ("q", 0) in store.done
+    assert json.loads((tmp_path / "server" / "manifest.json").read_text())["settings"]["logprobs"] == declared
+    ShardStore(tmp_path / "local", {**old, "backend": "hf"}).append([record("q", 0)])
+    if declared == "raw":
+        with pytest.raises(ResumeError, match="logprobs"):
+            ShardStore(tmp_path / "local", {**old, "backend": "hf", "logprobs": "raw"})
+    else:
+        assert ("q", 0) in ShardStore(tmp_path / "local", {**old, "backend": "hf", "logprobs": "sampled"}).done

@@ -365,6 +365,20 @@ def write_report(out: Path, runs: list[Run], rows: list[dict], seconds: float, t
     return {"table": table, "report": str(report), "plots": plots, "findings": found}
 
 
+OWNER_MARK = ".specialize-demo"
+
+
+def claim_output_dir(out: Path) -> bool:
+    """Whether `out` is the demo's own, claiming it if it is new: empty, or marked by an earlier demo
+    (OWNER_MARK, or the REPORT.md a demo writes from before the mark existed)."""
+    report = out / "REPORT.md"
+    ours = (out / OWNER_MARK).exists() or not any(out.iterdir()) or (
+        report.exists() and report.read_text(errors="replace").startswith("# specialize demo"))
+    if ours:
+        (out / OWNER_MARK).write_text("made by `specialize demo`: stages of another configuration here are remade\n")
+    return ours
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="specialize demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (everything the demo writes goes here)")
@@ -389,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     # 11.9 s with two. Training runs in its own ranks (one thread each, set by torchrun).
     import torch
     torch.set_num_threads(1)
-    # everything under --out is the demo's own: after an upgrade, a stage made by other code is made again
-    rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage}, replace_stale=True)
+    # In a folder the demo made, a stage made by other code (after an upgrade) is made again; anywhere
+    # else (say --out pointed at a real run) such a stage is refused, as `specialize run` does.
+    owned = claim_output_dir(out)
+    rows = run_stages(runs, nproc=args.nproc, stage_funcs={"toy": toy_stage}, replace_stale_under=out if owned else None)
     report = write_report(out, runs, rows, seconds=time.time() - t0, tiny=args.tiny)
     print(report["table"])
     print("\n" + "\n".join(f"[demo] finding {f.name}: {f.verdict}" for f in report["findings"]))

@@ -327,13 +327,13 @@ STAGE_FUNCS: dict[str, Callable] = {"toy": stage_toy, "teacher": stage_teacher, 
 def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str | None = None,
                nproc: int = 1, log: Callable[[str], None] = print,
                stage_funcs: dict[str, Callable] | None = None, resume: bool = False,
-               replace_stale: bool = False) -> list[dict]:
+               replace_stale_under: Path | None = None) -> list[dict]:
     """Execute every run's stages in order, skipping finished ones; returns one row per (run, stage).
 
     `stage_funcs` replaces stage implementations by name (the demo passes its own toy scale); `resume`
     continues an interrupted train stage from its last complete checkpoint. A stage folder holding
-    outputs of another configuration is refused (teacher samples cost money), or with `replace_stale`
-    (the demo, whose folders are all its own and cheap to remake) deleted and run again.
+    finished outputs of another configuration is refused (teacher samples cost money), except below
+    `replace_stale_under` (the demo's own --out, all cheap to remake), where it is deleted and run again.
     """
     funcs = {**STAGE_FUNCS, **(stage_funcs or {})}
     rows = []
@@ -345,10 +345,11 @@ def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str |
         for stage in wanted:
             if stage == "plot":
                 continue
-            if replace_stale and is_stale(run, stage):
+            folder = run.dir(stage).resolve()
+            if replace_stale_under and folder.is_relative_to(replace_stale_under.resolve()) and is_stale(run, stage):
                 log(f"[run] {run.name}: {run.dir(stage)} holds '{stage}' outputs of another configuration; "
                     "deleting it and running the stage again")
-                shutil.rmtree(run.dir(stage))
+                shutil.rmtree(folder)
             if is_done(run, stage):
                 log(f"[run] {run.name}: {stage} done, reusing {run.dir(stage)}")
                 rows.append({"run": run.name, "stage": stage, "status": "reused"})

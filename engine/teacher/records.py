@@ -37,13 +37,14 @@ def config_hash(settings: dict) -> str:
     return settings_hash(settings)
 
 
-def with_legacy_defaults(settings: dict) -> dict:
+def with_legacy_defaults(settings: dict, declared: Optional[str] = None) -> dict:
     """A manifest's settings with the fields added since it was written filled in by what that folder
-    holds (teacher.logprobs: `legacy_logprobs`)."""
-    from specialize.engine.config import legacy_logprobs
+    holds. teacher.logprobs: an hf folder holds HF_LEGACY_LOGPROBS; a server's folder holds whatever the
+    server sent, which only its user knows, so it takes the value now `declared` (raw if none)."""
+    from specialize.engine.config import HF_LEGACY_LOGPROBS
     out = dict(settings)
     if "logprobs" not in out and "backend" in out:
-        out["logprobs"] = legacy_logprobs(out["backend"])
+        out["logprobs"] = HF_LEGACY_LOGPROBS if out["backend"] == "hf" else (declared or "raw")
     return out
 
 
@@ -129,7 +130,8 @@ class ShardStore:
             old = json.loads(path.read_text())
             if old.get("config_hash") == self.hash:
                 return
-            before, now = with_legacy_defaults(old.get("settings", {})), with_legacy_defaults(self.settings)
+            now = with_legacy_defaults(self.settings)
+            before = with_legacy_defaults(old.get("settings", {}), declared=now.get("logprobs"))
             if before != now:
                 changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
                 raise ResumeError(
