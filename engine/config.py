@@ -118,6 +118,9 @@ class TeacherConfig:
     cut_at_answer: bool = True
     limit: Optional[int] = None
     concurrency: int = 16
+    # hf backend: copies of the model, each in its own process, sampling batches at once (replica i
+    # on cuda:i; on a CPU each gets its share of the threads). Does not change the samples.
+    replicas: int = 1
     requests_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
     timeout: float = 60.0
@@ -126,6 +129,13 @@ class TeacherConfig:
     price_prompt_per_1k: Optional[float] = None
     price_completion_per_1k: Optional[float] = None
     out_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ConfigError(f"teacher.replicas: expected an int >= 1, got {self.replicas}")
+        if self.replicas > 1 and self.backend != "hf":
+            raise ConfigError("teacher.replicas: only the hf backend runs model copies (a server scales "
+                              "with teacher.concurrency)")
 
 
 @dataclass
@@ -204,6 +214,13 @@ class EvalConfig:
     # Questions per dataset when the eval stage scores *every* kept checkpoint for the trade-off
     # plot (RQ4); None: train.dev_limit. The selected checkpoints are scored on `limit`.
     tradeoff_limit: Optional[int] = None
+    # Processes scoring models side by side in the eval stage, one model each at a time (worker i on
+    # cuda:i; on a CPU each gets its share of the threads). Does not change a score.
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ConfigError(f"eval.workers: expected an int >= 1, got {self.workers}")
 
 
 @dataclass
@@ -373,9 +390,10 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
 
 
-# Fields that change how a run waits, not what it computes: left out of every hash that decides reuse
-# (`specialize run`'s done-markers) or warns on --resume, so raising a timeout never invalidates a run.
-UNHASHED = {"train": ("dist_timeout_s",)}
+# Fields that change how a run waits or how many processes share the work, not what it computes: left
+# out of every hash that decides reuse (`specialize run`'s done-markers) or warns on --resume, so
+# raising a timeout or adding a teacher copy never invalidates a run.
+UNHASHED = {"train": ("dist_timeout_s",), "teacher": ("replicas",), "eval": ("workers",)}
 
 
 # What the hf backend stored before teacher.logprobs existed: the distribution it sampled from.

@@ -244,6 +244,22 @@ def test_evaluate_checkpoints_writes_test_scores_and_resumes(model_dir, shared_d
                                          max_new_tokens=3, progress=False) == []
 
 
+def test_workers_score_the_checkpoints_as_one_process_does(model_dir, shared_data, tmp_path, capsys):
+    """`specialize eval --run R --workers 2`: two spawned processes score the checkpoints side by side;
+    the rows are those one process writes, in step order."""
+    import shutil
+    for name in ("one", "two"):
+        for step in (100, 200, 300):
+            shutil.copytree(model_dir, tmp_path / name / "checkpoints" / f"step-{step:06d}")
+    args = ["--datasets", "svamp,synthetic/test", "--limit", "3", "--data-dir", str(shared_data), "--device", "cpu",
+            "--max-new-tokens", "3", "--quiet"]
+    assert evaluate.main(["--run", str(tmp_path / "one"), *args]) == 0
+    assert evaluate.main(["--run", str(tmp_path / "two"), "--workers", "2", *args]) == 0
+    one, two = ((tmp_path / name / "test_scores.jsonl").read_text().splitlines() for name in ("one", "two"))
+    assert [json.loads(x)["step"] for x in two] == [100, 200, 300] and two == one
+    capsys.readouterr()
+
+
 def test_deepspeed_checkpoints_are_exported_once_then_scored(model_dir, shared_data, tmp_path, monkeypatch):
     import shutil
 

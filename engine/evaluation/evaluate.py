@@ -46,6 +46,7 @@ from specialize.engine.data import (
 )
 from specialize.engine.data.loaders import SPLIT_PARTS
 from specialize.engine.rundir import RunDir
+from specialize.engine.workers import worker_device
 
 DEFAULT_DATASETS = "gsm8k,multiarith,asdiv,svamp,bbh"
 BOOTSTRAP_SAMPLES = 2000
@@ -274,7 +275,7 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
     config = AutoConfig.from_pretrained(model_path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = cls.from_pretrained(model_path, torch_dtype=torch.float32)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or worker_device() or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)  # T5 is trained in bf16; fp16 overflows
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_path or model_path)
@@ -346,9 +347,9 @@ def checkpoint_steps(run_dir, convert: bool = False, only: Optional[int] = None)
 
 def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot_cot", limit: Optional[int] = None,
                          tokenizer: Optional[str] = None, device: Optional[str] = None, shots: int = 4,
-                         seed: int = 0, data_dir=None, **gen) -> list[dict]:
+                         seed: int = 0, data_dir=None, pool=None, **gen) -> list[dict]:
     """Score every kept checkpoint of a run on `datasets` (DeepSpeed ones exported to HF first, see
-    `checkpoint_steps`); append one row per step to
+    `checkpoint_steps`; with `pool`, an engine.workers.DevicePool, several at once); append one row per step to
     RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n", "<dataset>_split"}).
     Steps already in the file are skipped (resumable). Returns the rows written."""
     rd = RunDir(run_dir)  # a pipeline run dir opens its train/
@@ -367,21 +368,36 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     data_dir = data_dir if data_dir is not None else recipe_data_dir
     data = {name: load_dataset_by_name(name, data_dir, **opts)[: limit or None] for name in datasets}
     exemplars = {name: _exemplars(fmt, shots, seed, data_dir, name, opts) for name in datasets}
+    ood_dev_size = opts.get("ood_dev_size", OOD_DEV_SIZE)
+    job_device = None if pool is not None else device  # a pool's worker runs on its own device
+    jobs = [(step, str(path), tok_path, job_device, data, exemplars, fmt, data_dir, seed, ood_dev_size, gen)
+            for step, path in sorted(steps.items()) if step not in done]
+    # with a pool, the checkpoints are scored side by side; each row is written once it and the
+    # earlier steps' are done, so an interrupted run keeps what it scored
+    if pool is not None:
+        futures = [pool.submit(_score_step, *job) for job in jobs]
+        rows = (f.result() for f in futures)
+    else:
+        rows = (_score_step(*job) for job in jobs)
     written = []
-    for step, path in sorted(steps.items()):
-        if step in done:
-            continue
-        model, tok = load_model_and_tokenizer(str(path), tok_path, device)
-        row: dict = {"step": step}
-        for name, examples in data.items():
-            r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars[name], data_dir=data_dir,
-                               seed=seed, **gen)
-            row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n,
-                        f"{name}_split": split_label(name, "test", opts.get("ood_dev_size", OOD_DEV_SIZE))})
+    for row in rows:
         with open(scores_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         written.append(row)
     return written
+
+
+def _score_step(step: int, path: str, tok_path, device, data: dict, exemplars: dict, fmt: str, data_dir, seed: int,
+                ood_dev_size: int, gen: dict) -> dict:
+    """One checkpoint's test_scores.jsonl row (module level, so a DevicePool worker can run it)."""
+    model, tok = load_model_and_tokenizer(path, tok_path, device)
+    row: dict = {"step": step}
+    for name, examples in data.items():
+        r = evaluate_model(model, tok, examples, name, fmt=fmt, exemplars=exemplars[name], data_dir=data_dir,
+                           seed=seed, **gen)
+        row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n,
+                    f"{name}_split": split_label(name, "test", ood_dev_size)})
+    return row
 
 
 # ---------------------------------------------------------------- CLI
@@ -411,6 +427,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="most generated tokens per answer")
     p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy, as the paper reports)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --run: checkpoints scored at once, one process each (cuda:0..N-1, or a share "
+                        "of the CPU threads each)")
     p.add_argument("--seed", type=int, default=0, help="exemplar draw and bootstrap seed")
     p.add_argument("--out", default=None, help="output dir for results.json, results.md, predictions-*.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -427,8 +446,13 @@ def main(argv: list[str]) -> int:
     opts = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, data_dir=args.data_dir, seed=args.seed, progress=not args.quiet)
     if args.run:
-        rows = evaluate_checkpoints(args.run, names, limit=args.limit, tokenizer=args.tokenizer,
-                                    device=args.device, shots=args.shots, **opts)
+        run_opts = dict(limit=args.limit, tokenizer=args.tokenizer, device=args.device, shots=args.shots, **opts)
+        if args.workers > 1:
+            from specialize.engine.workers import DevicePool
+            with DevicePool(args.workers, args.device, what="--workers") as pool:
+                rows = evaluate_checkpoints(args.run, names, pool=pool, **run_opts)
+        else:
+            rows = evaluate_checkpoints(args.run, names, **run_opts)
         for row in rows:
             print(json.dumps(row))
         return 0

@@ -17,7 +17,6 @@ from specialize.engine.config import (
     Recipe,
     dump_recipe,
     hashed_dict,
-    recipe_to_dict,
 )
 from specialize.engine.io_helpers import settings_hash
 from specialize.engine.pipeline.runs import STAGES, Run
@@ -203,8 +202,9 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1, resume: b
     return {"command": cmd}
 
 
-def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str) -> dict:
-    """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies."""
+def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str, progress: bool = True) -> dict:
+    """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies
+    (module level, so an eval.workers process can run it)."""
     from specialize.engine.data import draw_exemplars, split_label
     from specialize.engine.evaluation.evaluate import evaluate_model, load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(model_dir, recipe.model.tokenizer)
@@ -215,7 +215,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: st
         examples = load_examples(recipe, name, split="test")[: recipe.eval.limit or None]
         res = evaluate_model(model, tok, examples, name, fmt=recipe.eval.format, exemplars=exemplars,
                              batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
-                             num_beams=recipe.eval.num_beams, progress=True, data_dir=recipe.data.data_dir,
+                             num_beams=recipe.eval.num_beams, progress=progress, data_dir=recipe.data.data_dir,
                              seed=recipe.train.seed)
         res.split = split_label(name, "test", recipe.data.ood_dev_size)
         results[name] = res.to_dict()
@@ -257,7 +257,7 @@ def tradeoff_datasets(recipe: Recipe) -> list[str]:
     return names[:1] + [n for n in generic if n != names[0]]
 
 
-def score_every_checkpoint(run: Run) -> int:
+def score_every_checkpoint(run: Run, pool=None) -> int:
     """RQ4: score every kept checkpoint on the trade-off datasets (eval.tradeoff_limit examples each,
     default train.dev_limit) into train/test_scores.jsonl; the evaluator exports DeepSpeed checkpoints
     to HF first."""
@@ -266,7 +266,7 @@ def score_every_checkpoint(run: Run) -> int:
     limit = r.eval.tradeoff_limit or r.train.dev_limit
     rows = evaluate_checkpoints(str(train_dir), tradeoff_datasets(r), fmt=r.eval.format, limit=limit,
                                 tokenizer=r.model.tokenizer, shots=r.data.shots, seed=r.train.seed,
-                                data_dir=r.data.data_dir, batch_size=r.eval.batch_size,
+                                data_dir=r.data.data_dir, batch_size=r.eval.batch_size, pool=pool,
                                 max_new_tokens=r.eval.max_new_tokens, num_beams=r.eval.num_beams, progress=False)
     return len(rows)
 
@@ -277,34 +277,62 @@ def _later_stage_key(run: Run, stage: str) -> dict:
 
 
 def stage_eval(run: Run) -> dict:
+    """The start, the selected checkpoints and (for the trade-off plot) every kept one, scored by
+    eval.workers processes side by side (one model each at a time), or here with one."""
+    from concurrent.futures import Future
+
+    from specialize.engine.workers import DevicePool
     r = run.recipe
-    scores = {}
-    if r.model.name_or_path:
-        scores["start"] = evaluate_start(run)
-    for label, model_dir in selected_checkpoints(run).items():
-        scores[label] = evaluate_checkpoint(r, model_dir, run.dir("eval"), label)
+    pool = DevicePool(r.eval.workers, what="eval.workers") if r.eval.workers > 1 else None
+
+    def submit(*args) -> Future:
+        if pool is not None:
+            return pool.submit(evaluate_checkpoint, *args, False)
+        done: Future = Future()
+        done.set_result(evaluate_checkpoint(*args))
+        return done
+
+    try:
+        pending = {}
+        if r.model.name_or_path:
+            cached = (start_cache(run) / "start.json").exists()
+            pending["start"] = None if cached else submit(r, r.model.name_or_path, start_cache(run), "start")
+        for label, model_dir in selected_checkpoints(run).items():
+            pending[label] = submit(r, model_dir, run.dir("eval"), label)
+        checkpoints = 0
+        if "tradeoff" in r.plot.plots:
+            try:
+                checkpoints = score_every_checkpoint(run, pool)
+            except Exception as err:  # the trade-off curve is extra: its absence must not fail the run
+                print(f"[run] {run.name}: per-checkpoint scoring failed, trade-off plot falls back to dev scores: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
+        scores = {label: f.result() if f is not None else _cached_start(run) for label, f in pending.items()}
+    finally:
+        if pool is not None:
+            pool.shutdown()
     (run.dir("eval") / "scores.json").write_text(json.dumps(scores, indent=1))
-    checkpoints = 0
-    if "tradeoff" in r.plot.plots:
-        try:
-            checkpoints = score_every_checkpoint(run)
-        except Exception as err:  # the trade-off curve is extra: its absence must not fail the run
-            print(f"[run] {run.name}: per-checkpoint scoring failed, trade-off plot falls back to dev scores: "
-                  f"{type(err).__name__}: {err}", file=sys.stderr)
     return {"scores": scores, "checkpoints_scored": checkpoints}
 
 
-def evaluate_start(run: Run) -> dict:
-    """The start checkpoint's scores, computed once per (model, eval settings) and shared by the runs
-    of a recipe (every arm of a sweep starts from the same model)."""
+def start_cache(run: Run) -> Path:
+    """Where the start checkpoint's scores live: computed once per (model, eval settings) and shared
+    by the runs of a recipe (every arm of a sweep starts from the same model)."""
     r = run.recipe
-    key = _hash([r.model.name_or_path, recipe_to_dict(r)["eval"], r.data.shots, r.data.synthetic_sizes,
+    key = _hash([r.model.name_or_path, hashed_dict(r)["eval"], r.data.shots, r.data.synthetic_sizes,
                  r.data.data_dir, r.train.seed, r.data.ood_dev_size])
-    cache = run.root / "eval_start" / key
-    if (cache / "start.json").exists():
-        results = json.loads((cache / "start.json").read_text())["results"]
-        return {name: res["accuracy"] for name, res in results.items()}
-    return evaluate_checkpoint(r, r.model.name_or_path, cache, "start")
+    return run.root / "eval_start" / key
+
+
+def _cached_start(run: Run) -> dict:
+    results = json.loads((start_cache(run) / "start.json").read_text())["results"]
+    return {name: res["accuracy"] for name, res in results.items()}
+
+
+def evaluate_start(run: Run) -> dict:
+    """The start checkpoint's scores, from the cache or computed here."""
+    if (start_cache(run) / "start.json").exists():
+        return _cached_start(run)
+    return evaluate_checkpoint(run.recipe, run.recipe.model.name_or_path, start_cache(run), "start")
 
 
 def stage_plot(runs: list[Run]) -> dict:

@@ -35,6 +35,7 @@ _FLAGS = {
     "--prompt": ("prompt", str, "exemplar choice: seeded, or complex (the most reasoning steps)"),
     "--limit": ("limit", int, "answer only the first N questions"),
     "--concurrency": ("concurrency", int, "requests in flight"),
+    "--replicas": ("replicas", int, "hf backend: model copies sampling at once, one process each (cuda:0..N-1)"),
     "--requests-per-minute": ("requests_per_minute", float, "client-side request rate limit"),
     "--tokens-per-minute": ("tokens_per_minute", float, "client-side token rate limit"),
     "--timeout": ("timeout", float, "seconds per request before it is retried"),

@@ -67,9 +67,12 @@ def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed
 
 def make_backend(cfg):
     if cfg.backend == "hf":
-        from .hf_backend import HFBackend
         if not cfg.model:
             raise ValueError("the hf backend needs teacher.model (a local model folder or hub id)")
+        if cfg.replicas > 1:
+            from .hf_replicas import ReplicatedHFBackend
+            return ReplicatedHFBackend(cfg.model, cfg.replicas, logprobs=cfg.logprobs)
+        from .hf_backend import HFBackend
         return HFBackend.from_pretrained(cfg.model, logprobs=cfg.logprobs)
     if cfg.backend == "openai":
         from .openai_backend import OpenAIBackend
@@ -103,7 +106,16 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     `backend` defaults to the one `config` names. Returns a summary (written, stored, expected,
     failures, tokens, cost). Rerunning completes an interrupted run; another configuration is refused."""
     cfg = config
-    backend = backend or make_backend(cfg)
+    if backend is None:
+        backend = make_backend(cfg)
+        try:
+            return generate(cfg, examples, out_dir, backend, exemplar_pool=exemplar_pool,
+                            samples_per_request=samples_per_request, retry_base_delay=retry_base_delay,
+                            seed=seed, progress=progress)
+        finally:
+            close = getattr(backend, "close", None)  # replica processes
+            if close is not None:
+                close()
     made = getattr(backend, "logprobs", cfg.logprobs)  # a local backend knows which logprobs it computes
     if made != cfg.logprobs:
         raise ValueError(f"teacher.logprobs is {cfg.logprobs!r} but the backend computes {made!r} logprobs")
@@ -196,8 +208,9 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
     workers = max(1, cfg.concurrency)
     if getattr(backend, "max_batch_rows", None):
         # A local model batches whatever requests wait together; concurrency is about servers, so
-        # keep enough requests in flight to fill a batch.
-        workers = max(workers, backend.max_batch_rows // max(1, max(len(t[2]) for t in todo) if todo else 1))
+        # keep enough requests in flight to fill a batch on every replica.
+        rows = getattr(backend, "lanes", 1) * backend.max_batch_rows
+        workers = max(workers, rows // max(1, max(len(t[2]) for t in todo) if todo else 1))
     await asyncio.gather(*(worker() for _ in range(workers)))
     bar.close()
     stats["cost_usd"] = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])

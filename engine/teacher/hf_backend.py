@@ -50,7 +50,67 @@ def _token_byte_table(tokenizer) -> list[bytes]:
     return table
 
 
-class HFBackend:
+class BatchQueue:
+    """Merges the requests that wait together into batches of up to `max_batch_rows` rows (n rows
+    per request, same settings) and keeps up to `lanes` batches running at once; a subclass runs
+    one batch in `_run_batch`. One lane for a model in this process; one per replica process."""
+
+    max_batch_rows: int = 64
+    lanes: int = 1
+
+    def __init__(self):
+        self._pending: list = []
+        self._drainer = None
+
+    async def _run_batch(self, requests: list, settings: tuple) -> list:
+        raise NotImplementedError
+
+    async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
+                     seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        settings = (temperature, max_tokens, top_logprobs, tuple(stop or ()))
+        self._pending.append(((prompt, n, seed), settings, fut))
+        if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
+            self._drainer = loop.create_task(self._drain())
+        return await fut
+
+    def _take_batch(self) -> list:
+        settings = self._pending[0][1]
+        batch, rows = [], 0
+        for item in self._pending:
+            n = item[0][1]
+            if item[1] == settings and (not batch or rows + n <= self.max_batch_rows):
+                batch.append(item)
+                rows += n
+        taken = {id(item) for item in batch}
+        self._pending = [item for item in self._pending if id(item) not in taken]
+        return batch
+
+    async def _finish(self, batch: list) -> None:
+        try:
+            results = await self._run_batch([b[0] for b in batch], batch[0][1])
+        except Exception as e:  # noqa: BLE001 - handed to every waiting request
+            results = [e] * len(batch)
+        for (_, _, fut), res in zip(batch, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    async def _drain(self) -> None:
+        running: set = set()
+        while self._pending or running:
+            await asyncio.sleep(0)  # let the other workers queue their requests first
+            while self._pending and len(running) < self.lanes:
+                running.add(asyncio.ensure_future(self._finish(self._take_batch())))
+            if running:
+                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+
+class HFBackend(BatchQueue):
     name = "hf"
 
     def __init__(self, model, tokenizer, device: Optional[str] = None, model_name: Optional[str] = None,
@@ -71,8 +131,7 @@ class HFBackend:
         self.max_batch_rows = max_batch_rows
         # One generation at a time: torch already uses every core, and the model is not re-entrant.
         self._lock = threading.Lock()
-        self._pending: list = []
-        self._drainer = None
+        BatchQueue.__init__(self)
 
     @classmethod
     def from_pretrained(cls, path: str, device: Optional[str] = None, **kw) -> "HFBackend":
@@ -80,44 +139,11 @@ class HFBackend:
         return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
                    device=device, model_name=str(path), **kw)
 
+    async def _run_batch(self, requests: list, settings: tuple) -> list:
+        return await asyncio.to_thread(self.sample_batch_sync, requests, *settings)
+
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
-
-    # ------------------------------------------------------------------ async: merge waiting requests
-
-    async def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, top_logprobs: int,
-                     seed: Optional[int] = None, stop: Optional[list[str]] = None) -> Completion:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        settings = (temperature, max_tokens, top_logprobs, tuple(stop or ()))
-        self._pending.append(((prompt, n, seed), settings, fut))
-        if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
-            self._drainer = loop.create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        while self._pending:
-            await asyncio.sleep(0)  # let the other workers queue their requests first
-            settings = self._pending[0][1]
-            batch, rows = [], 0
-            for item in self._pending:
-                n = item[0][1]
-                if item[1] == settings and (not batch or rows + n <= self.max_batch_rows):
-                    batch.append(item)
-                    rows += n
-            taken = {id(item) for item in batch}
-            self._pending = [item for item in self._pending if id(item) not in taken]
-            try:
-                results = await asyncio.to_thread(self.sample_batch_sync, [b[0] for b in batch], *settings)
-            except Exception as e:  # noqa: BLE001 - handed to every waiting request
-                results = [e] * len(batch)
-            for (_, _, fut), res in zip(batch, results):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
 
     # ------------------------------------------------------------------ sync: one batch on the model
 

@@ -1,0 +1,91 @@
+"""Spawned worker processes, one per device, for the work that runs outside the training ranks: the
+`hf` teacher's model copies (teacher.replicas) and the eval stage's models (eval.workers).
+
+Worker i runs on cuda:i; on a CPU every worker runs on the CPU with its share of the torch threads,
+as a small model's matmuls do not scale to a second thread but two processes do. Workers are
+spawned, not forked: CUDA cannot be forked, and a forked OpenMP runtime can hang.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Callable, Optional, Sequence
+
+_DEVICE: Optional[str] = None  # in a worker: the device it took
+_ALL_STARTED = None  # in a worker: the barrier every worker reaches once started
+
+
+def worker_devices(n: int, device: Optional[str] = None, what: str = "workers") -> list[str]:
+    """The device of each of `n` workers: cuda:0..n-1 (refused past the visible GPUs), or n times the CPU."""
+    import torch
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return ["cpu"] * n
+    if device != "cuda":
+        raise ValueError(f"{what} place themselves on cuda:0..N-1 or the CPU; got device {device!r}")
+    visible = torch.cuda.device_count()
+    if n > visible:
+        raise ValueError(f"{what} is {n} but {visible} GPU(s) are visible: one per GPU")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+def worker_device() -> Optional[str]:
+    """The device of this worker process (None outside a DevicePool)."""
+    return _DEVICE
+
+
+def _start(devices, started, threads: Optional[int], initializer: Optional[Callable], initargs: tuple) -> None:
+    global _DEVICE, _ALL_STARTED
+    import torch
+    _DEVICE, _ALL_STARTED = devices.get(), started
+    if _DEVICE == "cpu" and threads:
+        torch.set_num_threads(threads)
+    elif _DEVICE.startswith("cuda"):
+        torch.cuda.set_device(_DEVICE)
+    if initializer is not None:
+        initializer(_DEVICE, *initargs)
+
+
+def _wait_for_the_others() -> None:
+    _ALL_STARTED.wait()
+
+
+class DevicePool:
+    """`n` spawned processes, one per device of `worker_devices`; `initializer(device, *initargs)`
+    runs once in each (to load a model). submit/map as a ProcessPoolExecutor; a context manager."""
+
+    def __init__(self, n: int, device: Optional[str] = None, initializer: Optional[Callable] = None,
+                 initargs: tuple = (), what: str = "workers"):
+        import torch
+        self.devices = worker_devices(n, device, what)
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for dev in self.devices:
+            queue.put(dev)
+        threads = max(1, torch.get_num_threads() // n) if self.devices[0] == "cpu" else None
+        self._pool = ProcessPoolExecutor(n, mp_context=context, initializer=_start,
+                                         initargs=(queue, context.Barrier(n), threads, initializer, initargs))
+        # Start every worker now and wait until all have run the initializer: a pool spawns its
+        # processes one per waiting task, so otherwise the first to load a model would take every job
+        # while the others load, and a model that fails to load would fail a later job instead.
+        # Each of these n tasks holds its worker at the barrier, so each lands in its own process.
+        for f in [self._pool.submit(_wait_for_the_others) for _ in range(n)]:
+            f.result()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def map(self, fn: Callable, jobs: Sequence[tuple]) -> list:
+        """fn(*job) for every job, in the jobs' order."""
+        return [f.result() for f in [self._pool.submit(fn, *job) for job in jobs]]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "DevicePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
