@@ -271,11 +271,26 @@ def split_lines(recipe) -> list[str]:
             "selection, and a disjoint test part, which the results above score "
             f"(`data.ood_dev_size` = {recipe.data.ood_dev_size}; the test stage reads at most "
             f"`eval.limit` = {recipe.eval.limit} of it, the engine at most `train.dev_limit` = "
-            f"{recipe.train.dev_limit} of the dev part). Dev sets of {recipe.train.dev_limit} questions put the "
-            "standard error of a dev accuracy near 50% at "
-            f"{100 * math.sqrt(0.25 / max(1, recipe.train.dev_limit)):.1f} points, so two checkpoints 10 points "
-            "apart are told apart by the dev signal rather than by which questions were drawn.", "",
+            f"{recipe.train.dev_limit} of the dev part). {_dev_size_line(recipe, counts)}", "",
             "| OOD split | dev items | test items |", "|---|---:|---:|", *rows]
+
+
+def _dev_size_line(recipe, ood_counts: dict) -> str:
+    """What the dev sets' sizes buy: the SE of one checkpoint's accuracy near 50% for the smallest OOD
+    dev part (the selection signal), and the in-distribution dev set's size (finding 4's AUC)."""
+    limit = recipe.train.dev_limit or float("inf")
+    ood = min((min(dev, limit) for dev, _ in ood_counts.values()), default=0)
+    n_in = min(len(load_part(recipe, recipe.train.dev_in_dist, "dev")), limit) if recipe.train.dev_in_dist else 0
+    parts = []
+    if ood:
+        parts.append(f"An OOD dev part of {ood} questions puts the standard error of a dev accuracy near 50% at "
+                     f"{100 * math.sqrt(0.25 / ood):.1f} points, so checkpoints 10 points apart are told apart "
+                     "by the dev signal rather than by which questions were drawn.")
+    if n_in:
+        parts.append(f"The in-distribution dev set ({recipe.train.dev_in_dist}) holds {n_in} questions, all "
+                     "scored at every evaluation, for finding 4's AUC (its SE falls with the square root of "
+                     "the questions).")
+    return " ".join(parts)
 
 
 def accuracy_by_group(correct: dict[str, float], group: dict[str, int]) -> dict[int, tuple[int, float]]:
