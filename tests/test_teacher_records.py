@@ -117,6 +117,23 @@ def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
     assert [p.name for p in (tmp_path / "out").glob("samples-*.jsonl")] == ["samples-00000.jsonl"]
 
 
+def test_filter_output_does_not_depend_on_the_order_requests_finished(tmp_path):
+    """A server with requests in flight, or several hf replicas, stores records as they finish; the
+    kept samples come out in (question, sample) order, ids' numbers compared as numbers, so the same
+    samples align and train alike whatever order they were stored in."""
+    keys = [("synthetic/train/10", 1), ("synthetic/train/2", 0), ("synthetic/train/10", 0), ("synthetic/train/9", 0)]
+    outs = []
+    for name, order in (("a", keys), ("b", keys[::-1])):
+        store = ShardStore(tmp_path / name, SETTINGS)
+        store.append([record(qid, i, "The answer is 7.", gold="7") for qid, i in order])
+        store.close()
+        filter_samples(str(tmp_path / name), str(tmp_path / f"{name}-out"), verbose=False)
+        outs.append([(p.name, p.read_bytes()) for p in sorted((tmp_path / f"{name}-out").glob("*.jsonl"))])
+    assert outs[0] == outs[1]
+    assert [(r["qid"], r["sample_index"]) for r in iter_records(tmp_path / "a-out")] == \
+        [("synthetic/train/2", 0), ("synthetic/train/9", 0), ("synthetic/train/10", 0), ("synthetic/train/10", 1)]
+
+
 def test_backoff_grows_with_jitter_and_honours_retry_after():
     delays = [backoff_delay(a, 0.1, cap=1.0) for a in range(6)]
     assert 0.05 <= delays[0] < 0.15 and 0.2 <= delays[2] < 0.6  # base x 2^attempt x [0.5, 1.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .records import MANIFEST, SHARD_GLOB, iter_records, read_manifest, shard_name
@@ -36,6 +37,14 @@ def _write_atomic(path: Path, lines) -> None:
     os.replace(tmp, path)
 
 
+def record_order(key: tuple[str, int]) -> tuple:
+    """Sort key of a record's (qid, sample_index): the qid's numbers compared as numbers, so
+    "synthetic/train/10" follows ".../9" (file order of the question set for the usual ids)."""
+    qid, index = key
+    parts = re.split(r"(\d+)", qid)  # text, number, text, ...: the odd places are the numbers
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), index
+
+
 def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines: int = 20_000) -> dict:
     """Keep correct samples of `in_dir` in `out_dir`; returns {samples, kept, accuracy, questions,
     questions_kept, per_question_mean_accuracy, cut_samples, kept_without_cut, accuracy_without_cut}."""
@@ -44,7 +53,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
     if not any(in_dir.glob(SHARD_GLOB)):
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
     out.mkdir(parents=True, exist_ok=True)
-    per_q: dict[str, list[int]] = {}  # qid -> [samples, correct], in first-seen order
+    per_q: dict[str, list[int]] = {}  # qid -> [samples, correct]
     seen, kept_lines = set(), []
     # What the filter would keep on the uncut text (record text + the cut's dropped_text): the
     # share the answer-line cut saves, reported beside the real count.
@@ -63,7 +72,12 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
         counts[0] += 1
         counts[1] += ok
         if ok:
-            kept_lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+            kept_lines.append((record_order(key), json.dumps(rec, ensure_ascii=False) + "\n"))
+    # The teacher stores records in the order requests finish (a server with many requests in flight,
+    # or several hf replicas), so that order changes from run to run. Kept in (question, sample) order,
+    # the same samples always align and train alike.
+    kept_lines = [line for _, line in sorted(kept_lines)]
+    per_q = dict(sorted(per_q.items(), key=lambda item: record_order((item[0], 0))))
     for stale in out.glob(SHARD_GLOB):
         stale.unlink()
     if shard_lines < 1:
