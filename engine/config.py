@@ -119,7 +119,8 @@ class TeacherConfig:
     limit: Optional[int] = None
     concurrency: int = 16
     # hf backend: copies of the model, each in its own process, sampling batches at once (replica i
-    # on cuda:i; on a CPU each gets its share of the threads). Does not change the samples.
+    # on cuda:i; on a CPU each gets its share of the threads). Each request has its own seeded
+    # generator, so the samples are those of one copy up to the float rounding of batch shapes.
     replicas: int = 1
     requests_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
@@ -215,7 +216,8 @@ class EvalConfig:
     # plot (RQ4); None: train.dev_limit. The selected checkpoints are scored on `limit`.
     tradeoff_limit: Optional[int] = None
     # Processes scoring models side by side in the eval stage, one model each at a time (worker i on
-    # cuda:i; on a CPU each gets its share of the threads). Does not change a score.
+    # cuda:i; on a CPU each gets its share of the threads). Scores as one process does (a model is
+    # scored whole by one worker).
     workers: int = 1
 
     def __post_init__(self):

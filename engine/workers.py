@@ -3,12 +3,18 @@
 
 Worker i runs on cuda:i; on a CPU every worker runs on the CPU with its share of the torch threads,
 as a small model's matmuls do not scale to a second thread but two processes do. Workers are
-spawned, not forked: CUDA cannot be forked, and a forked OpenMP runtime can hang.
+spawned, not forked: CUDA cannot be forked, and a forked OpenMP runtime can hang. A worker ignores
+Ctrl-C (the parent stops the pool) and exits when its parent dies, so no orphan keeps a model on a GPU.
 """
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
 
 _DEVICE: Optional[str] = None  # in a worker: the device it took
@@ -36,8 +42,17 @@ def worker_device() -> Optional[str]:
     return _DEVICE
 
 
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])  # returns when the parent is gone
+        os._exit(1)
+
+
 def _start(devices, started, threads: Optional[int], initializer: Optional[Callable], initargs: tuple) -> None:
     global _DEVICE, _ALL_STARTED
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     import torch
     _DEVICE, _ALL_STARTED = devices.get(), started
     if _DEVICE == "cpu" and threads:
@@ -54,12 +69,14 @@ def _wait_for_the_others() -> None:
 
 class DevicePool:
     """`n` spawned processes, one per device of `worker_devices`; `initializer(device, *initargs)`
-    runs once in each (to load a model). submit/map as a ProcessPoolExecutor; a context manager."""
+    runs once in each (to load a model). submit/map as a ProcessPoolExecutor; as a context manager
+    it stops the workers at once when the block raises (a running job is not waited for)."""
 
     def __init__(self, n: int, device: Optional[str] = None, initializer: Optional[Callable] = None,
                  initargs: tuple = (), what: str = "workers"):
         import torch
         self.devices = worker_devices(n, device, what)
+        self.what = what
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for dev in self.devices:
@@ -71,8 +88,13 @@ class DevicePool:
         # processes one per waiting task, so otherwise the first to load a model would take every job
         # while the others load, and a model that fails to load would fail a later job instead.
         # Each of these n tasks holds its worker at the barrier, so each lands in its own process.
-        for f in [self._pool.submit(_wait_for_the_others) for _ in range(n)]:
-            f.result()
+        try:
+            for f in [self._pool.submit(_wait_for_the_others) for _ in range(n)]:
+                f.result()
+        except BrokenProcessPool as e:
+            self.close(abort=True)
+            raise RuntimeError(f"{what}: a worker process failed to start on {', '.join(self.devices)} "
+                               "(its error is printed above)") from e
 
     def submit(self, fn: Callable, *args) -> Future:
         return self._pool.submit(fn, *args)
@@ -81,11 +103,16 @@ class DevicePool:
         """fn(*job) for every job, in the jobs' order."""
         return [f.result() for f in [self._pool.submit(fn, *job) for job in jobs]]
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: once their jobs are done, or with `abort` at once (queued jobs cancelled,
+        running ones killed)."""
+        if abort:
+            for proc in list((self._pool._processes or {}).values()):  # the executor has no public kill
+                proc.terminate()
+        self._pool.shutdown(wait=not abort, cancel_futures=True)
 
     def __enter__(self) -> "DevicePool":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(abort=exc_type is not None)

@@ -176,10 +176,28 @@ def test_the_demo_runs_the_recipe_file_with_named_overrides(tmp_path):
         changed = {f"{sec}.{k}" for sec, fields in got.items() if isinstance(fields, dict)
                    for k, v in fields.items() if base[sec][k] != v} | {k for k, v in got.items()
                                                                      if not isinstance(v, dict) and base[k] != v}
-        allowed = set(demo.paths(tmp_path, tmp_path)) | (set(demo.TINY) if tiny else set())
+        allowed = (set(demo.paths(tmp_path, tmp_path)) | (set(demo.TINY) if tiny else set())
+                   | set(demo.fit_processes(runs[0].recipe)))
         assert changed <= allowed, changed - allowed
         assert runs[0].recipe.model.name_or_path.startswith(str(tmp_path / "toy" / demo.toy_key(
             0, runs[0].recipe.data.synthetic_sizes or None, demo.toy_scale(tiny))))
+
+
+def test_process_counts_fit_the_visible_gpus(monkeypatch):
+    """The recipe's two teacher copies and eval workers are for the CPU; on one GPU the demo uses one
+    of each (worker_devices refuses more processes than GPUs), on eight it keeps the recipe's."""
+    import torch
+
+    from specialize.engine.config import load_recipe
+    recipe = load_recipe(demo.RECIPE)
+    assert (recipe.teacher.replicas, recipe.eval.workers) == (2, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.fit_processes(recipe) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert demo.fit_processes(recipe) == {"teacher.replicas": 1, "eval.workers": 1}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert demo.fit_processes(recipe) == {}
 
 
 def test_accuracy_by_group_by_hand():

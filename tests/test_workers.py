@@ -11,12 +11,35 @@ def _device_and_threads() -> tuple:
     return worker_device(), torch.get_num_threads(), os.getpid()
 
 
+def _hold(seconds: float) -> int:
+    import os
+    import time
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def test_each_worker_knows_its_device_and_its_thread_share():
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    with DevicePool(2, "cpu") as pool:
-        seen = pool.map(_device_and_threads, [()] * 6)
+    try:
+        with DevicePool(2, "cpu") as pool:
+            seen = pool.map(_device_and_threads, [()] * 6)
+            # two jobs that each hold a worker run in two processes, not one after the other
+            assert len(set(pool.map(_hold, [(0.5,), (0.5,)]))) == 2
+    finally:
+        torch.set_num_threads(before)
     assert {(dev, threads) for dev, threads, _ in seen} == {("cpu", 1)}
     assert worker_device() is None  # not in a worker
+
+
+def test_a_block_that_raises_stops_the_workers_without_waiting():
+    import time
+    start = time.monotonic()
+    with pytest.raises(KeyError):
+        with DevicePool(2, "cpu") as pool:
+            pool.submit(_hold, 60)
+            raise KeyError("stop")
+    assert time.monotonic() - start < 30  # the 60 s job was killed, not waited for
 
 
 def test_worker_devices_on_gpus_and_what_is_refused(monkeypatch):

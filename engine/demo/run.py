@@ -72,8 +72,19 @@ def build_runs(out: Path, tiny: bool, recipe: Path = RECIPE) -> list[Run]:
         raise ConfigError(f"{recipe}: the demo's recipe is missing (the demo runs from a source checkout)")
     probe = expand_runs([str(recipe)], _sets(TINY) if tiny else [], [])[0].recipe  # the seed and sizes
     toy = out / "toy" / toy_key(probe.train.seed, probe.data.synthetic_sizes or None, toy_scale(tiny))
-    sets = _sets(paths(out, toy, recipe)) + (_sets(TINY) if tiny else [])
+    sets = _sets(paths(out, toy, recipe)) + (_sets(TINY) if tiny else []) + _sets(fit_processes(probe))
     return expand_runs([str(recipe)], sets, [SWEEP])
+
+
+def fit_processes(recipe) -> dict:
+    """teacher.replicas and eval.workers cut to the visible GPUs (one process per GPU; the recipe's
+    two are for the 2-core CPU), so the demo also runs on a machine with one GPU."""
+    import torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus:
+        return {}
+    counts = {"teacher.replicas": recipe.teacher.replicas, "eval.workers": recipe.eval.workers}
+    return {key: gpus for key, n in counts.items() if n > gpus}
 
 
 # ----------------------------------------------------------------------------- reading the runs back

@@ -274,10 +274,11 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
         model_path = str(checkpoint_steps(ckpt.parent.parent, convert=True, only=step)[step])
     config = AutoConfig.from_pretrained(model_path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = cls.from_pretrained(model_path, torch_dtype=torch.float32)
     device = device or worker_device() or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
-        model = model.to(torch.bfloat16)  # T5 is trained in bf16; fp16 overflows
+    # T5 is trained in bf16 (fp16 overflows); loaded straight in it, so eval.workers copies of a large
+    # model do not each hold an fp32 copy in host memory first
+    bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+    model = cls.from_pretrained(model_path, torch_dtype=torch.bfloat16 if bf16 else torch.float32)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_path or model_path)
 
 
@@ -445,6 +446,9 @@ def main(argv: list[str]) -> int:
     names = [d.strip() for d in (args.datasets or DEFAULT_DATASETS).split(",") if d.strip()]
     opts = dict(fmt=fmt, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams, data_dir=args.data_dir, seed=args.seed, progress=not args.quiet)
+    if args.workers < 1 or (args.workers > 1 and not args.run):
+        print("specialize eval: --workers must be >= 1, and more than 1 needs --run", file=sys.stderr)
+        return 2
     if args.run:
         run_opts = dict(limit=args.limit, tokenizer=args.tokenizer, device=args.device, shots=args.shots, **opts)
         if args.workers > 1:

@@ -13,7 +13,6 @@ from specialize.engine.pipeline.runs import STAGES, Run, expand_runs
 from specialize.engine.pipeline.stages import (
                                                STAGE_FUNCS,
                                                evaluate_checkpoint,
-                                               evaluate_start,
                                                is_done,
                                                load_examples,
                                                mark_done,
@@ -29,12 +28,13 @@ from specialize.engine.pipeline.stages import (
                                                stage_teacher,
                                                stage_toy,
                                                stage_train,
+                                               start_cache,
                                                tradeoff_datasets,
                                                train_command,
                                                training_pool,
 )
 
-__all__ = ["STAGES", "STAGE_FUNCS", "Run", "build_parser", "dry_run", "evaluate_checkpoint", "evaluate_start",
+__all__ = ["STAGES", "STAGE_FUNCS", "Run", "build_parser", "dry_run", "evaluate_checkpoint", "start_cache",
            "expand_runs", "is_done", "load_examples", "main", "mark_done", "resolved_train_recipe", "run_stages",
            "score_every_checkpoint", "selected_checkpoints", "stage_align", "stage_eval", "stage_filter",
            "stage_key", "stage_plot", "stage_teacher", "stage_toy", "stage_train", "tradeoff_datasets",

@@ -2,6 +2,7 @@
 key (the recipe fields its output depends on) is computed beside it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -292,11 +293,10 @@ def stage_eval(run: Run) -> dict:
         done.set_result(evaluate_checkpoint(*args))
         return done
 
-    try:
+    with pool or contextlib.nullcontext():
         pending = {}
-        if r.model.name_or_path:
-            cached = (start_cache(run) / "start.json").exists()
-            pending["start"] = None if cached else submit(r, r.model.name_or_path, start_cache(run), "start")
+        if r.model.name_or_path and not (start_cache(run) / "start.json").exists():
+            pending["start"] = submit(r, r.model.name_or_path, start_cache(run), "start")
         for label, model_dir in selected_checkpoints(run).items():
             pending[label] = submit(r, model_dir, run.dir("eval"), label)
         checkpoints = 0
@@ -306,10 +306,10 @@ def stage_eval(run: Run) -> dict:
             except Exception as err:  # the trade-off curve is extra: its absence must not fail the run
                 print(f"[run] {run.name}: per-checkpoint scoring failed, trade-off plot falls back to dev scores: "
                       f"{type(err).__name__}: {err}", file=sys.stderr)
-        scores = {label: f.result() if f is not None else _cached_start(run) for label, f in pending.items()}
-    finally:
-        if pool is not None:
-            pool.shutdown()
+        scores = {label: f.result() for label, f in pending.items()}
+    if r.model.name_or_path and "start" not in scores:
+        results = json.loads((start_cache(run) / "start.json").read_text())["results"]
+        scores = {"start": {name: res["accuracy"] for name, res in results.items()}, **scores}
     (run.dir("eval") / "scores.json").write_text(json.dumps(scores, indent=1))
     return {"scores": scores, "checkpoints_scored": checkpoints}
 
@@ -321,18 +321,6 @@ def start_cache(run: Run) -> Path:
     key = _hash([r.model.name_or_path, hashed_dict(r)["eval"], r.data.shots, r.data.synthetic_sizes,
                  r.data.data_dir, r.train.seed, r.data.ood_dev_size])
     return run.root / "eval_start" / key
-
-
-def _cached_start(run: Run) -> dict:
-    results = json.loads((start_cache(run) / "start.json").read_text())["results"]
-    return {name: res["accuracy"] for name, res in results.items()}
-
-
-def evaluate_start(run: Run) -> dict:
-    """The start checkpoint's scores, from the cache or computed here."""
-    if (start_cache(run) / "start.json").exists():
-        return _cached_start(run)
-    return evaluate_checkpoint(run.recipe, run.recipe.model.name_or_path, start_cache(run), "start")
 
 
 def stage_plot(runs: list[Run]) -> dict:

@@ -108,14 +108,18 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     cfg = config
     if backend is None:
         backend = make_backend(cfg)
+        close = getattr(backend, "close", None)  # replica processes
         try:
-            return generate(cfg, examples, out_dir, backend, exemplar_pool=exemplar_pool,
-                            samples_per_request=samples_per_request, retry_base_delay=retry_base_delay,
-                            seed=seed, progress=progress)
-        finally:
-            close = getattr(backend, "close", None)  # replica processes
+            summary = generate(cfg, examples, out_dir, backend, exemplar_pool=exemplar_pool,
+                               samples_per_request=samples_per_request, retry_base_delay=retry_base_delay,
+                               seed=seed, progress=progress)
+        except BaseException:
             if close is not None:
-                close()
+                close(abort=True)  # a running batch's samples are lost either way: do not wait for it
+            raise
+        if close is not None:
+            close()
+        return summary
     made = getattr(backend, "logprobs", cfg.logprobs)  # a local backend knows which logprobs it computes
     if made != cfg.logprobs:
         raise ValueError(f"teacher.logprobs is {cfg.logprobs!r} but the backend computes {made!r} logprobs")

@@ -50,6 +50,12 @@ def _token_byte_table(tokenizer) -> list[bytes]:
     return table
 
 
+def check_logprobs(kind: str) -> str:
+    if kind not in ("raw", "sampled"):
+        raise ValueError(f"logprobs must be 'raw' or 'sampled', got {kind!r}")
+    return kind
+
+
 class BatchQueue:
     """Merges the requests that wait together into batches of up to `max_batch_rows` rows (n rows
     per request, same settings) and keeps up to `lanes` batches running at once; a subclass runs
@@ -61,6 +67,7 @@ class BatchQueue:
     def __init__(self):
         self._pending: list = []
         self._drainer = None
+        self._arrived: asyncio.Event | None = None  # set by sample(): wakes a drainer with a free lane
 
     async def _run_batch(self, requests: list, settings: tuple) -> list:
         raise NotImplementedError
@@ -72,7 +79,9 @@ class BatchQueue:
         settings = (temperature, max_tokens, top_logprobs, tuple(stop or ()))
         self._pending.append(((prompt, n, seed), settings, fut))
         if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
+            self._arrived = asyncio.Event()
             self._drainer = loop.create_task(self._drain())
+        self._arrived.set()
         return await fut
 
     def _take_batch(self) -> list:
@@ -90,6 +99,8 @@ class BatchQueue:
     async def _finish(self, batch: list) -> None:
         try:
             results = await self._run_batch([b[0] for b in batch], batch[0][1])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} requests returned {len(results)} results")
         except Exception as e:  # noqa: BLE001 - handed to every waiting request
             results = [e] * len(batch)
         for (_, _, fut), res in zip(batch, results):
@@ -106,8 +117,20 @@ class BatchQueue:
             await asyncio.sleep(0)  # let the other workers queue their requests first
             while self._pending and len(running) < self.lanes:
                 running.add(asyncio.ensure_future(self._finish(self._take_batch())))
-            if running:
-                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            if not running:
+                continue
+            # wake when a batch finishes, or, with a lane free, when a request arrives (a retry, or
+            # one the rate limiter held back), so that lane does not wait for the running batches
+            waits = set(running)
+            arrival = None
+            if len(running) < self.lanes:
+                self._arrived.clear()
+                arrival = asyncio.ensure_future(self._arrived.wait())
+                waits.add(arrival)
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if arrival is not None:
+                arrival.cancel()
+            running -= done
 
 
 class HFBackend(BatchQueue):
@@ -116,9 +139,7 @@ class HFBackend(BatchQueue):
     def __init__(self, model, tokenizer, device: Optional[str] = None, model_name: Optional[str] = None,
                  max_batch_rows: int = 64, logprobs: str = "raw"):
         import torch
-        if logprobs not in ("raw", "sampled"):
-            raise ValueError(f"logprobs must be 'raw' or 'sampled', got {logprobs!r}")
-        self.logprobs = logprobs
+        self.logprobs = check_logprobs(logprobs)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -129,14 +150,15 @@ class HFBackend(BatchQueue):
         cfg = model.config
         self.max_positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         self.max_batch_rows = max_batch_rows
-        # One generation at a time: torch already uses every core, and the model is not re-entrant.
+        # One generation at a time on this model (it is not re-entrant); more at once is teacher.replicas.
         self._lock = threading.Lock()
         BatchQueue.__init__(self)
 
     @classmethod
     def from_pretrained(cls, path: str, device: Optional[str] = None, **kw) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+        # the checkpoint's own dtype (bf16 for most hub LMs), not an fp32 copy in host memory per replica
+        return cls(AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto"), AutoTokenizer.from_pretrained(path),
                    device=device, model_name=str(path), **kw)
 
     async def _run_batch(self, requests: list, settings: tuple) -> list:

@@ -20,9 +20,12 @@ from typing import Optional
 
 from specialize.engine.workers import DevicePool
 
-from .hf_backend import BatchQueue
+from .hf_backend import BatchQueue, check_logprobs
 
 _REPLICA = None  # this worker process's HFBackend
+_BATCHES = 0  # batches this worker has sampled
+# Test hook: a copy exits hard (as when killed) before its batch number N + 1.
+EXIT_AFTER_ENV = "SPECIALIZE_REPLICA_EXIT_AFTER_BATCHES"
 
 
 def _load_replica(device: str, path: str, logprobs: str, max_batch_rows: int) -> None:
@@ -32,6 +35,10 @@ def _load_replica(device: str, path: str, logprobs: str, max_batch_rows: int) ->
 
 
 def _sample_on_replica(requests: list, settings: tuple) -> tuple[int, list]:
+    global _BATCHES
+    _BATCHES += 1
+    if os.environ.get(EXIT_AFTER_ENV) and _BATCHES > int(os.environ[EXIT_AFTER_ENV]):
+        os._exit(1)
     return os.getpid(), _REPLICA.sample_batch_sync(requests, *settings)
 
 
@@ -41,9 +48,8 @@ class ReplicatedHFBackend(BatchQueue):
     def __init__(self, path: str | Path, replicas: int, device: Optional[str] = None, logprobs: str = "raw",
                  max_batch_rows: int = 64):
         from transformers import AutoConfig
-        if logprobs not in ("raw", "sampled"):
-            raise ValueError(f"logprobs must be 'raw' or 'sampled', got {logprobs!r}")
-        AutoConfig.from_pretrained(str(path))  # a wrong path fails here, not as a broken worker pool
+        check_logprobs(logprobs)  # here, not as a worker that fails to start
+        AutoConfig.from_pretrained(str(path))  # a wrong path too
         self._pool = DevicePool(replicas, device, _load_replica, (str(path), logprobs, max_batch_rows),
                                 what="teacher.replicas")
         self.devices = self._pool.devices
@@ -63,5 +69,5 @@ class ReplicatedHFBackend(BatchQueue):
         self.batches[pid] += 1
         return results
 
-    def close(self) -> None:
-        self._pool.shutdown()
+    def close(self, abort: bool = False) -> None:
+        self._pool.close(abort)
