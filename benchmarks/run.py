@@ -7,6 +7,7 @@ Entries (each a module with `main(argv) -> int` taking `--quick`; one that is no
   aligner   aligned pairs/s                 specialize.benchmarks.bench_aligner or specialize.aligner.bench
   loss_cpu  fused vs naive loss time/memory specialize.benchmarks.bench_loss_cpu
   engine    engine vs HF tokens/s, MFU, mem specialize.benchmarks.bench_engine (CPU mode)
+  teacher   hf teacher samples/s, 1 vs N copies specialize.benchmarks.bench_teacher
 The GPU benchmarks (bench_loss_gpu, bench_engine --mode gpu-xl / gpu-xxl) are run by hand on a GPU.
 --out DIR: every entry writes its JSON there and the summary goes to DIR/run.json; without it a full run
 writes to benchmarks/results/ and a --quick run writes nothing (quick figures are not results).
@@ -31,6 +32,7 @@ ENTRIES = {
                 lambda d: ["--out", str(d / "aligner.json")]),
     "loss_cpu": (("specialize.benchmarks.bench_loss_cpu",), lambda d: ["--out", str(d / "loss_cpu.json")]),
     "engine": (("specialize.benchmarks.bench_engine",), lambda d: ["--out", str(d)]),
+    "teacher": (("specialize.benchmarks.bench_teacher",), lambda d: ["--out", str(d / "teacher_cpu.json")]),
 }
 
 

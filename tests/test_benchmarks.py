@@ -14,7 +14,7 @@ def test_runner_quick_runs_every_cpu_entry(tmp_path, capsys):
     summary = json.loads((tmp_path / "run.json").read_text())
     status = {r["entry"]: r["status"] for r in summary["entries"]}
     assert set(status) == set(run.ENTRIES)
-    assert status["loss_cpu"] == "ok" and status["engine"] == "ok"
+    assert status["loss_cpu"] == "ok" and status["engine"] == "ok" and status["teacher"] == "ok"
     assert status["aligner"] in ("ok", "not available")
     assert "tokens/s/gpu" in out and "entry" in out
 
@@ -28,6 +28,8 @@ def test_runner_quick_runs_every_cpu_entry(tmp_path, capsys):
     eng, hf = by["specialize"], by["hf-seq2seq+deepspeed"]
     assert eng["speedup_vs_hf"] == pytest.approx(eng["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"])
     assert json.loads((tmp_path / "loss_cpu.json").read_text())["rows"]
+    teacher = json.loads((tmp_path / "teacher_cpu.json").read_text())["rows"]
+    assert [r["copies"] for r in teacher] == [1, 2] and all(r["records_equal_one_copy"] for r in teacher)
 
 
 def test_runner_rejects_unknown_entry_and_reports_missing_modules(monkeypatch, capsys):
