@@ -278,7 +278,7 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: Optional[str] = No
     # T5 is trained in bf16 (fp16 overflows); loaded straight in it, so eval.workers copies of a large
     # model do not each hold an fp32 copy in host memory first
     bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
-    model = cls.from_pretrained(model_path, torch_dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = cls.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_path or model_path)
 
 

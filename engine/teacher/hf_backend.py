@@ -158,7 +158,7 @@ class HFBackend(BatchQueue):
     def from_pretrained(cls, path: str, device: Optional[str] = None, **kw) -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         # the checkpoint's own dtype (bf16 for most hub LMs), not an fp32 copy in host memory per replica
-        return cls(AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto"), AutoTokenizer.from_pretrained(path),
+        return cls(AutoModelForCausalLM.from_pretrained(path, dtype="auto"), AutoTokenizer.from_pretrained(path),
                    device=device, model_name=str(path), **kw)
 
     async def _run_batch(self, requests: list, settings: tuple) -> list:
