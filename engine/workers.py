@@ -17,6 +17,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
 
+# How long every worker may take to start (load its model) before the pool gives up: an 11B teacher
+# copy reads tens of GB from disk, but a worker stuck in CUDA or NCCL set-up must not block forever.
+START_TIMEOUT_ENV = "SPECIALIZE_WORKER_START_TIMEOUT"
+DEFAULT_START_TIMEOUT_S = 1800.0
+
 _DEVICE: Optional[str] = None  # in a worker: the device it took
 _ALL_STARTED = None  # in a worker: the barrier every worker reaches once started
 
@@ -70,11 +75,17 @@ def _wait_for_the_others() -> None:
 class DevicePool:
     """`n` spawned processes, one per device of `worker_devices`; `initializer(device, *initargs)`
     runs once in each (to load a model). submit/map as a ProcessPoolExecutor; as a context manager
-    it stops the workers at once when the block raises (a running job is not waited for)."""
+    it stops the workers at once when the block raises (a running job is not waited for). Workers that
+    have not all started within `start_timeout` seconds (default: $SPECIALIZE_WORKER_START_TIMEOUT,
+    else 30 min) are killed and the pool raises, naming itself."""
 
     def __init__(self, n: int, device: Optional[str] = None, initializer: Optional[Callable] = None,
-                 initargs: tuple = (), what: str = "workers"):
+                 initargs: tuple = (), what: str = "workers", start_timeout: Optional[float] = None):
+        import time
+
         import torch
+        if start_timeout is None:
+            start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or DEFAULT_START_TIMEOUT_S)
         self.devices = worker_devices(n, device, what)
         self.what = what
         context = multiprocessing.get_context("spawn")
@@ -88,13 +99,19 @@ class DevicePool:
         # processes one per waiting task, so otherwise the first to load a model would take every job
         # while the others load, and a model that fails to load would fail a later job instead.
         # Each of these n tasks holds its worker at the barrier, so each lands in its own process.
+        deadline = time.monotonic() + start_timeout
         try:
             for f in [self._pool.submit(_wait_for_the_others) for _ in range(n)]:
-                f.result()
+                f.result(timeout=max(0.0, deadline - time.monotonic()))
         except BrokenProcessPool as e:
             self.close(abort=True)
             raise RuntimeError(f"{what}: a worker process failed to start on {', '.join(self.devices)} "
                                "(its error is printed above)") from e
+        except TimeoutError as e:
+            self.close(abort=True)
+            raise RuntimeError(f"{what}: the workers on {', '.join(self.devices)} did not all start within "
+                               f"{start_timeout:g} s (a model load or device set-up hangs; set "
+                               f"{START_TIMEOUT_ENV} to wait longer)") from e
 
     def submit(self, fn: Callable, *args) -> Future:
         return self._pool.submit(fn, *args)

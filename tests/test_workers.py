@@ -49,3 +49,37 @@ def test_worker_devices_on_gpus_and_what_is_refused(monkeypatch):
         worker_devices(9, "cuda", "eval.workers")
     with pytest.raises(ValueError, match="must be >= 1"):
         worker_devices(0, "cpu")
+
+
+def _hang_after_writing_pid(device, pid_dir):
+    import os
+    import time
+    open(os.path.join(pid_dir, str(os.getpid())), "w").close()
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited, only its entry is left
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_that_hang_while_starting_are_killed_and_the_pool_named(tmp_path):
+    import os
+    import time
+    with pytest.raises(RuntimeError, match=r"eval.workers: the workers on cpu, cpu did not all start within 8 s"):
+        DevicePool(2, "cpu", _hang_after_writing_pid, (str(tmp_path),), what="eval.workers", start_timeout=8)
+    pids = [int(name) for name in os.listdir(tmp_path)]
+    assert pids  # the initializer did run (8 s leaves a slow machine time to spawn), so the wait timed out
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_the_start_timeout_defaults_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECIALIZE_WORKER_START_TIMEOUT", "2")
+    with pytest.raises(RuntimeError, match="within 2 s"):
+        DevicePool(1, "cpu", _hang_after_writing_pid, (str(tmp_path),))
