@@ -169,3 +169,18 @@ def test_tradeoff_panels_label_the_start_and_each_pick(runs, tmp_path):
     assert f"in-dist pick (step {picks['in_dist']})" in texts and f"ood pick (step {picks['ood']})" in texts
     assert "axes=3" in texts  # two run panels and the shared step colour bar
     assert w > 1000
+
+
+def test_in_dist_vs_ood_labels_each_picked_step_once(runs, tmp_path, monkeypatch):
+    """Run 0's two dev signals pick different steps, so it gets two labels; a run whose signals pick one
+    checkpoint gets one label naming both (two would print over each other)."""
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "recipe.yaml").write_text(RECIPE)
+    rows = [{"step": s, "dev/gsm8k_dev_acc": 0.1 * k, "dev/multiarith_acc": 0.05 * k, "dev/svamp_acc": 0.05 * k}
+            for k, s in enumerate((100, 200, 300), start=1)]
+    (same / "dev_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out: texts.setdefault("all", [t.get_text() for t in fig.axes[0].texts]))
+    plots.plot_in_dist_vs_ood([runs[0], same], tmp_path / "x.png", labels=["DM", "SAME"])
+    assert sorted(t.strip() for t in texts["all"]) == ["DM: OOD pick", "DM: in-dist pick", "SAME: in-dist + OOD pick"]

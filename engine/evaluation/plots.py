@@ -290,6 +290,14 @@ def plot_tradeoff(runs: Sequence, out, x: Optional[str] = None, y: Optional[str]
     return out
 
 
+def _rules_by_step(picks: dict) -> dict[int, list[str]]:
+    """step -> the rules that picked it, in the order given."""
+    by_step: dict[int, list[str]] = {}
+    for rule, choice in picks.items():
+        by_step.setdefault(choice.step, []).append(rule)
+    return by_step
+
+
 def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = None,
                         title: Optional[str] = None) -> Path:
     """In-dist dev (solid) and OOD-mean dev (dashed) accuracy vs step; dotted lines at each rule's pick."""
@@ -312,12 +320,14 @@ def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = N
             picks = select.select([str(run)], rules=("in_dist", "ood"))
         except ValueError:
             picks = {}
-        for rule, c in picks.items():
-            ax.axvline(c.step, color=color, ls=":" if rule == "in_dist" else "-.", alpha=0.6, lw=1)
-            # x in data units, y in axes units (the label stays put whatever the final y range),
-            # staggered per run so picks of several runs at one step stay legible
-            ax.text(c.step, 0.98 - 0.3 * (i % 3), f"{name}: {rule} pick", transform=ax.get_xaxis_transform(), rotation=90,
-                    fontsize=7, va="top", ha="right", color=color)
+        for step, rules in _rules_by_step(picks).items():
+            ax.axvline(step, color=color, ls=":" if rules == ["in_dist"] else "-.", alpha=0.6, lw=1)
+            # one label per step (two rules that pick one checkpoint would print over each other); x in
+            # data units, y in axes units (it stays put whatever the final y range). Runs alternate sides of
+            # the line, then heights, so picks of several runs at one step stay legible.
+            what = " + ".join("in-dist" if r == "in_dist" else r.upper() if r == "ood" else r for r in rules)
+            ax.text(step, 0.98 - 0.3 * (i // 2 % 3), f" {name}: {what} pick ", transform=ax.get_xaxis_transform(),
+                    rotation=90, fontsize=7, va="top", ha="right" if i % 2 == 0 else "left", color=color)
         drawn += 1
     if not drawn:
         plt.close(fig)
