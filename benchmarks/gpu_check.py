@@ -19,6 +19,9 @@ and is skipped with a note when the run's total (`--total`) cannot cover it any 
                  fused-linear vs naive PyTorch vs Liger at N=8192 H=4096 V=32128 (time, peak memory)
   engine_xl      bench_engine --mode gpu-xl (FlanT5-XL shapes, random init, bf16, ZeRO-2, 512->256, 20
                  steps, fused loss) vs HF Seq2SeqTrainer + DeepSpeed on the same batches
+  teacher        bench_teacher --device cuda: the hf teacher (toy Llama shape, random init) sampling 512
+                 questions in this process on cuda:0 and through a replica pool of one spawned copy on
+                 cuda:0 (teacher.replicas' path), samples/s and whether the two wrote the same records
   engine_xxl     if time is left: bench_engine --mode gpu-xxl, a few steps (ZeRO-3 + offload, Adafactor)
 --dry: CPU, Triton interpreter, toy sizes (a kernel-test subset, N=16 losses, the tiny engine world),
 budgets in seconds; it measures nothing worth keeping and exists so that the suite runs this script
@@ -65,6 +68,7 @@ STAGES = {
     "kernel_checks": (60, 60, 5),
     "loss": (75, 90, 10),
     "engine_xl": (240, 240, 90),
+    "teacher": (45, 60, 15),
     "engine_xxl": (None, None, 90),  # None: whatever the total leaves
 }
 # 560 s: the whole run fits a 10-minute command slot with room for the start and the JSON
@@ -379,6 +383,22 @@ def stage_loss(run: Run):
     return go
 
 
+def stage_teacher(run: Run):
+    def go(budget):
+        out = run.work / "teacher.json"
+        args = (["--device", "cpu", "--questions", "16", "--max-tokens", "8"] if run.dry
+                else ["--device", "cuda", "--questions", "512"])
+        cmd = [sys.executable, "-m", "specialize.benchmarks.bench_teacher", *args, "--replicas", "1", "--out", str(out)]
+        status, tail = run.child("teacher", cmd, budget)
+        figures = json.loads(out.read_text()) if out.is_file() else {}
+        if status == "ok":
+            return dict(status="ok", figures=figures)
+        # bench_teacher exits 1 when a provider's records differ from the one copy's; its rows say which
+        return dict(status="timeout" if status == "timeout" else "failed", figures=figures,
+                    note=_last_error(tail, status))
+    return go
+
+
 def stage_engine(run: Run, name: str, args: list[str]):
     def go(budget):
         out = run.work / name
@@ -463,6 +483,11 @@ def _figure_lines(rec: dict) -> list[str]:
                              f"[p20 {r['p20']:.2f}, p80 {r['p80']:.2f}]{mem}")
             elif r["metric"] == "unavailable":
                 lines.append(f"{r['provider']}: {r['note']}")
+    elif name == "teacher" and f.get("rows"):
+        for r in f["rows"]:
+            lines.append(f"{r['provider']} on {f.get('gpu', r['device'])}: {r['samples_per_s']:.0f} samples/s "
+                         f"({r['samples']} in {r['seconds']:.1f} s, {r.get('start_up_s', 0):.1f} s of it start-up), "
+                         f"records equal to one copy's: {r['records_equal_one_copy']}")
     elif name.startswith("engine") and f.get("rows") is not None:
         from specialize.benchmarks.bench_engine import verdicts
         rows = f["rows"]
@@ -568,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             xl = ["--mode", "gpu-xl", "--steps", "20", "--fused-only"]
             xxl = ["--mode", "gpu-xxl", "--steps", str(args.xxl_steps)]
         run.stage("engine_xl", stage_engine(run, "engine_xl", xl))
+        run.stage("teacher", stage_teacher(run))
         run.stage("engine_xxl", stage_engine(run, "engine_xxl", xxl))
         env_fig = next((r["figures"] for r in run.stages if r["stage"] == "env" and r["status"] == "ok"), {})
         for r in run.stages:

@@ -15,7 +15,7 @@ import pytest
 from specialize.benchmarks import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ["install", "env", "kernel_tests", "kernel_checks", "loss", "engine_xl", "engine_xxl"]
+ORDER = ["install", "env", "kernel_tests", "kernel_checks", "loss", "engine_xl", "teacher", "engine_xxl"]
 
 
 def write_wheel(folder: Path, dist: str, version: str, module: str | None = None) -> Path:
@@ -90,6 +90,12 @@ def test_dry_run_every_stage_json_and_table(tmp_path):
     eng = {r["provider"]: r for r in by["engine_xl"]["figures"]["rows"]}
     assert set(eng) == {"specialize", "hf-seq2seq+deepspeed"}
     assert all("error" not in r and r["tokens_per_s_per_gpu"] > 0 for r in eng.values())
+
+    teacher = {r["provider"]: r for r in by["teacher"]["figures"]["rows"]}
+    # one copy in the stage's process and a spawned pool of one, on the same device, write the same records
+    assert set(teacher) == {"one copy", "1 replica"} and all(r["records_equal_one_copy"] for r in teacher.values())
+    assert all(r["samples"] == 16 and r["samples_per_s"] > 0 for r in teacher.values())
+    assert any("1 replica on cpu" in line for line in payload["summary"]["teacher"])
 
     xxl = by["engine_xxl"]
     assert xxl["status"] == "skipped" and "budget is 0 s" in xxl["note"]
@@ -181,3 +187,12 @@ def test_gpu_shaped_figures_give_targets_in_the_table():
     assert lines[0] == "flan-t5-xl bf16, micro-batch 4, seq 512->256, 20 steps"
     assert "43.8% of the measured matmul rate 790 TFLOP/s" in "\n".join(lines)
     assert "target MFU >= 40%: 35.0% (NOT met)" in lines and "target >= 1.3x HF tokens/s: 1.40x (met)" in lines
+    teacher = dict(gpu="NVIDIA H200", rows=[
+        dict(provider="one copy", device="cuda", samples=512, seconds=3.1, start_up_s=0.9, samples_per_s=165.2,
+             records_equal_one_copy=True),
+        dict(provider="1 replica", device="cuda", samples=512, seconds=14.0, start_up_s=11.5, samples_per_s=36.6,
+             records_equal_one_copy=False)])
+    lines = gpu_check.summary_lines(dict(stage="teacher", status="failed", figures=teacher, note="exit 1: ..."))
+    assert lines[0] == ("one copy on NVIDIA H200: 165 samples/s (512 in 3.1 s, 0.9 s of it start-up), "
+                        "records equal to one copy's: True")
+    assert lines[1].endswith("records equal to one copy's: False") and lines[2] == "exit 1: ..."
