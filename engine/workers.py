@@ -18,7 +18,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
 
 # How long every worker may take to start (load its model) before the pool gives up: an 11B teacher
-# copy reads tens of GB from disk, but a worker stuck in CUDA or NCCL set-up must not block forever.
+# copy reads tens of GB from disk, but a worker stuck in CUDA set-up or on a hung file system must not
+# block the stage forever.
 START_TIMEOUT_ENV = "SPECIALIZE_WORKER_START_TIMEOUT"
 DEFAULT_START_TIMEOUT_S = 1800.0
 
@@ -68,6 +69,17 @@ def _start(devices, started, threads: Optional[int], initializer: Optional[Calla
         initializer(_DEVICE, *initargs)
 
 
+def _start_timeout_from_env() -> float:
+    raw = os.environ.get(START_TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else DEFAULT_START_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{START_TIMEOUT_ENV}={raw!r}: expected seconds > 0")
+    return seconds
+
+
 def _wait_for_the_others() -> None:
     _ALL_STARTED.wait()
 
@@ -85,7 +97,7 @@ class DevicePool:
 
         import torch
         if start_timeout is None:
-            start_timeout = float(os.environ.get(START_TIMEOUT_ENV) or DEFAULT_START_TIMEOUT_S)
+            start_timeout = _start_timeout_from_env()
         self.devices = worker_devices(n, device, what)
         self.what = what
         context = multiprocessing.get_context("spawn")

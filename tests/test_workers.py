@@ -83,3 +83,7 @@ def test_the_start_timeout_defaults_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECIALIZE_WORKER_START_TIMEOUT", "2")
     with pytest.raises(RuntimeError, match="within 2 s"):
         DevicePool(1, "cpu", _hang_after_writing_pid, (str(tmp_path),))
+    for bad in ("soon", "0"):
+        monkeypatch.setenv("SPECIALIZE_WORKER_START_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=f"SPECIALIZE_WORKER_START_TIMEOUT='{bad}': expected seconds > 0"):
+            DevicePool(1, "cpu")
