@@ -15,6 +15,8 @@ except ImportError:  # pragma: no cover
 
 import pytest
 
+import specialize.engine  # noqa: F401  (takes the checkout off sys.path: its kernels/ would shadow HF's kernels)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPECIALIZE_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -26,6 +26,54 @@ def test_top_level_kernels_is_not_this_project():
     assert str(REPO / "kernels") not in out.stdout, out.stdout
 
 
+def _stand_in_hf_kernels(folder: Path) -> None:
+    """An installed `kernels` distribution at a version transformers accepts, with the names it imports."""
+    from transformers.utils.import_utils import KERNELS_MIN_VERSION
+    pkg, info = folder / "kernels", folder / f"kernels-{KERNELS_MIN_VERSION}.dist-info"
+    pkg.mkdir(parents=True)
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {KERNELS_MIN_VERSION}\n")
+    (info / "top_level.txt").write_text("kernels\n")
+    names = ["CUDAProperties", "Device", "KernelizeFallback", "LayerRepository", "LocalLayerRepository", "Mode",
+             "ROCMProperties"]
+    funcs = ["register_kernel_mapping", "replace_kernel_forward_from_hub", "use_kernel_mapping", "get_kernel",
+             "kernelize", "use_kernel_forward_from_hub", "use_kernelized_func"]
+    (pkg / "__init__.py").write_text("STAND_IN = True\n" + "".join(f"class {n}: pass\n" for n in names)
+                                     + "".join(f"def {f}(*a, **k):\n    return lambda cls: cls\n" for f in funcs))
+
+
+def _from_checkout(code: str, **env) -> str:
+    """`code` run with the checkout's root as the working directory (so on sys.path, as `python -m` puts it)."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+LOAD_T5 = "import specialize.engine; import transformers.models.t5.modeling_t5, sys; "
+
+
+@pytest.mark.parametrize("through_link", [False, True], ids=["installed", "gpu-check-link"])
+def test_from_the_checkout_transformers_imports_hf_kernels_not_ours(tmp_path, through_link):
+    """Run from the checkout, kernels/ sat first on sys.path as a top-level `kernels`: with Hugging Face's
+    kernels installed, loading a T5 failed ("cannot import name 'CUDAProperties' from 'kernels'"). Also
+    where the project is imported through the GPU check's `specialize -> checkout` link, not the install."""
+    from specialize.benchmarks.gpu_check import source_path
+    _stand_in_hf_kernels(tmp_path)
+    path = ([str(source_path())] if through_link else []) + [str(tmp_path)]
+    found = _from_checkout(LOAD_T5 + "print(sys.modules['kernels'].__file__, specialize.engine.__file__)",
+                           PYTHONPATH=os.pathsep.join(path))
+    assert found.split()[0] == str(tmp_path / "kernels" / "__init__.py")
+    assert found.split()[1].startswith(str(source_path()) if through_link else str(REPO)), found
+
+
+def test_from_the_checkout_without_hf_kernels_ours_is_never_loaded_under_that_name():
+    assert _from_checkout(LOAD_T5 + "print('kernels' in sys.modules)") == "False"
+    # imported under that name before specialize.engine: forgotten once it is imported
+    assert _from_checkout("import kernels, specialize.engine, sys; print('kernels' in sys.modules, "
+                          "str(sys.path))").startswith("False")
+
+
 def _cli(*args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "specialize.engine.cli", *args], capture_output=True,
