@@ -13,6 +13,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
@@ -93,13 +94,10 @@ class DevicePool:
 
     def __init__(self, n: int, device: Optional[str] = None, initializer: Optional[Callable] = None,
                  initargs: tuple = (), what: str = "workers", start_timeout: Optional[float] = None):
-        import time
-
         import torch
         if start_timeout is None:
             start_timeout = _start_timeout_from_env()
         self.devices = worker_devices(n, device, what)
-        self.what = what
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         for dev in self.devices:

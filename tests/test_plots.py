@@ -183,4 +183,4 @@ def test_in_dist_vs_ood_labels_each_picked_step_once(runs, tmp_path, monkeypatch
     texts = {}
     monkeypatch.setattr(plots, "_save", lambda fig, out: texts.setdefault("all", [t.get_text() for t in fig.axes[0].texts]))
     plots.plot_in_dist_vs_ood([runs[0], same], tmp_path / "x.png", labels=["DM", "SAME"])
-    assert sorted(t.strip() for t in texts["all"]) == ["DM: OOD pick", "DM: in-dist pick", "SAME: in-dist + OOD pick"]
+    assert sorted(t.strip() for t in texts["all"]) == ["DM: in-dist pick", "DM: ood pick", "SAME: in-dist + ood pick"]

@@ -325,7 +325,7 @@ def plot_in_dist_vs_ood(runs: Sequence, out, labels: Optional[Sequence[str]] = N
             # one label per step (two rules that pick one checkpoint would print over each other); x in
             # data units, y in axes units (it stays put whatever the final y range). Runs alternate sides of
             # the line, then heights, so picks of several runs at one step stay legible.
-            what = " + ".join("in-dist" if r == "in_dist" else r.upper() if r == "ood" else r for r in rules)
+            what = " + ".join(rule.replace("_", "-") for rule in rules)  # as the trade-off plot names them
             ax.text(step, 0.98 - 0.3 * (i // 2 % 3), f" {name}: {what} pick ", transform=ax.get_xaxis_transform(),
                     rotation=90, fontsize=7, va="top", ha="right" if i % 2 == 0 else "left", color=color)
         drawn += 1
