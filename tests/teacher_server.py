@@ -6,6 +6,7 @@ next one (`server.faults.extend([...])`):
   "slow"       answers after `slow_seconds` (past the client's timeout)
   "badjson"    200 with a body that is not JSON          "nologprobs"  logprobs: null
   "short"      logprobs cover fewer tokens than the text
+`wire="vllm"` answers as vLLM (and SGLang) do rather than as OpenAI does (`vllm_wire`).
 The server stops itself after `lifetime` seconds or `max_requests` requests (bounded in tests).
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from specialize.engine.teacher.backends import token_bytes_from_string, token_string
+from specialize.engine.teacher.backends import Sample, token_bytes_from_string, token_string
+
+EOS = "<|endoftext|>"
 
 
 def tiny_teacher(vocab: int = 300, seed: int = 0):
@@ -63,6 +66,30 @@ def chat_body(comp, model: str) -> dict:
             "choices": choices, "usage": _usage(comp)}
 
 
+def vllm_wire(s: Sample, stop) -> Sample:
+    """The sample as vLLM sends it (vllm/v1/engine/detokenizer.py, logprobs.py; SGLang alike):
+    - a stop string is cut out of the text, but every token up to the one that completes it keeps
+      its logprobs (the server stops generating there);
+    - a sample that ended on the end-of-sequence token lists that token ("<|endoftext|>") last;
+    - each token is decoded on its own, so part of a character reads U+FFFD, in the top-k too, and
+      chat's `bytes` are those of the decoded string."""
+    text, reason = s.text, s.finish_reason
+    names = [bytes(b).decode("utf-8", "replace") for b in s.token_bytes]
+    lps = list(s.token_logprobs)
+    tops = [[[token_bytes_from_string(t).decode("utf-8", "replace"), v] for t, v in alts] for alts in s.top_logprobs]
+    hits = [(text.find(x), x) for x in (stop or []) if x in text]
+    if hits:
+        at, x = min(hits)
+        n, end = 0, 0
+        while end < at + len(x):
+            end += len(s.tokens[n])
+            n += 1
+        text, reason, names, lps, tops = text[:at], "stop", names[:n], lps[:n], tops[:n]
+    elif reason == "stop":
+        names, lps, tops = names + [EOS], lps + [-0.01], tops + [[[EOS, -0.01]]]
+    return Sample(text, names, [list(t.encode("utf-8")) for t in names], lps, tops, reason)
+
+
 def _usage(comp) -> dict:
     return {"prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
             "total_tokens": comp.prompt_tokens + comp.completion_tokens}
@@ -70,8 +97,8 @@ def _usage(comp) -> dict:
 
 class TeacherServer:
     def __init__(self, backend, model_name: str = "tiny-gpt2", lifetime: float = 120.0, max_requests: int = 5000,
-                 slow_seconds: float = 1.5, retry_after: str = "0.05", delay: float = 0.0):
-        self.backend, self.model_name = backend, model_name
+                 slow_seconds: float = 1.5, retry_after: str = "0.05", delay: float = 0.0, wire: str = "openai"):
+        self.backend, self.model_name, self.wire = backend, model_name, wire
         self.lifetime, self.max_requests = lifetime, max_requests
         self.slow_seconds, self.retry_after, self.delay = slow_seconds, retry_after, delay
         self.faults: collections.deque = collections.deque()
@@ -112,6 +139,8 @@ class TeacherServer:
         comp = self.backend.sample_sync(prompt, req.get("n", 1), temperature=req.get("temperature", 1.0),
                                         max_tokens=req.get("max_tokens", 16), top_logprobs=k, seed=req.get("seed"),
                                         stop=[stop] if isinstance(stop, str) else stop)
+        if self.wire == "vllm":
+            comp.samples = [vllm_wire(x, [stop] if isinstance(stop, str) else stop) for x in comp.samples]
         body = (chat_body if chat else completions_body)(comp, self.model_name)
         for choice in body["choices"]:
             if fault == "nologprobs":

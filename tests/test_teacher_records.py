@@ -6,9 +6,11 @@ import pytest
 
 from specialize.engine.teacher import filter_samples
 from specialize.engine.teacher.backends import (
+    ZERO_LOGPROB,
     MalformedResponse,
     build_sample,
     decoded_pieces,
+    pieces_for_text,
     token_bytes_from_string,
     token_string,
 )
@@ -39,12 +41,63 @@ def test_partial_characters_spelled_like_openai_and_back():
 def test_build_sample_rejects_logprobs_that_do_not_cover_the_text():
     ok = build_sample("ab", [b"a", b"b"], [-1.0, -2.0], [[("a", -1.0)], [("b", -2.0)]], "stop", "t")
     assert ok.tokens == ["a", "b"] and ok.token_bytes == [[97], [98]]
-    with pytest.raises(MalformedResponse, match="shorter than the text"):
+    with pytest.raises(MalformedResponse, match="spell 2 characters, the text has 3"):
         build_sample("abc", [b"a", b"b"], [-1.0, -2.0], [[], []], "stop", "t")
+    with pytest.raises(MalformedResponse, match="differ from character 1 on"):
+        build_sample("abc", [b"a", b"x", b"c"], [-1.0] * 3, [[]] * 3, "stop", "t")
     with pytest.raises(MalformedResponse, match="2 tokens but 1 logprobs"):
         build_sample("ab", [b"a", b"b"], [-1.0], [[], []], "stop", "t")
     with pytest.raises(MalformedResponse, match="null"):
         build_sample("ab", [b"a", b"b"], [-1.0, None], [[], []], "stop", "t")
+
+
+R = "\ufffd"  # what a server that decodes each token on its own writes for part of a character
+
+
+@pytest.mark.parametrize("text, pieces, expected", [
+    (" 12.", [" 12", ".", "</s>"], [" 12", "."]),                     # an end token the text leaves out
+    (" 12.\n", [" 12", ".\n", "\n", "Q", ":"], [" 12", ".\n"]),       # a stop string cut from the text
+    (" 12.", [" 12", ".\n", "Q", ":"], [" 12"]),                      # ... that starts inside a token
+    (" 5€ ok", [" 5", R, R, " ok"], [" 5", "", "€", " ok"]),           # € in two tokens
+    (" 5€", [" 5", R, R, "<|im_end|>"], [" 5", "", "€"]),
+    ("é€x", [R, R + R, R + "x"], ["", "", "é€x"]),                     # the run holds two characters
+    ("a\ufffdb", ["a", R, R, "b"], ["a", "", R, "b"]),                # a real U+FFFD in the text
+    ("a\ufffd", ["a", R, R, R], ["a", "", "", R]),                     # invalid bytes: fewer U+FFFD in the text
+    ("", ["</s>"], []),
+    ("abc", ["a", "b"], None),                                         # tokens short of the text
+    ("abc", ["a", "x", "c"], None),
+    ("ab", ["a", R], None),                                            # part of a character is never ASCII
+])
+def test_pieces_for_text_matches_what_servers_send(text, pieces, expected):
+    got = pieces_for_text(text, pieces)
+    assert got == expected
+    if got is not None:
+        assert text.startswith("".join(got))
+
+
+def test_build_sample_keeps_the_tokens_that_spell_the_text():
+    lps, tops = [-0.1, -0.2, -0.3, -0.4], [[(" 5", -0.1)], [(R, -0.2)], [(R, -0.3)], [("</s>", -0.4)]]
+    raw = [b" 5", R.encode(), R.encode(), b"</s>"]
+    s = build_sample(" 5€", raw, lps, tops, "stop", "t", token_ids=[1, 2, 3, 4])
+    assert (s.text, s.tokens, s.token_ids) == (" 5€", [" 5", "", "€"], [1, 2, 3])
+    assert s.token_bytes == [[32, 53], [], list("€".encode())]  # the re-spelled token owns the character's bytes
+    assert s.token_logprobs == [-0.1, -0.2, -0.3] and len(s.top_logprobs) == 3
+    # The text ends inside a token (".\n" starts the stop string "\nQ:"): that token goes, with its text.
+    s = build_sample("is 12.", [b"is", b" 12", b".\n", b"Q:"], [-1.0] * 4, [[]] * 4, "stop", "t")
+    assert (s.text, s.tokens) == ("is 12", ["is", " 12"])
+
+
+def test_build_sample_logprobs_are_finite_and_not_positive():
+    s = build_sample("ab", [b"a", b"b"], [1e-8, float("-inf")], [[("a", -0.0)], [("b", float("-inf")), ("c", -1.0)]],
+                     "stop", "t")
+    assert s.token_logprobs == [0.0, ZERO_LOGPROB]
+    assert s.top_logprobs == [[["a", 0.0]], [["b", ZERO_LOGPROB], ["c", -1.0]]]
+    json.dumps(s.top_logprobs, allow_nan=False)  # the shard stays JSON the aligner reads
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MalformedResponse, match="a logprob is"):
+            build_sample("ab", [b"a", b"b"], [-1.0, bad], [[], []], "stop", "t")
+        with pytest.raises(MalformedResponse, match="a logprob is"):
+            build_sample("ab", [b"a", b"b"], [-1.0, -1.0], [[], [("b", bad)]], "stop", "t")
 
 
 def test_store_drops_torn_last_line_and_never_duplicates(tmp_path):

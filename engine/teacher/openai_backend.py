@@ -2,9 +2,11 @@
 
 Both APIs parse into the same Sample:
   completions  `logprobs=k`: choice.logprobs.tokens / token_logprobs / top_logprobs (dicts), partial
-               UTF-8 characters spelled "bytes:\\xNN";
+               UTF-8 characters spelled "bytes:\\xNN" (OpenAI) or U+FFFD (vLLM, SGLang);
   chat         `logprobs=True, top_logprobs=k`: choice.logprobs.content[i].token / bytes / logprob /
                top_logprobs[j].
+Servers also send logprobs past the text: the tokens of a stop string they cut from it, and an
+end-of-sequence token; `backends.build_sample` matches the tokens to the text (`pieces_for_text`).
 The client's own retries are off (max_retries=0): generate.py retries every backend the same way.
 The API key is read from the environment variable named by `api_key_env` and kept only in the client.
 """
@@ -105,6 +107,11 @@ class OpenAIBackend:
                 raise MalformedResponse(f"{what}: logprobs missing")
             if self.api == "completions":
                 text, lp = c.text, c.logprobs
+                if any(t.startswith("token_id:") for t in lp.tokens) and "token_id:" not in text:
+                    raise TeacherBackendError(
+                        f"{what}: the server spells tokens as ids ('{lp.tokens[0]}'), not as text, so "
+                        "they cannot be matched to the text: turn off vLLM's --return-tokens-as-token-ids "
+                        "(or the request field return_tokens_as_token_ids)")
                 raw = [token_bytes_from_string(t) for t in lp.tokens]
                 tops = [sorted(((_canonical(t), v) for t, v in (d or {}).items()), key=lambda x: -x[1])
                         for d in (lp.top_logprobs or [{}] * len(raw))]
@@ -114,8 +121,9 @@ class OpenAIBackend:
                 content = c.logprobs.content or []
                 raw = [bytes(t.bytes) if t.bytes is not None else t.token.encode("utf-8") for t in content]
                 logprobs = [t.logprob for t in content]
-                tops = [[(token_string(bytes(a.bytes)) if a.bytes is not None else _canonical(a.token), a.logprob)
-                         for a in (t.top_logprobs or [])] for t in content]
+                tops = [sorted(((token_string(bytes(a.bytes)) if a.bytes is not None else _canonical(a.token),
+                                 a.logprob) for a in (t.top_logprobs or [])), key=lambda x: -x[1])
+                        for t in content]
             samples.append(build_sample(text, raw, logprobs, tops, c.finish_reason or "stop", what))
         usage = resp.usage
         completion_tokens = sum(len(s.tokens) for s in samples)
