@@ -8,6 +8,7 @@ engine/measure.py and reports, per steady-state optimizer step (first and last s
   - host reads of tensor values by whose code asked: ours (specialize + transformers + torch outside the
     optimizer), DeepSpeed's step, torch.optim's step counters (host tensors on GPUs too). On a GPU each
     read of a device tensor drains the queue;
+  - calls that wait for the whole device (`synchronize`; no-ops on a CPU, so counted by call);
   - collation time spent in the training process itself (zero with DataLoader workers), and the engine's
     own `data_wait_ms_per_step` (time blocked waiting for the next batch) where the engine logs it.
 `--python` runs the same probe with another interpreter, e.g. one whose `specialize` is an older
@@ -63,6 +64,8 @@ def measure(python: str, steps: int, ranks: int, zero: int, workers: int) -> dic
         for owner in ("ours", "deepspeed", "optimizer_step_counter"):
             diffs = np.diff([m.get(owner, 0) for m in marks])[:-1]  # steps 2..steps-1: no start-up, no log
             per_step[owner] = float(np.mean(diffs)) if len(diffs) else None
+        syncs = np.diff(rec.get("device_syncs_at_step") or [0] * len(marks))[:-1]  # older probes: none counted
+        per_step["device_sync"] = float(np.mean(syncs)) if len(syncs) else None
         log = read_jsonl(root / "run" / "train_log.jsonl")
         wait = log[-1].get("data_wait_ms_per_step") if log else None
         return {"reads_per_step": per_step, "collate_ms_per_step_in_training_process":
@@ -88,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"host reads per optimizer step, ZeRO-{args.zero}, {args.ranks} CPU ranks, fp32, {args.steps} steps "
           f"(load {os.getloadavg()[0]:.2f})")
-    print(f"{'code':<22}{'ours':>7}{'DeepSpeed':>11}{'optim ctr':>11}{'collate ms':>12}{'wait ms':>9}")
+    print(f"{'code':<22}{'ours':>7}{'DeepSpeed':>11}{'optim ctr':>11}{'device sync':>13}{'collate ms':>12}"
+          f"{'wait ms':>9}")
     print(f"{args.label:<22}{fmt(r['ours']):>7}{fmt(r['deepspeed']):>11}{fmt(r['optimizer_step_counter']):>11}"
-          f"{res['collate_ms_per_step_in_training_process']:>12.2f}{fmt(res['data_wait_ms_per_step']):>9}")
+          f"{fmt(r['device_sync']):>13}{res['collate_ms_per_step_in_training_process']:>12.2f}"
+          f"{fmt(res['data_wait_ms_per_step']):>9}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,9 @@ that guard the GPU path and for bench_host_syncs.
 
 PROBE=syncs: counts host reads of tensor values (`Tensor.item`, `__float__`, `__int__`, `__bool__`,
 `tolist`, `torch.equal`) made in the training process, by whose code asked (see _owner), and their running
-totals at each optimizer step; on a GPU each read of a device tensor waits for the device. It also times
+totals at each optimizer step; on a GPU each read of a device tensor waits for the device. Calls that wait
+for the whole device (the accelerator's and torch.cuda's `synchronize`, no-ops on a CPU) are counted
+apart (`device_syncs`, also at each optimizer step), since on a CPU they cost nothing to notice. It also times
 batch collation done in the training process itself (`collate_s`): with DataLoader workers that is zero,
 and the wait for a batch is `data_wait_ms_per_step` in train_log.jsonl.
 PROBE=gathers: records every ZeRO-3 parameter gather (its size) and every
@@ -26,7 +28,7 @@ MODE, OUT = os.environ["PROBE"], Path(os.environ["PROBE_OUT"])
 # checkouts whose code counts as ours: this one, and the one being measured (PROBE_OURS) if another
 OURS = tuple(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PROBE_OURS")) if p)
 record: dict = {"reads": {}, "where": {}, "reads_at_step": [], "gathers": [], "full_state_dicts": 0, "training": False,
-                 "collate_s": 0.0, "in_collate": False}
+                 "collate_s": 0.0, "in_collate": False, "device_syncs": {}, "device_syncs_at_step": []}
 
 
 def _owner(frame) -> str:
@@ -58,16 +60,29 @@ def _counted(fn):
     return wrapper
 
 
+def _counted_device_sync(fn):
+    def wrapper(*args, **kwargs):
+        owner = _owner(sys._getframe(1))
+        record["device_syncs"][owner] = record["device_syncs"].get(owner, 0) + 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def _install_sync_counters() -> None:
     for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
         setattr(torch.Tensor, name, _counted(getattr(torch.Tensor, name)))
     torch.equal = _counted(torch.equal)
+    from deepspeed.accelerator import get_accelerator
+    accelerator = type(get_accelerator())
+    accelerator.synchronize = _counted_device_sync(accelerator.synchronize)
+    torch.cuda.synchronize = _counted_device_sync(torch.cuda.synchronize)
     from deepspeed.runtime.engine import DeepSpeedEngine
     step = DeepSpeedEngine.step
 
     def counted_step(self, *args, **kwargs):
         if self.is_gradient_accumulation_boundary():  # an optimizer step, not a micro-step
             record["reads_at_step"].append(dict(record["reads"]))
+            record["device_syncs_at_step"].append(sum(record["device_syncs"].values()))
         return step(self, *args, **kwargs)
     DeepSpeedEngine.step = counted_step
     from specialize.engine.batching import BatchBuilder

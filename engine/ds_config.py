@@ -117,6 +117,9 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", False)
     cfg.setdefault("steps_per_print", 10 ** 9)  # the engine logs; keep DeepSpeed's own step prints quiet
     cfg.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer (on by default) waits for the whole device at the start and end
+    # of every micro-step, to time steps it prints only every steps_per_print; the engine times its own
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     return cfg
 
 
