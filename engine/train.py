@@ -117,15 +117,15 @@ def selection_score(scores: dict, recipe: Recipe) -> float | None:
 
 
 def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, rank: int, world: int,
-                 out_dir: Path | None, partitioned: bool = False) -> dict:
-    """Accuracy per dev set; each rank generates for a slice (examples rank::world), the predictions are
-    gathered and rank 0 writes them to out_dir/<name>.jsonl (for error analysis and export checks).
+                 partitioned: bool = False) -> tuple[dict, dict]:
+    """(accuracy per dev set, every rank's predictions per dev set): each rank generates for a slice
+    (examples rank::world) and the predictions are gathered on every rank.
 
     partitioned (ZeRO-3): the training model generates as it is, each module's weights gathered around
     its forward (no full copy anywhere); all ranks then run the same number of batches in step."""
     from specialize.engine.evaluation.evaluate import evaluate_model
     e = recipe.eval
-    scores = {}
+    scores, predictions = {}, {}
     for name, examples in dev_sets.items():
         mine = examples[rank::world]
         preds = []
@@ -144,12 +144,17 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
         everything = [p for part in gathered for p in part]
         scores[f"dev/{name}_acc"] = (sum(bool(p["correct"]) for p in everything) / len(everything)
                                      if everything else float("nan"))
-        if rank == 0 and out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / f"{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as f:
-                for p in everything:
-                    f.write(json.dumps(p) + "\n")
-    return scores
+        predictions[name] = everything
+    return scores, predictions
+
+
+def write_dev_predictions(predictions: dict, out_dir: Path) -> None:
+    """out_dir/<dev set>.jsonl, one prediction per line (for error analysis and export checks)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in predictions.items():
+        with open(out_dir / f"{name.replace('/', '_')}.jsonl", "w", encoding="utf-8") as f:
+            for p in rows:
+                f.write(json.dumps(p) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -297,10 +302,17 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         elif is_main:
             print(f"[train] --resume: no complete checkpoint in {ckpt_root}, starting fresh", flush=True)
 
+    # Rank 0 alone writes the run dir's files. Each such write is in on_rank0, which every rank
+    # joins: if it fails (a full disk, say), every rank stops with its error at once, rather than
+    # the others waiting in their next collective for dist_timeout_s.
     writer = None
-    if is_main:
+
+    def open_writer() -> None:
+        nonlocal writer
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run.tensorboard))
+    on_rank0(open_writer, rank)
+    if is_main:
         print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{zero_stage} "
               f"{t.precision}{' (built under zero.Init)' if born_partitioned else ''}; {world} rank(s) on "
               f"{device.type}; {len(shards)} aligned samples; "
@@ -317,37 +329,38 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             "recipe_hash": recipe_hash(recipe)})
         torch.save(rng_state(), ckpt_root / tag / f"rng-rank{rank}.pt")
         dist.barrier()  # every rank's files are on disk before the checkpoint counts as complete
-        if is_main:
+
+        def complete() -> None:
             mark_complete(ckpt_root / tag, step, best_step, world, zero_stage)
             rotator.rotate(best_step)  # in the background: the next collective does not wait for deletes
+        on_rank0(complete, rank)
 
     def export_best(info: dict) -> None:
         """best/ from rank 0 alone; under ZeRO-3 the weights are gathered module by module onto rank 0."""
-        state = rank0_state_dict(engine, t5, rank)
-        if is_main:
-            export_model(model_from_state(t5.config, state), tokenizer, run.best, info)
-        del state
-        dist.barrier()
+        state = rank0_state_dict(engine, t5, rank)  # freed when this returns
+        on_rank0(lambda: export_model(model_from_state(t5.config, state), tokenizer, run.best, info), rank)
 
     def evaluate_and_select() -> None:
         nonlocal best, best_step
         engine.eval()
         with torch.no_grad():
-            scores = dev_evaluate(t5, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
-                                  run.dev_predictions(step), partitioned=partitioned)
+            scores, predictions = dev_evaluate(t5, tokenizer, dev_sets, recipe, eval_exemplars, rank, world,
+                                               partitioned=partitioned)
         engine.train()
         score = selection_score(scores, recipe)
         improved = score is not None and (best is None or score > best)
         if improved:
             best, best_step = score, step
             export_best({"step": step, "selection": t.selection, "score": score, **scores})
-        if is_main:
+
+        def record() -> None:
+            write_dev_predictions(predictions, run.dev_predictions(step))
             append_jsonl(run.dev_scores_path, {"step": step, **scores, "selection_score": score})
             for k, v in scores.items():
                 writer.add_scalar(k, v, step)
             print(f"[train] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                   + (" (best)" if improved else ""), flush=True)
-        dist.barrier()
+        on_rank0(record, rank)
 
     # ------------------------------------------------------------------ train
     engine.train()
@@ -399,12 +412,14 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             utilisation = mfu(counts, w["src_tokens"], w["tgt_tokens"], elapsed, world, peak)
             if utilisation is not None:
                 row["mfu"] = utilisation
-            if is_main:
+
+            def log_row() -> None:
                 append_jsonl(run.train_log, row)
                 for k, v in row.items():
                     if k != "step" and v is not None:
                         writer.add_scalar(k, v, step)
                 bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['lr']:.2e}")
+            on_rank0(log_row, rank)
             train_seconds = data_wait = 0.0
         if t.eval_every > 0 and dev_sets and (step % t.eval_every == 0 or step == t.max_steps):
             evaluate_and_select()

@@ -323,3 +323,36 @@ def test_grad_norm_is_logged_positive_and_finite(world, tmp_path):
         assert all(math.isfinite(n) and n > 0 for n in norms), (zero, norms)
         assert all(row["data_wait_ms_per_step"] >= 0 for row in rows)
         assert len(loss_curve(run)) == 3
+
+
+RANK0_FAILS = """import os, sys
+import {module} as target
+if os.environ["RANK"] == "0":
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    target.{name} = full_disk
+from specialize.engine.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name", [("specialize.engine.export", "export_model"),  # best/
+                                         ("specialize.engine.io_helpers", "append_jsonl")])  # train_log
+def test_a_failed_write_on_rank0_stops_every_rank_with_its_error(world, tmp_path, module, name):
+    """Rank 0 alone writes the run dir; when that fails, the other ranks must stop with rank 0's error at
+    once, not wait in their next collective (NCCL: until dist_timeout_s) or report a lost peer."""
+    from engine_fixtures import env
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", deepspeed={"zero_stage": 2},
+                                                           train={"max_steps": 4, "eval_every": 2}))
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK0_FAILS.format(module=module, name=name))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--recipe", str(recipe)], env=env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "rank 0 failed: OSError: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
+    assert "lost contact" not in proc.stderr
+    assert took < 150, took
