@@ -10,9 +10,11 @@ Formulas (Ψ = parameter count, N_d = data-parallel ranks = gpus_per_node × nod
 training dtype: 2 for bf16, 4 for fp32):
   parameters   p·Ψ (ZeRO-3: p·Ψ/N_d, plus the largest layer gathered at a time)
   gradients    p·Ψ (ZeRO-2/3: p·Ψ/N_d)
-  optimizer    AdamW: m + v in fp32 (8 B/param); Adafactor (no momentum, factored): 4·(rows + cols) per
-               matrix, 4·n per vector; when p = 2 also an fp32 master copy and the fp32 gradient
-               partition DeepSpeed builds at step time (4 + 4 B/param; DeepSpeed's estimator counts the same).
+  optimizer    AdamW: m + v in fp32 (8 B/param); Adafactor (no momentum): factored, 4·(rows + cols) per
+               matrix and 4·n per vector, under ZeRO-0 only; ZeRO ≥ 1 hands the optimizer flat 1-D
+               partitions, so its second moment is not factored there (4 B/param). When p = 2, also an
+               fp32 master copy and the fp32 gradient partition DeepSpeed builds at step time
+               (4 + 4 B/param; DeepSpeed's estimator counts the same).
                Always /N_d (ZeRO ≥ 1). `--offload optimizer` moves it to host memory; `--offload param`
                (ZeRO-3) moves the parameter shards too. With optimizer offload the gradients go to the host
                in fp32 (the partition above) and the device keeps only reduce buckets (not counted).
@@ -186,7 +188,10 @@ def estimate(cfg, s: Setup) -> dict:
     shard = lambda nbytes, stage: nbytes / ranks if s.zero >= stage else nbytes  # noqa: E731
     # mixed precision: an fp32 master copy and, at step time, an fp32 copy of the gradient partition
     master = 8 * P if p < 4 else 0
-    opt_states = 8 * P if s.optimizer == "adamw" else 4 * adafactor_state_elems(cfg)
+    if s.optimizer == "adamw":
+        opt_states = 8 * P
+    else:  # DeepSpeed's ZeRO optimizers step on flat partitions: Adafactor factors nothing there
+        opt_states = 4 * (adafactor_state_elems(cfg) if s.zero == 0 else P)
     params = shard(p * P, 3)
     gathered = p * largest_layer_params(cfg) if s.zero == 3 else 0  # the layer in use, fully gathered
     grads = shard(p * P, 2)

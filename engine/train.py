@@ -317,6 +317,10 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
               f"{t.precision}{' (built under zero.Init)' if born_partitioned else ''}; {world} rank(s) on "
               f"{device.type}; {len(shards)} aligned samples; "
               f"batch {t.micro_batch_size} x {t.grad_accum} x {world}", flush=True)
+        if t.optimizer == "adafactor" and zero_stage >= 1:
+            print(f"[train] note: ZeRO-{zero_stage} steps the optimizer on flat 1-D partitions, so Adafactor "
+                  f"keeps a full second moment (4 B/param, not factored) and clips its update per partition",
+                  flush=True)
     inject_nan = int(os.environ.get("SPECIALIZE_INJECT_NAN_AT_STEP", "0"))
     exit_after = int(os.environ.get("SPECIALIZE_EXIT_AFTER_STEP", "0"))
     peak = peak_tflops()
