@@ -1,9 +1,13 @@
 """Distributed set-up and the helpers every rank runs: the process group (with its timeout), rank-0-only
-work that fails on every rank, lost-peer detection for a clear stop, and the RNG state a resume restores."""
+work that fails on every rank, the start-up check that every rank loaded the same inputs, lost-peer
+detection for a clear stop, and the RNG state a resume restores."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import socket
+import uuid
 
 import numpy as np
 import torch
@@ -86,6 +90,41 @@ def on_rank0(fn, rank: int) -> None:
         # a usage error (ConfigError) ends every rank with its message, not a traceback
         kind = ConfigError if box[0].startswith("ConfigError: ") else RuntimeError
         raise kind(f"rank 0 failed: {box[0]}")
+
+
+def fingerprint(*parts) -> str:
+    """A short digest of bytes, or of anything with a stable repr (ids, vocab items)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode("utf-8"))
+    return digest.hexdigest()[:12]
+
+
+def check_ranks_agree(facts: dict, run_dir, rank: int) -> None:
+    """Every rank reads its tokenizer, shards and dev sets from its own node's disks. If one node's
+    copy differs, its model or batch plan differs, and the ranks crash or hang in a collective later
+    (ZeRO-3's generate, say). A run dir that is not shared would leave each node's checkpoint files on
+    its own disk, to be found only at --resume. So at start-up every rank's `facts` must equal rank
+    0's, and every rank must see a file rank 0 just wrote into `run_dir`; otherwise every rank stops
+    with a ConfigError that names the facts, ranks and hosts."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / ".rank0-wrote"
+    on_rank0(lambda: marker.write_text(token[0]), rank)
+    sees = marker.is_file() and marker.read_text() == token[0]
+    mine = {"host": socket.gethostname(), "run dir shared with rank 0": sees, **facts}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    ref, bad = every[0], {}
+    for r, theirs in enumerate(every[1:], 1):
+        for key, value in theirs.items():
+            if key != "host" and (value != ref[key] or value is False):
+                bad.setdefault(key, []).append(f"rank {r} on {theirs['host']}: {value}")
+    if bad:
+        lines = [f"{key}: rank 0 on {ref['host']}: {ref[key]}; " + "; ".join(v) for key, v in bad.items()]
+        raise ConfigError(f"the ranks did not load the same inputs ({'; '.join(lines)}). Every node must see "
+                          f"the same tokenizer, aligned shards, data and run dir (train.output_dir): a "
+                          f"filesystem shared by all nodes, fully synced")
 
 
 def rng_state() -> dict:

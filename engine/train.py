@@ -41,6 +41,8 @@ from specialize.engine.cli import HelpFormatter
 from specialize.engine.config import ConfigError, Recipe, load_recipe, recipe_hash
 from specialize.engine.distributed import (
     _running,
+    check_ranks_agree,
+    fingerprint,
     init_distributed,
     is_lost_peer,
     lost_peer_message,
@@ -239,6 +241,16 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         raise ConfigError("model.tokenizer: needed when model.name_or_path is not set")
     tokenizer = load_tokenizer(tok_name)
     with_teacher = recipe.loss.kind == "dm"
+    shards = open_shards(d.aligned_dir)
+    lengths = sample_lengths(shards)
+    dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
+    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "dev", d.dev_size, t.seed, d.synthetic_sizes or None,
+                                             ood_dev_size=d.ood_dev_size))
+                [: t.dev_limit or None] for n in dev_names} if t.eval_every > 0 else {}
+    check_ranks_agree({"tokenizer": f"{len(tokenizer)} tokens, {fingerprint(sorted(tokenizer.get_vocab().items()))}",
+                       "aligned samples": f"{len(shards)}, lengths {fingerprint(lengths.tobytes())}",
+                       **{f"dev set {n}": f"{len(v)} questions, {fingerprint([e.id for e in v])}"
+                          for n, v in dev_sets.items()}}, run.root, rank)
 
     seed_everything(t.seed)  # same init on every rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
@@ -259,7 +271,6 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     counts = param_counts(t5)
     partitioned = zero_stage == 3
 
-    shards = open_shards(d.aligned_dir)
     pool_name = f"{d.dataset}/train" if d.dataset == "synthetic" else f"{d.dataset}_train"
     needs_pool = any(f.startswith("in_context") for f in d.formats) or recipe.eval.format.startswith("in_context")
     pool = load_dataset_by_name(pool_name, d.data_dir, "train", d.dev_size, t.seed,
@@ -267,15 +278,11 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     builder = BatchBuilder(shards, tokenizer, ExemplarSets(pool, d.shots, t.seed), d.max_source_len,
                            d.max_target_len, with_teacher, vocab_size=t5.config.vocab_size)
     answer_only = any(f not in COT_FORMATS for f in d.formats)
-    plan = BatchPlan(sample_lengths(shards), d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world,
+    plan = BatchPlan(lengths, d.formats, d.format_mixing, t.micro_batch_size, t.seed, rank, world,
                      micro_batch_sizes={f: d.micro_batch_size_for(f, t.micro_batch_size) for f in d.formats},
                      answer_pool=first_sample_per_question(shards) if answer_only else None,
                      answer_lengths=sample_lengths(shards, "input") if answer_only else None)
 
-    dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
-    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "dev", d.dev_size, t.seed, d.synthetic_sizes or None,
-                                             ood_dev_size=d.ood_dev_size))
-                [: t.dev_limit or None] for n in dev_names} if t.eval_every > 0 else {}
     eval_exemplars = (draw_exemplars(pool, d.shots, t.seed) if recipe.eval.format.startswith("in_context")
                       else ())
 

@@ -356,3 +356,32 @@ def test_a_failed_write_on_rank0_stops_every_rank_with_its_error(world, tmp_path
     assert "rank 0 failed: OSError: [Errno 28] No space left on device" in proc.stderr, proc.stderr[-3000:]
     assert "lost contact" not in proc.stderr
     assert took < 150, took
+
+
+RANK1_DROPS_A_DEV_QUESTION = """import sys, os
+import specialize.engine.data as data
+if os.environ["RANK"] == "1":
+    load = data.load_dataset_by_name
+    data.load_dataset_by_name = lambda *a, **k: load(*a, **k)[1:]
+from specialize.engine.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_loaded_other_inputs_stop_before_building_the_model(world, tmp_path):
+    from engine_fixtures import env
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(world, tmp_path / "run", deepspeed={"zero_stage": 3},
+                                                           train={"max_steps": 2, "eval_every": 1}))
+    script = tmp_path / "rank1_differs.py"
+    script.write_text(RANK1_DROPS_A_DEV_QUESTION)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--recipe", str(recipe)], env=env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert proc.stderr.count("specialize train: the ranks did not load the same inputs") == 2, proc.stderr[-3000:]
+    assert "dev set synthetic/ood_steps: rank 0 on" in proc.stderr and "3 questions" in proc.stderr
+    assert "tokenizer:" not in proc.stderr and "aligned samples:" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "step-000001").exists()
+    assert time.monotonic() - t0 < 120
