@@ -22,6 +22,15 @@ from specialize.engine.teacher.backends import Sample, token_bytes_from_string, 
 EOS = "<|endoftext|>"
 
 
+def client_config(server, **fields):
+    """A TeacherConfig for the `openai` backend against `server`: zero-shot CoT on the synthetic world,
+    the API key in TEACHER_TEST_KEY; `fields` set the rest (samples, max_tokens, ...)."""
+    from specialize.engine.config import TeacherConfig
+    base = dict(backend="openai", model=server.model_name, base_url=server.base_url, api_key_env="TEACHER_TEST_KEY",
+                dataset="synthetic", format="zero_shot_cot", shots=0)
+    return TeacherConfig(**{**base, **fields})
+
+
 def tiny_teacher(vocab: int = 300, seed: int = 0):
     """(model, tokenizer): a 2-layer random GPT-2 and a byte-BPE trained on the synthetic world."""
     import torch

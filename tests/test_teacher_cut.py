@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from teacher_server import RamblingTeacher, TeacherServer, tiny_teacher
+from teacher_server import RamblingTeacher, TeacherServer, client_config, tiny_teacher
 
 from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
@@ -30,10 +30,8 @@ def questions():
 
 
 def config(server, **kw) -> TeacherConfig:
-    base = dict(backend="openai", model="rambling", base_url=server.base_url, api_key_env="TEACHER_TEST_KEY",
-                dataset="synthetic", samples=4, max_tokens=200, top_logprobs=K, format="zero_shot_cot", shots=0,
-                concurrency=4, timeout=10.0, max_retries=1)
-    return TeacherConfig(**{**base, **kw})
+    return client_config(server, **{**dict(samples=4, max_tokens=200, top_logprobs=K, concurrency=4, timeout=10.0,
+                                           max_retries=1), **kw})
 
 
 def _check_record(rec):

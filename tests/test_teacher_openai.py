@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from teacher_server import TeacherServer, tiny_teacher
+from teacher_server import TeacherServer, client_config, tiny_teacher
 
 from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
@@ -46,10 +46,8 @@ def questions():
 
 
 def config(server, **kw) -> TeacherConfig:
-    base = dict(backend="openai", model="tiny-gpt2", base_url=server.base_url, api_key_env="TEACHER_TEST_KEY",
-                dataset="synthetic", samples=3, max_tokens=10, top_logprobs=3, format="zero_shot_cot", shots=0,
-                concurrency=2, timeout=2.0, max_retries=3)
-    return TeacherConfig(**{**base, **kw})
+    return client_config(server, **{**dict(samples=3, max_tokens=10, top_logprobs=3, concurrency=2, timeout=2.0,
+                                           max_retries=3), **kw})
 
 
 def lines(folder) -> list[str]:

@@ -5,9 +5,8 @@ succeed at the first attempt and give the records an OpenAI-style server gives f
 import itertools
 
 import pytest
-from teacher_server import RamblingTeacher, TeacherServer, tiny_teacher
+from teacher_server import RamblingTeacher, TeacherServer, client_config, tiny_teacher
 
-from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
 from specialize.engine.teacher import generate, iter_records
 from specialize.engine.teacher.hf_backend import HFBackend
@@ -18,11 +17,9 @@ def api_key(monkeypatch):
     monkeypatch.setenv("TEACHER_TEST_KEY", "sk-test")
 
 
-def config(server, **kw) -> TeacherConfig:
-    base = dict(backend="openai", model="m", base_url=server.base_url, api_key_env="TEACHER_TEST_KEY",
-                dataset="synthetic", samples=3, max_tokens=200, top_logprobs=3, format="zero_shot_cot", shots=0,
-                concurrency=2, timeout=10.0, max_retries=0)
-    return TeacherConfig(**{**base, **kw})
+def config(server, **kw):
+    return client_config(server, **{**dict(samples=3, max_tokens=200, top_logprobs=3, concurrency=2, timeout=10.0,
+                                           max_retries=0), **kw})
 
 
 def records(folder) -> list[dict]:
