@@ -126,10 +126,11 @@ print(json.dumps(sum(v.numel() for st in inner.state.values() for k, v in st.ite
 """
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+@pytest.mark.parametrize("zero", [0, 1])
 def test_adafactor_states_under_deepspeed_zero(zero, tmp_path):
     """DeepSpeed's ZeRO optimizers step on flat 1-D partitions, so Adafactor factors nothing there: the
-    estimate follows what a real engine (one CPU rank) holds, factored under ZeRO-0 only."""
+    estimate follows what a real engine (one CPU rank) holds, factored under ZeRO-0 only (ZeRO-2 and -3
+    partition the same way)."""
     import socket
     import subprocess
     import sys
