@@ -96,8 +96,8 @@ ZERO_LOGPROB = -9999.0
 
 def pieces_for_text(text: str, pieces: Sequence[str]) -> Optional[list[str]]:
     """Each leading token's share of `text` when the server's token strings do not spell it
-    exactly, or None when they cannot be matched to it. Real servers differ from the text in two
-    ways, and this undoes both:
+    exactly, or None when they cannot be matched to it. Real servers' tokens differ from the text
+    in two ways, and this undoes both:
     - tokens past the text: vLLM, SGLang and TensorRT-LLM cut a stop string out of the text but keep
       the logprobs of every token they generated, and vLLM adds the end-of-sequence token ("</s>",
       "<|im_end|>") to the logprobs but not to the text. The pieces returned stop where the text
@@ -140,13 +140,12 @@ def _spell_replacement_run(text: str, pos: int, run: Sequence[str], following: O
         for part in re.split(f"({REPLACEMENT}+)", piece):
             if part:
                 atoms.append((k, None if part[0] == REPLACEMENT else part))
-    pattern, owners = "", []
+    pattern = ""
     for n, (k, lit) in enumerate(atoms):
         if lit is not None:
             pattern += re.escape(lit)
         elif n + 1 == len(atoms) or atoms[n + 1][1] is not None:  # the stretch ends at this token
             pattern += "([^\\x00-\\x7f]*?)"  # part of a character is never ASCII
-            owners.append(k)
     ahead = [r"\Z"] + ([re.escape(following)] if following else [])
     ahead += [re.escape(following[:m]) + r"\Z" for m in range(1, len(following or ""))]
     m = re.compile(f"{pattern}(?={'|'.join(ahead)})", re.DOTALL).match(text, pos)
