@@ -91,7 +91,7 @@ def test_build_sample_logprobs_are_finite_and_not_positive():
     s = build_sample("ab", [b"a", b"b"], [1e-8, float("-inf")], [[("a", -0.0)], [("b", float("-inf")), ("c", -1.0)]],
                      "stop", "t")
     assert s.token_logprobs == [0.0, ZERO_LOGPROB]
-    assert s.top_logprobs == [[["a", 0.0]], [["b", ZERO_LOGPROB], ["c", -1.0]]]
+    assert s.top_logprobs == [[["a", 0.0]], [["c", -1.0], ["b", ZERO_LOGPROB]]]  # best first
     json.dumps(s.top_logprobs, allow_nan=False)  # the shard stays JSON the aligner reads
     for bad in (float("nan"), float("inf")):
         with pytest.raises(MalformedResponse, match="a logprob is"):

@@ -140,11 +140,13 @@ def _spell_replacement_run(text: str, pos: int, run: Sequence[str], following: O
         for part in re.split(f"({REPLACEMENT}+)", piece):
             if part:
                 atoms.append((k, None if part[0] == REPLACEMENT else part))
+    # a stretch that goes on into the next token is spelled by the token where it ends
+    ends = [lit is None and (n + 1 == len(atoms) or atoms[n + 1][1] is not None) for n, (_, lit) in enumerate(atoms)]
     pattern = ""
-    for n, (k, lit) in enumerate(atoms):
+    for (k, lit), end in zip(atoms, ends):
         if lit is not None:
             pattern += re.escape(lit)
-        elif n + 1 == len(atoms) or atoms[n + 1][1] is not None:  # the stretch ends at this token
+        elif end:
             pattern += "([^\\x00-\\x7f]*?)"  # part of a character is never ASCII
     ahead = [r"\Z"] + ([re.escape(following)] if following else [])
     ahead += [re.escape(following[:m]) + r"\Z" for m in range(1, len(following or ""))]
@@ -153,10 +155,10 @@ def _spell_replacement_run(text: str, pos: int, run: Sequence[str], following: O
         return None
     spelled = ["" for _ in run]
     groups = iter(m.groups())
-    for n, (k, lit) in enumerate(atoms):
+    for (k, lit), end in zip(atoms, ends):
         if lit is not None:
             spelled[k] += lit
-        elif n + 1 == len(atoms) or atoms[n + 1][1] is not None:
+        elif end:
             spelled[k] += next(groups)
     return spelled
 
@@ -174,8 +176,9 @@ def build_sample(text: str, raw_tokens: Sequence[bytes], logprobs: Sequence[Opti
                  top: Sequence[Sequence[tuple[str, float]]], finish_reason: str, what: str,
                  token_ids: Optional[list[int]] = None) -> Sample:
     """Check that the per-token data covers `text` (`pieces_for_text` matches what servers send
-    past it or spell with U+FFFD), then assemble a Sample. Raises MalformedResponse naming `what`
-    when it does not."""
+    past it or spell with U+FFFD), then assemble a Sample, each step's top-k best first (servers
+    differ: vLLM's chat lists the sampled token first). Raises MalformedResponse naming `what` when
+    the data does not cover the text."""
     if len(logprobs) != len(raw_tokens) or len(top) != len(raw_tokens):
         raise MalformedResponse(f"{what}: {len(raw_tokens)} tokens but {len(logprobs)} logprobs and "
                                 f"{len(top)} top-logprob lists")
@@ -194,7 +197,7 @@ def build_sample(text: str, raw_tokens: Sequence[bytes], logprobs: Sequence[Opti
     token_bytes = [list(raw) if piece == own else list(piece.encode("utf-8"))
                    for raw, own, piece in zip(raw_tokens, decoded, pieces)]
     lps = [_logprob(lp, what) for lp in logprobs[:n]]
-    tops = [[[t, _logprob(lp, what)] for t, lp in alts] for alts in top[:n]]
+    tops = [sorted(([t, _logprob(lp, what)] for t, lp in alts), key=lambda alt: -alt[1]) for alts in top[:n]]
     return Sample(text="".join(pieces), tokens=pieces, token_bytes=token_bytes, token_logprobs=lps,
                   top_logprobs=with_sampled_token(tops, raw_tokens[:n], lps),
                   finish_reason=finish_reason, token_ids=token_ids[:n] if token_ids is not None else None)

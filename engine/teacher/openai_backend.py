@@ -113,17 +113,15 @@ class OpenAIBackend:
                         "they cannot be matched to the text: turn off vLLM's --return-tokens-as-token-ids "
                         "(or the request field return_tokens_as_token_ids)")
                 raw = [token_bytes_from_string(t) for t in lp.tokens]
-                tops = [sorted(((_canonical(t), v) for t, v in (d or {}).items()), key=lambda x: -x[1])
-                        for d in (lp.top_logprobs or [{}] * len(raw))]
+                tops = [[(_canonical(t), v) for t, v in (d or {}).items()] for d in (lp.top_logprobs or [{}] * len(raw))]
                 logprobs = lp.token_logprobs
             else:
                 text = c.message.content or ""
                 content = c.logprobs.content or []
                 raw = [bytes(t.bytes) if t.bytes is not None else t.token.encode("utf-8") for t in content]
                 logprobs = [t.logprob for t in content]
-                tops = [sorted(((token_string(bytes(a.bytes)) if a.bytes is not None else _canonical(a.token),
-                                 a.logprob) for a in (t.top_logprobs or [])), key=lambda x: -x[1])
-                        for t in content]
+                tops = [[(token_string(bytes(a.bytes)) if a.bytes is not None else _canonical(a.token), a.logprob)
+                         for a in (t.top_logprobs or [])] for t in content]
             samples.append(build_sample(text, raw, logprobs, tops, c.finish_reason or "stop", what))
         usage = resp.usage
         completion_tokens = sum(len(s.tokens) for s in samples)
