@@ -150,6 +150,21 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
     return scores, predictions
 
 
+def refuse_dev_questions(shards, dev_sets: dict, aligned_dir: str) -> None:
+    """A dev question among the training samples would score the student on what it trained on and
+    bias checkpoint selection (a teacher folder answered under another dev split, or shards built
+    from a split the dev set comes from)."""
+    dev_ids = {e.id: name for name, examples in dev_sets.items() for e in examples}
+    qids, _ = shards.qids_and_sample_indices()
+    leaked = sorted({q for q in qids if q in dev_ids})
+    if leaked:
+        names = sorted({dev_ids[q] for q in leaked})
+        raise ConfigError(f"data.aligned_dir {aligned_dir}: {len(leaked)} of its questions are dev questions of "
+                          f"{', '.join(names)} (e.g. {', '.join(leaked[:3])}): the student would train on them. "
+                          "Were these shards built from a teacher folder of another dev split (data.dev_size)? "
+                          "Re-run the filter and align stages for this recipe")
+
+
 def write_dev_predictions(predictions: dict, out_dir: Path) -> None:
     """out_dir/<dev set>.jsonl, one prediction per line (for error analysis and export checks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +266,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                        "aligned samples": f"{len(shards)}, lengths {fingerprint(lengths.tobytes())}",
                        **{f"dev set {n}": f"{len(v)} questions, {fingerprint([e.id for e in v])}"
                           for n, v in dev_sets.items()}}, run.root, rank)
+    refuse_dev_questions(shards, dev_sets, d.aligned_dir)
 
     seed_everything(t.seed)  # same init on every rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]

@@ -157,3 +157,22 @@ def test_every_gsm8k_recipe_uses_the_complex_prompt_and_dm_alpha_zero():
             assert r.teacher.prompt == "complex", path
         if r.loss.kind == "dm":
             assert r.loss.alpha == 0.0, path
+
+
+def test_a_seed_sweep_shares_the_gsm8k_teacher_but_not_its_dev_questions(shared_data):
+    """Runs differing in train.seed share the GSM8K teacher folder (its questions do not depend on the
+    seed), so the dev split must not depend on it either; the synthetic world does, so there the seed
+    is part of the teacher's key."""
+    from specialize.engine.data import load_dataset_by_name
+    runs = pipeline.expand_runs([str(REPO / "recipes/dm_vs_sm.yaml")], [f"data.data_dir={shared_data}"],
+                                ["train.seed=[42, 1]"])
+    assert pipeline.stage_key(runs[0], "teacher") == pipeline.stage_key(runs[1], "teacher")
+    assert pipeline.stage_key(runs[0], "align") == pipeline.stage_key(runs[1], "align")
+    devs = [{e.id for e in pipeline.load_examples(run.recipe, "gsm8k", split="dev")} for run in runs]
+    train_ids = {e.id for e in pipeline.load_examples(runs[1].recipe, "gsm8k", split="train")}
+    assert devs[0] == devs[1] and len(devs[0]) == runs[0].recipe.data.dev_size and not devs[0] & train_ids
+    # `specialize eval --datasets gsm8k_dev` (no recipe, default seed) scores that same dev part
+    assert {e.id for e in load_dataset_by_name("gsm8k_dev", runs[0].recipe.data.data_dir)} == devs[0]
+    mini = pipeline.expand_runs([str(REPO / "recipes/mini/dm_vs_sm.yaml")], [], ["train.seed=[0, 1]"])
+    for stage in ("toy", "teacher", "filter", "align"):
+        assert pipeline.stage_key(mini[0], stage) != pipeline.stage_key(mini[1], stage), stage

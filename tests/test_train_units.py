@@ -352,3 +352,17 @@ def test_offload_in_the_user_json_is_handled_like_the_recipe_key(world, tmp_path
         "stage": 2, "offload_param": {"device": "cpu"}}}, "zero_stage": 2})
     with pytest.raises(ConfigError, match="param offload needs zero_stage 3"):
         build_ds_config(bad, 1)
+
+
+def test_training_samples_of_dev_questions_are_refused(world):
+    from specialize.engine.batching import open_shards
+    from specialize.engine.config import ConfigError
+    from specialize.engine.data.synthetic import make_splits
+    from specialize.engine.train import refuse_dev_questions
+    shards = open_shards(world["aligned"])
+    dev = {"synthetic/dev": make_splits(seed=0, sizes=SIZES)["dev"]}
+    refuse_dev_questions(shards, dev, world["aligned"])  # disjoint: nothing to say
+    trained = make_splits(seed=0, sizes=SIZES)["train"]
+    leaky = {**dev, "gsm8k_dev": dev["synthetic/dev"][:2] + trained[3:5]}  # two trained questions in a dev set
+    with pytest.raises(ConfigError, match=r"2 of its questions are dev questions of gsm8k_dev \(e\.g\. "):
+        refuse_dev_questions(shards, leaky, world["aligned"])

@@ -5,6 +5,7 @@ from .loaders import (
     DATASET_NAMES,
     OOD_DATASETS,
     OOD_DEV_SIZE,
+    GSM8K_DEV_SPLIT_SEED,
     OOD_SPLIT_SEED,
     DataError,
     has_ood_split,
@@ -34,5 +35,5 @@ __all__ = [
     "load_bbh_cot_prompt", "load_dataset_by_name", "load_gsm8k", "load_multiarith", "load_svamp",
     "split_gsm8k_dev", "answers_match", "extract_answer", "is_correct", "COT_FORMATS", "FORMATS",
     "build_bbh_prompt", "build_prompt", "build_target", "draw_exemplars",
-    "OOD_DATASETS", "OOD_DEV_SIZE", "OOD_SPLIT_SEED", "has_ood_split", "split_label", "split_ood",
+    "GSM8K_DEV_SPLIT_SEED", "OOD_DATASETS", "OOD_DEV_SIZE", "OOD_SPLIT_SEED", "has_ood_split", "split_label", "split_ood",
 ]

@@ -144,7 +144,14 @@ def load_gsm8k(split: str, path=None, hub_id: str = GSM8K_HUB) -> list[Example]:
     return out
 
 
-def split_gsm8k_dev(train: Sequence[Example], dev_size: int = 300, seed: int = 0
+# The GSM8K dev split's seed is fixed, not train.seed: runs of one recipe with different seeds share
+# one teacher folder (the teacher answers the train questions), and with a seeded split a run with
+# another seed would train on teacher samples of its own dev questions. `specialize eval` draws
+# the same dev part for the same reason.
+GSM8K_DEV_SPLIT_SEED = 0
+
+
+def split_gsm8k_dev(train: Sequence[Example], dev_size: int = 300, seed: int = GSM8K_DEV_SPLIT_SEED
                     ) -> tuple[list[Example], list[Example]]:
     """Hold `dev_size` train questions out as dev, chosen by seed; both parts keep file order."""
     if not 0 < dev_size < len(train):
@@ -351,8 +358,9 @@ def load_dataset_by_name(name: str, data_dir=None, split: str = "test", dev_size
     data_dir: folder holding gsm8k/, ... (e.g. /work/shared/data); None = the hub. For gsm8k `split`
     picks the file; for the OOD sets (multiarith, asdiv, svamp, synthetic/ood_*) it picks the part
     of the OOD split: test (default, what the test stage scores), dev (train-time selection) or
-    all; other sets ignore it. `dev_size`/`seed` pick the GSM8K dev part (and the synthetic world's
-    seed); `sizes` overrides synthetic split sizes; `ood_dev_size` is the OOD dev part's size."""
+    all; other sets ignore it. `dev_size` is the GSM8K dev part's size (drawn with the fixed
+    GSM8K_DEV_SPLIT_SEED); `seed` is the synthetic world's seed (the recipe's train.seed); `sizes`
+    overrides synthetic split sizes; `ood_dev_size` is the OOD dev part's size."""
     if has_ood_split(name):
         if split not in SPLIT_PARTS:
             raise ValueError(f"{name}: split must be one of {', '.join(SPLIT_PARTS)}, got {split!r}")
@@ -375,7 +383,7 @@ def _load_plain(name: str, data_dir, split: str, dev_size: int, seed: int, sizes
     if name == "gsm8k":
         return load_gsm8k(split, sub("gsm8k"))
     if name in ("gsm8k_train", "gsm8k_dev"):
-        rest, dev = split_gsm8k_dev(load_gsm8k("train", sub("gsm8k")), dev_size, seed)
+        rest, dev = split_gsm8k_dev(load_gsm8k("train", sub("gsm8k")), dev_size)
         return rest if name == "gsm8k_train" else dev
     if name == "multiarith":
         return load_multiarith(sub("multiarith"))

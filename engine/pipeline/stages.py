@@ -36,8 +36,15 @@ def stage_key(run: Run, stage: str) -> str:
 
 
 def _source_data(run: Run) -> dict:
-    d = hashed_dict(run.recipe)["data"]
-    return {k: d[k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
+    """The fields that pick the questions. GSM8K's dev split has a fixed seed (loaders), so runs that
+    differ only in train.seed share a teacher; the synthetic world is drawn by train.seed, so there the
+    seed is another world (other questions under the same ids)."""
+    r = run.recipe
+    d = hashed_dict(r)["data"]
+    source = {k: d[k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
+    if "synthetic" in (r.data.dataset, r.teacher.dataset):
+        source["world_seed"] = r.train.seed
+    return source
 
 
 def _marker(path: Path, stage: str) -> Path:
