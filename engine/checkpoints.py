@@ -31,15 +31,34 @@ def mark_complete(ckpt_dir: Path, step: int, best_step: Optional[int], world: in
                                                         "zero_stage": zero_stage}))
 
 
-def choose_resume_tag(run: RunDir, rank: int) -> Optional[str]:
-    """Rank 0's newest complete checkpoint tag (None: there is none), the same on every rank."""
-    box = [None]
+def choose_resume_tag(run: RunDir, rank: int) -> tuple[Optional[str], dict]:
+    """Rank 0's newest complete checkpoint tag (None: there is none) and its complete.json, the same on
+    every rank."""
+    box = [(None, {})]
     if rank == 0:
         done = run.complete_checkpoints()
-        box[0] = done[-1][1].name if done else None
+        if done:
+            box[0] = (done[-1][1].name, json.loads((done[-1][1] / "complete.json").read_text()))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_same_launch(ckpt_dir: Path, written: dict, world: int, zero_stage: int) -> None:
+    """Refuse a checkpoint written by another world size or ZeRO stage, before the model is built (at
+    11B that takes minutes). DeepSpeed's optimizer partitions are cut for the world that saved them
+    (it refuses another one after initialize; at ZeRO-3 a rank beyond it fails on a missing file),
+    and the batch plan deals samples by rank, so even ZeRO-0 would see some samples twice and skip
+    others for the rest of the epoch."""
+    saved_world, saved_stage = written.get("world", world), written.get("zero_stage", zero_stage)
+    if (saved_world, saved_stage) != (world, zero_stage):
+        raise ConfigError(
+            f"cannot resume from {ckpt_dir}: it was written by {saved_world} rank(s) under ZeRO-{saved_stage}, "
+            f"this launch has {world} rank(s) under ZeRO-{zero_stage}. The optimizer state is partitioned for "
+            f"the world that saved it and the data order is dealt by rank, so resume with the same launch "
+            f"({saved_world} ranks, deepspeed.zero_stage {saved_stage}). To go on with another world, start a "
+            f"new run (another train.output_dir) from this checkpoint's weights: python -m "
+            f"specialize.engine.export {ckpt_dir} OUT, then model.name_or_path=OUT")
 
 
 def files_this_rank_reads(ckpt_dir: Path, rank: int, zero_stage: int) -> list[str]:

@@ -227,7 +227,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         open_shards,
         sample_lengths,
     )
-    from specialize.engine.checkpoints import Rotator, check_every_rank_can_load, choose_resume_tag, mark_complete
+    from specialize.engine.checkpoints import (Rotator, check_every_rank_can_load, check_same_launch,
+                                              choose_resume_tag, mark_complete)
     from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict
@@ -267,6 +268,11 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                        **{f"dev set {n}": f"{len(v)} questions, {fingerprint([e.id for e in v])}"
                           for n, v in dev_sets.items()}}, run.root, rank)
     refuse_dev_questions(shards, dev_sets, d.aligned_dir)
+    tag = None
+    if resume:
+        tag, written = choose_resume_tag(run, rank)  # rank 0 decides; every rank loads the same tag
+        if tag is not None:
+            check_same_launch(ckpt_root / tag, written, world, zero_stage)
 
     seed_everything(t.seed)  # same init on every rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
@@ -303,27 +309,21 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
                       else ())
 
     step, consumed, best, best_step = 0, 0, None, None
-    if resume:
-        tag = choose_resume_tag(run, rank)  # rank 0 decides; every rank loads the same tag
-        if tag is not None:
-            last_dir = ckpt_root / tag
-            check_every_rank_can_load(last_dir, rank, world, zero_stage)
-            _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
-            step, consumed = client["step"], client["micro_batches"]
-            best, best_step = client.get("best"), client.get("best_step")
-            if client.get("recipe_hash") != recipe_hash(recipe) and is_main:
-                print(f"[train] warning: the recipe (hash {recipe_hash(recipe)}) differs from the one "
-                      f"{tag} was trained with ({client.get('recipe_hash')}): the run will not "
-                      f"continue exactly as an uninterrupted one", flush=True)
-            rng_file = last_dir / f"rng-rank{rank}.pt"
-            if rng_file.is_file():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            elif is_main:
-                print(f"[train] {rng_file} missing (world size changed?): RNG streams restart", flush=True)
-            if is_main:
-                print(f"[train] resumed from {last_dir} (step {step})", flush=True)
-        elif is_main:
-            print(f"[train] --resume: no complete checkpoint in {ckpt_root}, starting fresh", flush=True)
+    if tag is not None:
+        last_dir = ckpt_root / tag
+        check_every_rank_can_load(last_dir, rank, world, zero_stage)
+        _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
+        step, consumed = client["step"], client["micro_batches"]
+        best, best_step = client.get("best"), client.get("best_step")
+        if client.get("recipe_hash") != recipe_hash(recipe) and is_main:
+            print(f"[train] warning: the recipe (hash {recipe_hash(recipe)}) differs from the one "
+                  f"{tag} was trained with ({client.get('recipe_hash')}): the run will not "
+                  f"continue exactly as an uninterrupted one", flush=True)
+        set_rng_state(torch.load(last_dir / f"rng-rank{rank}.pt", weights_only=False))  # checked above
+        if is_main:
+            print(f"[train] resumed from {last_dir} (step {step})", flush=True)
+    elif resume and is_main:
+        print(f"[train] --resume: no complete checkpoint in {ckpt_root}, starting fresh", flush=True)
 
     # Rank 0 alone writes the run dir's files. Each such write is in on_rank0, which every rank
     # joins: if it fails (a full disk, say), every rank stops with its error at once, rather than

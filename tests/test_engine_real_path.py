@@ -307,6 +307,12 @@ def test_resume_with_a_ranks_files_missing_stops_every_rank_with_a_message(world
     assert "rank 1:" in proc.stderr and "rng-rank1.pt" in proc.stderr and "shared by all nodes" in proc.stderr
     assert "rank 0:" not in proc.stderr
     assert took < 120, took  # a clear stop, not a wait for the collective timeout
+    # after losing a node: the same run on fewer ranks is refused before the model is built (DeepSpeed
+    # would refuse its ZeRO partitions after initialize; ZeRO-0 would resume with another data order)
+    proc = torchrun(recipe, "--resume", nproc=1, timeout=180)
+    assert proc.returncode != 0 and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]  # a ConfigError
+    assert "written by 2 rank(s) under ZeRO-2, this launch has 1 rank(s) under ZeRO-2" in proc.stderr
+    assert "[train] T5" not in proc.stdout and "load_checkpoint" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -366,3 +366,21 @@ def test_training_samples_of_dev_questions_are_refused(world):
     leaky = {**dev, "gsm8k_dev": dev["synthetic/dev"][:2] + trained[3:5]}  # two trained questions in a dev set
     with pytest.raises(ConfigError, match=r"2 of its questions are dev questions of gsm8k_dev \(e\.g\. "):
         refuse_dev_questions(shards, leaky, world["aligned"])
+
+
+def test_a_checkpoint_of_another_world_or_zero_stage_is_refused(tmp_path):
+    from specialize.engine.checkpoints import check_same_launch, choose_resume_tag, mark_complete
+    from specialize.engine.config import ConfigError
+    from specialize.engine.rundir import RunDir
+    run = RunDir(tmp_path / "run", find_train=False)
+    for step in (2, 4):
+        (run.checkpoints / f"step-{step:06d}").mkdir(parents=True)
+        mark_complete(run.checkpoints / f"step-{step:06d}", step, 2, world=32, zero_stage=3)
+    tag, written = choose_resume_tag(run, 0)
+    assert tag == "step-000004" and written["world"] == 32
+    check_same_launch(run.checkpoints / tag, written, world=32, zero_stage=3)
+    with pytest.raises(ConfigError, match=r"written by 32 rank\(s\) under ZeRO-3, this launch has 24 rank\(s\)"):
+        check_same_launch(run.checkpoints / tag, written, world=24, zero_stage=3)
+    with pytest.raises(ConfigError, match="under ZeRO-2"):
+        check_same_launch(run.checkpoints / tag, written, world=32, zero_stage=2)
+    check_same_launch(run.checkpoints / tag, {"step": 4}, world=8, zero_stage=1)  # from before the fields
