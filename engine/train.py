@@ -227,8 +227,13 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         open_shards,
         sample_lengths,
     )
-    from specialize.engine.checkpoints import (Rotator, check_every_rank_can_load, check_same_launch,
-                                              choose_resume_tag, mark_complete)
+    from specialize.engine.checkpoints import (
+        Rotator,
+        check_every_rank_can_load,
+        check_same_launch,
+        choose_resume_tag,
+        mark_complete,
+    )
     from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict

@@ -3,9 +3,9 @@ from .answers import answers_match, extract_answer, is_correct
 from .loaders import (
     BBH_TASKS,
     DATASET_NAMES,
+    GSM8K_DEV_SPLIT_SEED,
     OOD_DATASETS,
     OOD_DEV_SIZE,
-    GSM8K_DEV_SPLIT_SEED,
     OOD_SPLIT_SEED,
     DataError,
     has_ood_split,
