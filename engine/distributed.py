@@ -20,17 +20,64 @@ from specialize.engine.config import ConfigError, Recipe
 _running: dict = {}
 
 
+# Launchers that start every process themselves and set no RANK (torchrun and DeepSpeed's own
+# launcher do): name -> (world size, rank, local rank) variables. DeepSpeed's --launcher openmpi and
+# --launcher slurm start the script this way (mpirun / srun), as does a plain srun in a batch script.
+LAUNCHER_VARS = {
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "MVAPICH": ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+    "Intel MPI / MPICH": ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID"),
+    # srun sets SLURM_STEP_NUM_TASKS in the tasks it starts, not in the batch script (SLURM_NTASKS is in both)
+    "Slurm (srun)": ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+}
+MPI_LAUNCHERS = ("Open MPI", "MVAPICH", "Intel MPI / MPICH")
+
+
+def launch_env(environ) -> dict:
+    """The variables torch.distributed needs that `environ` lacks, for a process started without RANK.
+    Alone (no launcher, or a launcher's world of one): a world of one. Under an MPI launcher or srun
+    with several processes, its rank variables, given MASTER_ADDR; MPI without it is left to
+    DeepSpeed's discovery through mpi4py. Faking a world of one there would turn 32 processes into 32
+    single-rank runs on cuda:0, all writing one run dir."""
+    if "RANK" in environ:
+        return {}
+    found = next(((name, names) for name, names in LAUNCHER_VARS.items() if int(environ.get(names[0], "1")) > 1), None)
+    if found is None:  # plain `specialize train`: a world of one
+        return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                **({} if "MASTER_ADDR" in environ else {"MASTER_ADDR": "127.0.0.1"}),
+                **({} if "MASTER_PORT" in environ else {"MASTER_PORT": str(29500 + os.getpid() % 1000)})}
+    name, (size_var, rank_var, local_var) = found
+    if "MASTER_ADDR" not in environ:
+        if name in MPI_LAUNCHERS and _has_mpi4py():
+            return {}  # deepspeed.init_distributed finds rank, world and rank 0's address through MPI
+        raise ConfigError(
+            f"started by {name} as one of {environ[size_var]} processes, without RANK or MASTER_ADDR: export "
+            "MASTER_ADDR (the first node's address) and MASTER_PORT to every process"
+            + (" (e.g. MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1))"
+               if name.startswith("Slurm") else ", or install mpi4py") + ", or launch with torchrun or deepspeed")
+    if local_var not in environ:
+        raise ConfigError(f"started by {name} without {local_var} or LOCAL_RANK: set LOCAL_RANK (the process's "
+                          "index on its node, which picks its GPU)")
+    return {"RANK": environ[rank_var], "WORLD_SIZE": environ[size_var], "LOCAL_RANK": environ[local_var],
+            **({} if "MASTER_PORT" in environ else {"MASTER_PORT": "29500"})}
+
+
+def _has_mpi4py() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("mpi4py") is not None
+
+
 def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[int, int, int]:
-    """(rank, world, local_rank) under deepspeed / torchrun / a plain single process; gloo without CUDA.
-    Every collective (and the rendezvous) fails after timeout_s instead of waiting forever on a lost rank."""
+    """(rank, world, local_rank) under deepspeed / torchrun / MPI / srun / a plain single process; gloo
+    without CUDA. Every collective (and the rendezvous) fails after timeout_s instead of waiting forever
+    on a lost rank."""
     from datetime import timedelta
 
     import deepspeed
-    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
-    if "RANK" not in os.environ:  # plain `specialize train`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.update(launch_env(os.environ))
+    local_names = [names[2] for names in LAUNCHER_VARS.values()]
+    local_rank = int(os.environ.get("LOCAL_RANK", next(
+        (os.environ[v] for v in local_names if v in os.environ), local_rank_arg if local_rank_arg >= 0 else 0)))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
