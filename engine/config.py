@@ -202,6 +202,18 @@ class TrainConfig:
     # longest rank-0-only pause (dev evaluation, export of the best model) that the others wait through.
     dist_timeout_s: float = 1800.0
 
+    def __post_init__(self):
+        # keep_last 0 would delete the checkpoint just completed (a --resume then starts from step 0);
+        # a zero period divides by zero after the first step. eval_every 0 turns dev evaluation off.
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected an int >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected an int >= 0, got {getattr(self, name)}")
+        if self.dev_limit is not None and self.dev_limit < 1:
+            raise ConfigError(f"train.dev_limit: expected an int >= 1 or null (every dev question), got {self.dev_limit}")
+
 
 @dataclass
 class EvalConfig:

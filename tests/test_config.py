@@ -93,3 +93,13 @@ def test_teacher_logprobs_enters_the_hash_only_where_it_changes_what_is_computed
     assert len({seen["openai", "raw"], seen["hf", "raw"], seen["hf", "sampled"]}) == 3
     with pytest.raises(ConfigError, match="teacher.logprobs"):
         load_recipe(write(tmp_path, "teacher:\n  logprobs: tempered\n"))
+
+
+@pytest.mark.parametrize("field, value", [("keep_last", 0), ("save_every", 0), ("log_every", 0), ("max_steps", 0),
+                                          ("micro_batch_size", 0), ("eval_every", -1), ("dev_limit", 0)])
+def test_train_periods_and_counts_out_of_range_are_refused(tmp_path, field, value):
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {}\n")
+    with pytest.raises(ConfigError, match=rf"train\.{field}: expected an int >= "):
+        load_recipe(path, [f"train.{field}={value}"])
+    assert load_recipe(path, ["train.eval_every=0"]).train.eval_every == 0  # dev evaluation off
