@@ -234,7 +234,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         choose_resume_tag,
         mark_complete,
     )
-    from specialize.engine.data import COT_FORMATS, draw_exemplars, load_dataset_by_name
+    from specialize.engine.data import COT_FORMATS, draw_exemplars, first_items, load_dataset_by_name
     from specialize.engine.ds_config import build_ds_config, deepspeed_optimizer_block, uses_deepspeed_optimizer
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict
     from specialize.engine.io_helpers import append_jsonl
@@ -265,9 +265,9 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     shards = open_shards(d.aligned_dir)
     lengths = sample_lengths(shards)
     dev_names = ([t.dev_in_dist] if t.dev_in_dist else []) + list(t.dev_ood)
-    dev_sets = {n: list(load_dataset_by_name(n, d.data_dir, "dev", d.dev_size, t.seed, d.synthetic_sizes or None,
-                                             ood_dev_size=d.ood_dev_size))
-                [: t.dev_limit or None] for n in dev_names} if t.eval_every > 0 else {}
+    dev_sets = {n: first_items(load_dataset_by_name(n, d.data_dir, "dev", d.dev_size, t.seed, d.synthetic_sizes or None,
+                                                    ood_dev_size=d.ood_dev_size), t.dev_limit)
+                for n in dev_names} if t.eval_every > 0 else {}
     check_ranks_agree({"tokenizer": f"{len(tokenizer)} tokens, {fingerprint(sorted(tokenizer.get_vocab().items()))}",
                        "aligned samples": f"{len(shards)}, lengths {fingerprint(lengths.tobytes())}",
                        **{f"dev set {n}": f"{len(v)} questions, {fingerprint([e.id for e in v])}"

@@ -189,3 +189,19 @@ def test_missing_file_is_named(tmp_path):
         loaders.load_multiarith(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"looked for train\.jsonl"):
         load_gsm8k("train", tmp_path)  # a folder without the file
+
+
+def test_a_limit_on_bbh_keeps_every_task(shared_data):
+    """`--limit 300` on BBH (27 tasks listed task by task) used to keep 250 boolean_expressions and 50
+    causal_judgement items under the name "bbh"."""
+    from collections import Counter
+
+    from specialize.engine.data import first_indices, first_items
+    bbh = load_dataset_by_name("bbh", shared_data)
+    kept = first_items(bbh, 300)
+    per_task = Counter(e.source for e in kept)
+    assert len(kept) == 300 and len(per_task) == 27 and set(per_task.values()) <= {11, 12}
+    assert [e.id for e in kept] == [e.id for e in bbh if e.id in {k.id for k in kept}]  # file order kept
+    assert first_items(bbh, len(bbh) + 5) == bbh and first_items(bbh, None) == bbh
+    gsm = load_dataset_by_name("gsm8k", shared_data)
+    assert first_indices(gsm, 7) == list(range(7))  # one task: the plain prefix

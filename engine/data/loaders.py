@@ -15,6 +15,7 @@ Hub ids (normal use):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -344,6 +345,28 @@ def split_label(name: str, split: str = "test", ood_dev_size: int = OOD_DEV_SIZE
     if not has_ood_split(name) or split == "all" or ood_dev_size == 0:
         return "all" if split == "all" else split
     return f"{split} part (OOD split: {ood_dev_size} dev held out, seed {OOD_SPLIT_SEED})"
+
+
+# ---------------------------------------------------------------- the first N items
+
+def first_indices(examples: Sequence[Example], limit: Optional[int]) -> list[int]:
+    """Indices of the first `limit` items (None or 0: all), in file order. A set of several tasks (BBH's
+    27, listed task by task) gives each task its share, one item of each in turn, so that a limit
+    does not keep the first two tasks of the file under the set's name."""
+    if not limit or limit >= len(examples):
+        return list(range(len(examples)))
+    by_task: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_task.setdefault(ex.source, []).append(i)
+    if len(by_task) == 1:
+        return list(range(limit))
+    in_turn = [i for row in itertools.zip_longest(*by_task.values()) for i in row if i is not None]
+    return sorted(in_turn[:limit])
+
+
+def first_items(examples: Sequence[Example], limit: Optional[int]) -> list[Example]:
+    """The items `first_indices` picks: what every `limit` (eval.limit, train.dev_limit, --limit) keeps."""
+    return [examples[i] for i in first_indices(examples, limit)]
 
 
 # ---------------------------------------------------------------- one entry point by name

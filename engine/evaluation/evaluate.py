@@ -40,6 +40,8 @@ from specialize.engine.data import (
     build_prompt,
     draw_exemplars,
     extract_answer,
+    first_indices,
+    first_items,
     is_correct,
     load_dataset_by_name,
     split_label,
@@ -367,7 +369,7 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     opts = run_data_options(run)
     recipe_data_dir = opts.pop("data_dir", None)
     data_dir = data_dir if data_dir is not None else recipe_data_dir
-    data = {name: load_dataset_by_name(name, data_dir, **opts)[: limit or None] for name in datasets}
+    data = {name: first_items(load_dataset_by_name(name, data_dir, **opts), limit) for name in datasets}
     exemplars = {name: _exemplars(fmt, shots, seed, data_dir, name, opts) for name in datasets}
     ood_dev_size = opts.get("ood_dev_size", OOD_DEV_SIZE)
     job_device = None if pool is not None else device  # a pool's worker runs on its own device
@@ -473,7 +475,8 @@ def main(argv: list[str]) -> int:
             print(f"specialize eval: {e}", file=sys.stderr)
             return 2
         for name, (texts, examples) in found.items():
-            texts, examples = texts[: args.limit or None], examples[: args.limit or None]
+            keep = first_indices(examples, args.limit)
+            texts, examples = [texts[i] for i in keep], [examples[i] for i in keep]
             results[name] = score_predictions(texts, examples, name, args.seed)
         if not results:
             print(f"specialize eval: {args.predictions}: nothing to score for {', '.join(names)}", file=sys.stderr)
@@ -482,8 +485,8 @@ def main(argv: list[str]) -> int:
     else:
         model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
         for name in names:
-            examples = load_dataset_by_name(name, args.data_dir, split=args.split,
-                                            ood_dev_size=args.ood_dev_size)[: args.limit or None]
+            examples = first_items(load_dataset_by_name(name, args.data_dir, split=args.split,
+                                                        ood_dev_size=args.ood_dev_size), args.limit)
             exemplars = _exemplars(fmt, args.shots, args.seed, args.data_dir, name)
             results[name] = evaluate_model(model, tok, examples, name, exemplars=exemplars, **opts)
             results[name].split = split_label(name, args.split, args.ood_dev_size)

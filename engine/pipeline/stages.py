@@ -129,7 +129,8 @@ def stage_teacher(run: Run) -> dict:
     r = run.recipe
     examples = load_examples(r, r.teacher.dataset, split=r.teacher.split)
     if r.teacher.limit:
-        examples = examples[: r.teacher.limit]
+        from specialize.engine.data import first_items
+        examples = first_items(examples, r.teacher.limit)
     pool = training_pool(r) if r.teacher.format.startswith("in_context") else None
     summary = generate(r.teacher, examples, str(run.dir("teacher")), exemplar_pool=pool, seed=r.train.seed)
     return {"questions": len(examples), **{k: v for k, v in (summary or {}).items() if isinstance(v, (int, float))}}
@@ -213,14 +214,14 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1, resume: b
 def evaluate_checkpoint(recipe: Recipe, model_dir: str, out_dir: Path, label: str, progress: bool = True) -> dict:
     """Score one saved model on every eval dataset; writes <out_dir>/<label>.json, returns accuracies
     (module level, so an eval.workers process can run it)."""
-    from specialize.engine.data import draw_exemplars, split_label
+    from specialize.engine.data import draw_exemplars, first_items, split_label
     from specialize.engine.evaluation.evaluate import evaluate_model, load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(model_dir, recipe.model.tokenizer)
     shots = recipe.data.shots if recipe.eval.format.startswith("in_context") else 0
     exemplars = draw_exemplars(training_pool(recipe), shots, recipe.train.seed) if shots else ()
     results = {}
     for name in recipe.eval.datasets:
-        examples = load_examples(recipe, name, split="test")[: recipe.eval.limit or None]
+        examples = first_items(load_examples(recipe, name, split="test"), recipe.eval.limit)
         res = evaluate_model(model, tok, examples, name, fmt=recipe.eval.format, exemplars=exemplars,
                              batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
                              num_beams=recipe.eval.num_beams, progress=progress, data_dir=recipe.data.data_dir,
