@@ -17,6 +17,7 @@ from teacher_server import TeacherServer, client_config, tiny_teacher
 from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
 from specialize.engine.teacher import ResumeError, generate, iter_records
+from specialize.engine.teacher.generate import make_backend
 from specialize.engine.teacher.hf_backend import HFBackend
 
 SECRET = "sk-test-Zq81Xv0-do-not-leak"
@@ -113,6 +114,33 @@ def test_persistent_malformed_response_goes_to_failures_not_samples(server, ques
     s = generate(cfg, questions, str(tmp_path), retry_base_delay=0.001, progress=False)
     assert (s["requests"], s["samples"], s["stored"]) == (1, 3, 9)
     assert_secret_absent(tmp_path, *capfd.readouterr())
+
+
+def test_a_run_that_stops_on_an_error_still_records_what_it_paid_for(server, questions, tmp_path):
+    server.faults.clear()
+    cfg = config(server, concurrency=1)
+    backend = make_backend(cfg)
+    real, calls = backend.sample, []
+
+    async def sample(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")  # not a teacher error: the run stops
+        return await real(*args, **kw)
+    backend.sample = sample
+    with pytest.raises(OSError, match="No space"):
+        generate(cfg, questions, str(tmp_path), backend=backend, samples_per_request=1, retry_base_delay=0.001,
+                 progress=False)
+    ledger = json.loads((tmp_path / "usage.json").read_text())
+    run = ledger["runs"][-1]
+    assert run["interrupted"] is True and run["requests"] == 3 and run["samples"] == 2
+    assert run["completion_tokens"] == sum(len(r["tokens"]) for r in iter_records(tmp_path)) > 0
+    # the resume adds its own run; the total covers both
+    backend.sample = real
+    generate(cfg, questions, str(tmp_path), backend=backend, progress=False)
+    ledger = json.loads((tmp_path / "usage.json").read_text())
+    assert len(ledger["runs"]) == 2 and "interrupted" not in ledger["runs"][1]
+    assert ledger["total"]["completion_tokens"] == sum(len(r["tokens"]) for r in iter_records(tmp_path))
 
 
 def test_resume_with_another_configuration_is_refused(server, questions, tmp_path, capfd):

@@ -137,12 +137,19 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
             todo.append((ex, prompt, missing[start:start + per_request]))
     expected = len(examples) * cfg.samples
     started = time.time()
+    # Owned here, not by _run: a run that stops on an error or Ctrl-C has still paid for its requests,
+    # so the ledger records them (a SIGKILL leaves no chance; the provider's own bill is the reference).
+    stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    ended = False
     try:
-        stats = asyncio.run(_run(cfg, backend, store, todo, retry_base_delay, progress))
+        asyncio.run(_run(cfg, backend, store, todo, retry_base_delay, progress, stats))
+        ended = True
     finally:
         store.close()
-    stats["seconds"] = round(time.time() - started, 2)
-    total = add_usage(out_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), **stats})
+        stats["seconds"] = round(time.time() - started, 2)
+        stats["cost_usd"] = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
+        total = add_usage(out_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), **stats,
+                                    **({} if ended else {"interrupted": True})})
     stored = sum(1 for ex in examples for i in range(cfg.samples) if (ex.id, i) in store.done)
     summary = {**stats, "stored": stored, "expected": expected, "torn_bytes_dropped": store.torn_bytes,
                "ledger_total": total}
@@ -157,11 +164,11 @@ def _cost(cfg, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
                  + (cfg.price_completion_per_1k or 0.0) * completion_tokens / 1000, 6)
 
 
-async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, progress: bool) -> dict:
+async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, progress: bool, stats: dict) -> None:
+    """Send every request of `todo`, adding to `stats` as responses come."""
     limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
     stop = resolve_stop(cfg.stop)
     redact = _Redactor(cfg.api_key_env)
-    stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
     bar = tqdm(total=sum(len(t[2]) for t in todo), unit="sample", desc="teacher", disable=not progress,
                dynamic_ncols=True)
     jobs: Iterator = iter(todo)
@@ -217,8 +224,6 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
         workers = max(workers, rows // max(1, max(len(t[2]) for t in todo) if todo else 1))
     await asyncio.gather(*(worker() for _ in range(workers)))
     bar.close()
-    stats["cost_usd"] = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
-    return stats
 
 
 def _cut(cfg, sample, stop: list[str]):
