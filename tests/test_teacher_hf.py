@@ -180,3 +180,46 @@ def test_a_folder_from_before_the_logprobs_setting_resumes_as_what_it_holds(samp
     summary = generate(cfg, pool, str(tmp_path), backend=sampled_backend, progress=False)
     assert (summary["samples"], summary["stored"]) == (1, 3)  # only the missing question was asked for
     assert json.loads(manifest.read_text())["settings"]["logprobs"] == "sampled"
+
+
+def test_prompts_are_encoded_as_a_server_encodes_them_bos_included():
+    """vLLM and SGLang encode a completions prompt with the tokenizer's special tokens: Llama, Mistral and
+    Gemma get their <bos> (Gemma degrades badly without it), GPT-2 nothing."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    model, tok = tiny_teacher()
+    assert HFBackend(model, tok, device="cpu").encode(PROMPT) == tok(PROMPT)["input_ids"]  # GPT-2 style: no BOS
+    raw = copy.deepcopy(tok.backend_tokenizer)
+    bos = tok.eos_token  # the tiny vocabulary's one special token stands in for <s>
+    raw.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.eos_token_id)])
+    llama_like = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=bos, eos_token=bos, pad_token=bos)
+    assert llama_like(PROMPT)["input_ids"][0] == tok.eos_token_id  # the stand-in adds its BOS
+    backend = HFBackend(model, llama_like, device="cpu")
+    assert backend.encode(PROMPT) == llama_like(PROMPT)["input_ids"] == [tok.eos_token_id] + tok(PROMPT)["input_ids"]
+    comp = backend.sample_sync(PROMPT, 1, temperature=0.0, max_tokens=4, top_logprobs=2, seed=0)
+    assert comp.prompt_tokens == len(backend.encode(PROMPT))
+
+
+def test_only_the_last_positions_logits_are_computed_and_generation_config_ends_rows():
+    model, tok = tiny_teacher()
+    backend = HFBackend(model, tok, device="cpu")
+    shapes, forward = [], model.forward
+
+    def spy(*args, **kw):
+        out = forward(*args, **kw)
+        shapes.append(tuple(out.logits.shape))
+        return out
+    model.forward = spy
+    first = backend.sample_sync(PROMPT, 2, temperature=0.0, max_tokens=6, top_logprobs=3, seed=0)
+    assert shapes and all(s[:2] == (2, 1) for s in shapes), shapes  # [rows, 1, vocab], the prefill too
+    # an end id of the generation config (Llama-3's <|eot_id|>) ends a row as the tokenizer's EOS does
+    model.forward = forward
+    with torch.no_grad():
+        greedy_first = int(model(torch.tensor([backend.encode(PROMPT)])).logits[0, -1].argmax())
+    assert first.samples[0].text and greedy_first != tok.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, greedy_first]
+    stopped = HFBackend(model, tok, device="cpu").sample_sync(PROMPT, 1, temperature=0.0, max_tokens=6,
+                                                              top_logprobs=3, seed=0)
+    assert (stopped.samples[0].text, stopped.samples[0].finish_reason) == ("", "stop")

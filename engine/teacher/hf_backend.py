@@ -14,6 +14,7 @@ direct forward pass on prompt + sampled ids. Token strings are the decoded text 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from typing import Optional
 
@@ -32,6 +33,20 @@ def _byte_level_alphabet() -> dict[str, int]:
             chars[chr(256 + shift)] = b
             shift += 1
     return chars
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer's own encoding starts a text with its BOS token, else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] and plain[:1] != [bos] else []
+
+
+def _generation_eos_ids(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def _token_byte_table(tokenizer) -> list[bytes]:
@@ -145,7 +160,14 @@ class HFBackend(BatchQueue):
         self.tokenizer = tokenizer
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.eos_id = tokenizer.eos_token_id
+        # Every id that ends a sequence: the tokenizer's EOS and the generation config's (Llama-3 ends
+        # a turn with <|eot_id|>, not <|end_of_text|>), as a server's generate stops on them.
+        self.end_ids = {self.eos_id, *_generation_eos_ids(model)} - {None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.prefix_ids = _bos_prefix(tokenizer)
+        # Only the last position's logits are used: at prefill the full [rows, prompt, vocab] tensor
+        # would be the largest allocation (40 rows x 1,800 tokens x 128k vocab is 17 GB in bf16).
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.byte_table = _token_byte_table(tokenizer)
         cfg = model.config
         self.max_positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
@@ -165,7 +187,9 @@ class HFBackend(BatchQueue):
         return await asyncio.to_thread(self.sample_batch_sync, requests, *settings)
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
+        """The prompt's ids as a server encodes a completions prompt: with the tokenizer's BOS where it
+        adds one (Llama, Mistral, Gemma), never an end-of-text mark."""
+        return self.prefix_ids + self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
 
     # ------------------------------------------------------------------ sync: one batch on the model
 
@@ -224,7 +248,7 @@ class HFBackend(BatchQueue):
             past = None
             for step in range(max(limits, default=0)):
                 out = self.model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=past,
-                                 use_cache=True)
+                                 use_cache=True, **({"logits_to_keep": 1} if self._last_logits_only else {}))
                 past = out.past_key_values
                 logits = out.logits[:, -1].float()
                 logp = torch.log_softmax(logits, dim=-1)  # raw; the same ranking as any tempered one
@@ -245,7 +269,7 @@ class HFBackend(BatchQueue):
                     top_v = top_i = [[] for _ in range(R)]
                 nxt_l = nxt.tolist()
                 for r in list(live):
-                    if nxt_l[r] == self.eos_id:
+                    if nxt_l[r] in self.end_ids:
                         reasons[r] = "stop"
                         live.remove(r)
                         continue
