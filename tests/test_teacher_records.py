@@ -144,19 +144,23 @@ def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
     store.append([record("q1", 0, "3 + 9 = 12. The answer is 12.", cut=invented), record("q1", 1, "The answer is 13."),
                   record("q2", 0, "The answer is 7."), record("q3", 0, "So 1,200 in all. The answer is 1200.",
                                                                     gold="1200")])
+    # cut off at max_tokens: its last number is the gold, but it never states an answer
+    store.append([{**record("q3", 1, "3 * 400 = 1200 dollars. Then she", gold="1200"), "finish_reason": "length"}])
     store.close()
     result = filter_samples(str(tmp_path / "in"), str(tmp_path / "out"))
-    assert result == {"samples": 4, "kept": 2, "accuracy": 0.5, "questions": 3, "questions_kept": 2,
-                      "per_question_mean_accuracy": pytest.approx((0.5 + 0 + 1) / 3),
+    assert result == {"samples": 5, "kept": 2, "accuracy": 0.4, "questions": 3, "questions_kept": 2,
+                      "per_question_mean_accuracy": pytest.approx((0.5 + 0 + 0.5) / 3),
                       # uncut, q1's first sample ends on the invented question's answer and is lost
-                      "cut_samples": 1, "kept_without_cut": 1, "accuracy_without_cut": 0.25}
+                      "cut_samples": 1, "kept_without_cut": 1, "accuracy_without_cut": 0.2,
+                      "dropped_without_answer_line": 1, "stopped_by_max_tokens": 1}
     kept = list(iter_records(tmp_path / "out"))
     assert [(r["qid"], r["sample_index"]) for r in kept] == [("q1", 0), ("q3", 0)]
     assert all(tuple(r) == RECORD_FIELDS for r in kept)
     per_q = [json.loads(line) for line in (tmp_path / "out" / "per_question.jsonl").read_text().splitlines()]
-    assert [(p["qid"], p["correct"], p["samples"]) for p in per_q] == [("q1", 1, 2), ("q2", 0, 1), ("q3", 1, 1)]
+    assert [(p["qid"], p["correct"], p["samples"]) for p in per_q] == [("q1", 1, 2), ("q2", 0, 1), ("q3", 1, 2)]
     out = capsys.readouterr().out
-    assert "2/4 samples correct (50.0%)" in out and "questions with >= 1 kept sample: 2/3" in out
+    assert "2/5 samples correct (40.0%)" in out and "questions with >= 1 kept sample: 2/3" in out
+    assert "1 samples stopped at max_tokens; 1 whose last number is the gold were dropped" in out
     # The CLI says the same and rebuilding is idempotent.
     assert main(["filter", "--in", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 0
     assert len(list(iter_records(tmp_path / "out"))) == 2

@@ -1,4 +1,7 @@
-"""`filter_samples`: keep the teacher samples whose extracted answer equals the gold answer.
+"""`filter_samples`: keep the teacher samples that end on an answer line ("The answer is N") whose
+answer equals the gold answer. Without the line the extraction falls back to the text's last number,
+which a chain cut off at max_tokens ("... 3 * 5 = 15 dollars. Then she") can match: the student
+would learn targets that never state an answer. Such samples are counted, not kept.
 
 Writes the kept records (same schema) to `<out>/samples-NNNNN.jsonl`, `shard_lines` per shard so that
 `specialize align --workers N` has shards to spread over processes, the input manifest plus
@@ -47,8 +50,13 @@ def record_order(key: tuple[str, int]) -> tuple:
 
 def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines: int = 20_000) -> dict:
     """Keep correct samples of `in_dir` in `out_dir`; returns {samples, kept, accuracy, questions,
-    questions_kept, per_question_mean_accuracy, cut_samples, kept_without_cut, accuracy_without_cut}."""
+    questions_kept, per_question_mean_accuracy, cut_samples, kept_without_cut, accuracy_without_cut,
+    dropped_without_answer_line, stopped_by_max_tokens}."""
     from specialize.engine.data import is_correct
+    from specialize.engine.data.answers import ANSWER_IS
+
+    def correct(text: str, rec: dict) -> bool:
+        return bool(ANSWER_IS.search(text)) and is_correct(text, rec["gold"], rec["dataset"])
     in_dir, out = Path(in_dir), Path(out_dir)
     if not any(in_dir.glob(SHARD_GLOB)):
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
@@ -58,16 +66,18 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
     # What the filter would keep on the uncut text (record text + the cut's dropped_text): the
     # share the answer-line cut saves, reported beside the real count.
     kept_uncut = cut_count = 0
+    no_answer_line = truncated = 0  # right by the last number but no answer line; finish_reason "length"
     for rec in iter_records(in_dir):
         key = (rec["qid"], rec["sample_index"])
         if key in seen:  # defensive: generate never writes a key twice
             continue
         seen.add(key)
-        ok = is_correct(rec["text"], rec["gold"], rec["dataset"])
+        ok = correct(rec["text"], rec)
+        no_answer_line += not ok and is_correct(rec["text"], rec["gold"], rec["dataset"])
+        truncated += rec.get("finish_reason") == "length"
         cut = rec.get("cut")
         cut_count += cut is not None
-        kept_uncut += ok if cut is None else is_correct(rec["text"] + cut.get("dropped_text", ""), rec["gold"],
-                                                        rec["dataset"])
+        kept_uncut += ok if cut is None else correct(rec["text"] + cut.get("dropped_text", ""), rec)
         counts = per_q.setdefault(rec["qid"], [0, 0])
         counts[0] += 1
         counts[1] += ok
@@ -93,7 +103,8 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               "questions": len(per_q), "questions_kept": sum(c > 0 for _, c in per_q.values()),
               "per_question_mean_accuracy": sum(accs) / len(accs) if accs else 0.0,
               "cut_samples": cut_count, "kept_without_cut": kept_uncut,
-              "accuracy_without_cut": kept_uncut / samples if samples else 0.0}
+              "accuracy_without_cut": kept_uncut / samples if samples else 0.0,
+              "dropped_without_answer_line": no_answer_line, "stopped_by_max_tokens": truncated}
     manifest = read_manifest(in_dir) or {}
     _write_atomic(out / MANIFEST, [json.dumps({**manifest, "filtered_from": str(in_dir), "filter": result}, indent=1)])
     if verbose:
@@ -104,6 +115,9 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               f"mean per question {100 * result['per_question_mean_accuracy']:.1f}%")
         print(f"answer-line cut: {cut_count} samples cut; without the cut {kept_uncut}/{samples} would be kept "
               f"({100 * result['accuracy_without_cut']:.1f}%)")
+        if no_answer_line or truncated:
+            print(f"{truncated} samples stopped at max_tokens; {no_answer_line} whose last number is the gold "
+                  "were dropped for lack of an answer line (raise teacher.max_tokens if many were cut off)")
         print("questions by teacher accuracy: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
         print(f"questions with >= 1 kept sample: {result['questions_kept']}/{result['questions']} "
               f"(per question: {out / 'per_question.jsonl'})")
