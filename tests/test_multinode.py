@@ -412,3 +412,43 @@ def test_the_timeout_does_not_change_what_a_run_is(tmp_path):
     assert recipe_hash(recipes[0]) == recipe_hash(recipes[1]) != recipe_hash(recipes[2])
     keys = [pipeline.stage_key(run, "train") for run in runs]
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_a_hostfile_launch_forwards_the_shells_variables_to_the_other_nodes(tmp_path, monkeypatch):
+    """deepspeed --hostfile starts the other nodes' ranks over pdsh with only PYTHON*/NCCL*/... and
+    .deepspeed_env lines exported. Through DeepSpeed's own runner (pdsh and ssh stood in for): the
+    pipeline's env file puts HF_HUB_OFFLINE, TORCH_EXTENSIONS_DIR and GLOO_SOCKET_IFNAME in the remote
+    command, and the user's own .deepspeed_env lines win."""
+    from deepspeed.launcher import multinode_runner, runner
+
+    from specialize.engine.pipeline.stages import deepspeed_env_file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / ".deepspeed_env").write_text("GLOO_SOCKET_IFNAME=ib0\nMY_SETTING=1\n")
+    environ = {"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": "/shared/ext", "GLOO_SOCKET_IFNAME": "eth0",
+               "SPECIALIZE_WORKER_START_TIMEOUT": "60", "PATH": "/usr/bin", "SECRET_TOKEN": "x"}
+    assert deepspeed_env_file("deepspeed --hostfile hf --no_ssh --node_rank 0", tmp_path, environ) is None
+    assert deepspeed_env_file("torchrun --nnodes 2", tmp_path, environ) is None
+    path = deepspeed_env_file("deepspeed --hostfile hf", tmp_path / "run", environ)
+    assert path.read_text().splitlines() == ["GLOO_SOCKET_IFNAME=ib0", "MY_SETTING=1", "HF_HUB_OFFLINE=1",
+                                             "SPECIALIZE_WORKER_START_TIMEOUT=60", "TORCH_EXTENSIONS_DIR=/shared/ext"]
+    (tmp_path / "hf").write_text("node0 slots=1\nnode1 slots=1\n")
+    started = []
+
+    class Started:
+        returncode = 0
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda *a, **k: 0)  # the ssh check
+    monkeypatch.setattr(runner.subprocess, "check_output", lambda *a, **k: b"10.0.0.1\n")  # ssh node0 hostname -I
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda cmd, **k: started.append(cmd) or Started())
+    monkeypatch.setattr(multinode_runner.PDSHRunner, "backend_exists", lambda self: True)
+    monkeypatch.setenv("DS_ENV_FILE", str(path))
+    monkeypatch.setattr(runner, "DEEPSPEED_ENVIRONMENT_NAME", os.environ["DS_ENV_FILE"])  # read at its import
+    runner.main(["--hostfile", "hf", "--module", "specialize.engine.train", "--recipe", "r.yaml"])
+    remote = " ".join(started[0])
+    for var in ("export HF_HUB_OFFLINE=1", "export TORCH_EXTENSIONS_DIR=/shared/ext", "export GLOO_SOCKET_IFNAME=ib0",
+                "export MY_SETTING=1"):
+        assert var in remote, (var, remote)
+    assert "SECRET_TOKEN" not in remote and "PATH=/usr/bin" not in remote

@@ -194,6 +194,37 @@ def train_command(recipe_path: Path, launcher: str | None, nproc: int, resume: b
             "-m", "specialize.engine.train"] + args
 
 
+# What the ranks on other nodes need from the launching shell. `deepspeed --hostfile` starts them over
+# ssh (pdsh) and forwards only variables named PYTHON*, NCCL*, UCX*, MV2*, MLFLOW* and the lines of a
+# .deepspeed_env file: an offline node would try the hub, ranks would JIT-build DeepSpeed's ops into
+# their own ~/.cache, and GLOO_SOCKET_IFNAME would not reach them.
+FORWARDED_PREFIXES = ("HF_", "TRANSFORMERS_", "SPECIALIZE_", "TORCH_", "GLOO_", "TP_SOCKET_IFNAME", "TRITON_",
+                      "OMP_NUM_THREADS", "CUDA_HOME", "LD_LIBRARY_PATH")
+
+
+def deepspeed_env_file(launcher: str | None, out_dir: Path, environ: dict) -> Path | None:
+    """For a deepspeed launcher line that reaches other nodes over ssh, write the variables of
+    FORWARDED_PREFIXES set in `environ` to <out_dir>/deepspeed_env, after the user's own ~/.deepspeed_env
+    and ./.deepspeed_env lines (theirs win), and return its path for DS_ENV_FILE; None otherwise (one
+    node, --no_ssh, torchrun, or DS_ENV_FILE already set by the user)."""
+    words = shlex.split(launcher or "")
+    if not words or Path(words[0]).name != "deepspeed" or "--no_ssh" in words or "DS_ENV_FILE" in environ:
+        return None
+    lines, named = [], set()
+    for user_file in (Path.home() / ".deepspeed_env", Path(".deepspeed_env")):
+        if user_file.is_file():
+            for line in user_file.read_text().splitlines():
+                if "=" in line:
+                    lines.append(line)
+                    named.add(line.split("=", 1)[0].strip())
+    lines += [f"{k}={v}" for k, v in sorted(environ.items())
+              if k.startswith(FORWARDED_PREFIXES) and k not in named and "\n" not in v]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / "deepspeed_env").resolve()
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
 def train_key(run: Run, stage: str) -> dict:
     d = hashed_dict(run.recipe)
     return {k: d[k] for k in ("model", "data", "teacher", "aligner", "loss", "deepspeed", "train")}
@@ -204,6 +235,10 @@ def stage_train(run: Run, launcher: str | None = None, nproc: int = 1, resume: b
     print(f"[run] {run.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env_file = deepspeed_env_file(launcher, run.dir("train"), env)
+    if env_file is not None:
+        env["DS_ENV_FILE"] = str(env_file)  # an absolute name: DeepSpeed reads it in place of .deepspeed_env
+        print(f"[run] {run.name}: variables for the other nodes in {env_file}", flush=True)
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{run.name}: training exited with status {proc.returncode} "
