@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from specialize.engine.data import BBH_TASKS, Example, build_target, load_dataset_by_name
+from specialize.engine.data import BBH_TASKS, Example, build_prompt, build_target, load_dataset_by_name
 from specialize.engine.evaluation import evaluate
 from specialize.engine.evaluation.evaluate import EvalResult, bootstrap_ci, evaluate_model, score_predictions
 from specialize.engine.tokenizers import train_t5_unigram
@@ -322,3 +322,25 @@ def test_no_examples_give_nan_accuracy_not_an_error(tiny):
     model, tok = tiny
     res = evaluate_model(model, tok, [], "gsm8k", progress=False)
     assert res.n == 0 and np.isnan(res.accuracy)
+
+
+def test_outputs_cut_off_at_max_new_tokens_are_counted(shared_data):
+    """Each output's `truncated` equals what generating it alone shows (no EOS within the limit), in
+    batches where some rows end and others run out, and the count reaches results.json and the table."""
+    from teacher_server import tiny_teacher
+    model, tok = tiny_teacher()  # a decoder-only model, whose last hidden state depends on the prompt
+    with torch.no_grad():
+        model.transformer.wte.weight[tok.eos_token_id] *= 3  # EOS wins at some steps of some outputs
+    examples = load_dataset_by_name("synthetic/test")[:12]
+    res = evaluate_model(model, tok, examples, "synthetic/test", batch_size=4, max_new_tokens=8, progress=False)
+    expected = []
+    for ex in examples:
+        ids = tok(build_prompt(ex.question, "zero_shot_cot"), return_tensors="pt")
+        alone = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+        new = alone[0, ids["input_ids"].shape[1]:].tolist()
+        expected.append(len(new) == 8 and tok.eos_token_id not in new)
+    assert [row["truncated"] for row in res.predictions] == expected
+    assert 0 < sum(expected) < len(expected), expected  # both kinds
+    assert res.truncated == sum(expected) and res.to_dict()["truncated"] == sum(expected)
+    table = evaluate.markdown_table({"synthetic/test": res})
+    assert "Outputs cut off at max_new_tokens" in table and f"synthetic/test {sum(expected)}/12" in table

@@ -69,6 +69,9 @@ class EvalResult:
     per_task: dict = field(default_factory=dict)     # BBH: task -> {accuracy, ci_low, ci_high, n, n_correct}
     seconds: float = 0.0
     split: str = ""  # which part of the dataset was scored (data.split_label), for reports
+    # outputs that reached max_new_tokens without ending (None: not known, e.g. scored from a file);
+    # their answer is whatever the extraction finds in the cut-off text
+    truncated: Optional[int] = None
 
     def to_dict(self, with_predictions: bool = True) -> dict:
         d = {"dataset": self.dataset, "accuracy": self.accuracy, "ci_low": self.ci_low,
@@ -77,6 +80,8 @@ class EvalResult:
             d["per_task"] = self.per_task
         if self.split:
             d["split"] = self.split
+        if self.truncated is not None:
+            d["truncated"] = self.truncated
         if with_predictions:
             d["predictions"] = self.predictions
         return d
@@ -159,7 +164,16 @@ def prompt_for(example: Example, fmt: str, exemplars: Sequence[Example] = (), da
 def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 256,
              num_beams: int = 1, progress: bool = True, desc: str = "generate", synced_gpus: bool = False,
              min_batches: int = 0, filler_prompt: Optional[str] = None) -> list[str]:
-    """Greedy (num_beams=1) or beam-search outputs for `prompts`, in their order.
+    """Greedy (num_beams=1) or beam-search outputs for `prompts`, in their order (see generate_texts)."""
+    return generate_texts(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress, desc,
+                          synced_gpus, min_batches, filler_prompt)[0]
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 256,
+                   num_beams: int = 1, progress: bool = True, desc: str = "generate", synced_gpus: bool = False,
+                   min_batches: int = 0, filler_prompt: Optional[str] = None) -> tuple[list[str], list[bool]]:
+    """(outputs, truncated): greedy (num_beams=1) or beam-search outputs for `prompts`, in their order, and
+    for each whether it reached max_new_tokens without an end-of-sequence token.
 
     synced_gpus: the model is ZeRO-3 partitioned and every rank takes part in each forward (DeepSpeed
     gathers a module's weights on all ranks around its forward). Then every rank must run the same
@@ -172,7 +186,7 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts and not min_batches:
-        return []
+        return [], []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
     # Longest first: the slowest batch comes first, so the rate on the bar settles quickly and an
@@ -184,6 +198,8 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
             raise ValueError("generate: min_batches needs a filler_prompt")
         batches += [None] * (min_batches - len(batches))
     out: list[Optional[str]] = [None] * len(prompts)
+    cut = [False] * len(prompts)
+    end_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -207,14 +223,18 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max
                     continue
                 if not encoder_decoder:
                     gen = gen[:, enc["input_ids"].shape[1]:]
-                for i, text in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True)):
+                # a row that ended holds EOS; a batch that stopped early ended every row
+                full = gen.shape[1] >= max_new_tokens + encoder_decoder  # T5's rows start with the decoder start
+                ended = (gen == end_id).any(dim=1).tolist() if end_id is not None else [True] * len(idx)
+                for i, text, done in zip(idx, tokenizer.batch_decode(gen, skip_special_tokens=True), ended):
                     out[i] = text.strip()
+                    cut[i] = bool(full and not done)
                 bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
         tokenizer.padding_side = padding_side
-    return out  # type: ignore[return-value]
+    return out, cut  # type: ignore[return-value]
 
 
 def evaluate_model(model, tokenizer, examples: Sequence[Example], dataset: str, fmt: str = "zero_shot_cot",
@@ -229,9 +249,15 @@ def evaluate_model(model, tokenizer, examples: Sequence[Example], dataset: str, 
     t0 = time.perf_counter()
     prompts = [prompt_for(ex, fmt, exemplars, data_dir) for ex in examples]
     filler_prompt = prompt_for(filler, fmt, exemplars, data_dir) if filler is not None else None
-    texts = generate(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress, desc=dataset,
-                     synced_gpus=synced_gpus, min_batches=min_batches, filler_prompt=filler_prompt)
+    texts, cut = generate_texts(model, tokenizer, prompts, batch_size, max_new_tokens, num_beams, progress,
+                                desc=dataset, synced_gpus=synced_gpus, min_batches=min_batches,
+                                filler_prompt=filler_prompt)
     result = score_predictions(texts, examples, dataset, seed=seed)
+    for row, was_cut in zip(result.predictions, cut):
+        row["truncated"] = was_cut
+    result.truncated = sum(cut)
+    for task, t in result.per_task.items():
+        t["truncated"] = sum(r["truncated"] for r in result.predictions if r["id"].startswith(f"bbh/{task}/"))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -246,6 +272,12 @@ def markdown_table(results: dict[str, EvalResult]) -> str:
         for task, t in r.per_task.items():
             lines.append(f"| &nbsp;&nbsp;{task} | | {100 * t['accuracy']:.1f} | "
                          f"{100 * t['ci_low']:.1f}–{100 * t['ci_high']:.1f} | {t['n']} |")
+    cut = [f"{name} {r.truncated}/{r.n}" + (" (" + ", ".join(f"{task} {t['truncated']}" for task, t in r.per_task.items()
+                                                           if t.get("truncated")) + ")" if r.per_task else "")
+           for name, r in results.items() if r.truncated]
+    if cut:
+        lines += ["", "Outputs cut off at max_new_tokens (scored on the cut-off text; raise eval.max_new_tokens): "
+                  + "; ".join(cut)]
     return "\n".join(lines) + "\n"
 
 
