@@ -106,10 +106,15 @@ class TeacherConfig:
     logprobs: Literal["raw", "sampled"] = "raw"
     format: str = "in_context_cot"
     shots: int = 8
-    # In-context exemplars: seeded (a seeded draw from GSM8K train minus dev) or complex (the 8
+    # In-context exemplars: seeded (a seeded draw from GSM8K train minus dev), complex (the 8
     # train exemplars with the most rationale lines, Fu et al. 2022's complexity-based prompt, in
-    # its "Question: ... Let's think step by step" style; GSM8K only).
-    prompt: Literal["seeded", "complex"] = "seeded"
+    # its "Question: ... Let's think step by step" style; GSM8K only) or file (teacher.prompt_file).
+    prompt: Literal["seeded", "complex", "file"] = "seeded"
+    # prompt: file. A text file holding the few-shot prefix, such as the paper's own teacher prompt
+    # (lib_prompt/prompt_complex.txt in FranxYao/FlanT5-CoT-Specialization, which you download: it is
+    # not shipped here). Each question is appended as the paper's code does: "\nQuestion: <q>\nLet's
+    # think step by step". Its content (not its path) is part of the teacher folder's hash.
+    prompt_file: Optional[str] = None
     # Stop sequences sent with every request; None = the prompt style's ("\nQ:", "\nQuestion:"),
     # [] = none. Part of the teacher folder's configuration hash.
     stop: Optional[list[str]] = None
@@ -132,6 +137,9 @@ class TeacherConfig:
     out_dir: Optional[str] = None
 
     def __post_init__(self):
+        if (self.prompt == "file") != (self.prompt_file is not None):
+            raise ConfigError("teacher.prompt_file: set it exactly when teacher.prompt is file "
+                              f"(prompt {self.prompt!r}, prompt_file {self.prompt_file!r})")
         if self.replicas < 1:
             raise ConfigError(f"teacher.replicas: expected an int >= 1, got {self.replicas}")
         if self.replicas > 1 and self.backend != "hf":
@@ -430,7 +438,22 @@ def hashed_dict(recipe: Recipe) -> dict:
         d[section] = {k: v for k, v in d[section].items() if k not in names}
     if not logprobs_change_the_samples(d["teacher"]["backend"], d["teacher"]["logprobs"]):
         del d["teacher"]["logprobs"]
+    prompt_file = d["teacher"].pop("prompt_file")
+    if prompt_file is not None:  # what the prompt says, not where the file lies
+        d["teacher"]["prompt_file_sha256"] = prompt_file_sha256(prompt_file)
     return d
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"teacher.prompt_file: cannot read {path} ({err.strerror})") from None
+
+
+def prompt_file_sha256(path: str) -> str:
+    import hashlib
+    return hashlib.sha256(read_prompt_file(path).encode("utf-8")).hexdigest()[:16]
 
 
 def recipe_hash(recipe: Recipe) -> str:

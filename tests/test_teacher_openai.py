@@ -2,6 +2,7 @@
 no mocks): both APIs give the records the local backend gives, faults are survived or reported,
 the API key is in no output, a changed configuration is refused, and SIGKILL at random points
 followed by a rerun leaves every (qid, sample_index) exactly once."""
+import dataclasses
 import json
 import os
 import random
@@ -141,6 +142,35 @@ def test_a_run_that_stops_on_an_error_still_records_what_it_paid_for(server, que
     ledger = json.loads((tmp_path / "usage.json").read_text())
     assert len(ledger["runs"]) == 2 and "interrupted" not in ledger["runs"][1]
     assert ledger["total"]["completion_tokens"] == sum(len(r["tokens"]) for r in iter_records(tmp_path))
+
+
+def test_a_prompt_file_is_sent_as_the_papers_code_builds_it(server, questions, tmp_path, capfd):
+    """teacher.prompt file: the file's text, then "\nQuestion: <q>\nLet's think step by step"; a question
+    the file works through is not asked; the folder's hash follows the text, not the path."""
+    from specialize.engine.config import ConfigError
+    server.faults.clear()
+    shot = f"Question: {questions[1].question}\nLet's think step by step\nShe has 5.\nThe answer is 5\n"
+    (tmp_path / "a.txt").write_text(shot)
+    cfg = config(server, format="in_context_cot", prompt="file", prompt_file=str(tmp_path / "a.txt"), concurrency=1)
+    backend = make_backend(cfg)
+    sent, real = [], backend.sample
+
+    async def sample(prompt, *args, **kw):
+        sent.append(prompt)
+        return await real(prompt, *args, **kw)
+    backend.sample = sample
+    s = generate(cfg, questions, str(tmp_path / "t"), backend=backend, progress=False)
+    asked = [questions[0], questions[2]]
+    assert sorted(sent) == sorted(f"{shot}\nQuestion: {q.question}\nLet's think step by step" for q in asked)
+    assert (s["stored"], s["expected"]) == (6, 6) and "are exemplars of" in capfd.readouterr().out
+    (tmp_path / "b.txt").write_text(shot)  # the same prompt elsewhere: the folder resumes
+    moved = dataclasses.replace(cfg, prompt_file=str(tmp_path / "b.txt"))
+    assert generate(moved, questions, str(tmp_path / "t"), backend=backend, progress=False)["requests"] == 0
+    (tmp_path / "b.txt").write_text(shot.replace("5", "6"))  # another prompt: refused
+    with pytest.raises(ResumeError, match="prompt_file_sha256"):
+        generate(moved, questions, str(tmp_path / "t"), backend=backend, progress=False)
+    with pytest.raises(ConfigError, match="prompt_file"):
+        config(server, prompt="file")
 
 
 def test_resume_with_another_configuration_is_refused(server, questions, tmp_path, capfd):

@@ -42,8 +42,8 @@ def _source_data(run: Run) -> dict:
     r = run.recipe
     d = hashed_dict(r)["data"]
     source = {k: d[k] for k in ("dataset", "data_dir", "dev_size", "synthetic_sizes")}
-    if "synthetic" in (r.data.dataset, r.teacher.dataset):
-        source["world_seed"] = r.train.seed
+    if "synthetic" in (r.data.dataset, r.teacher.dataset) and r.train.seed != 0:
+        source["world_seed"] = r.train.seed  # absent means 0, so folders made before it keep their keys
     return source
 
 

@@ -32,7 +32,9 @@ _FLAGS = {
                                     "or sampled (temperature-scaled; SGLang, vLLM processed_logprobs)"),
     "--format": ("format", str, "prompt format (in_context_cot, zero_shot_cot, ...)"),
     "--shots": ("shots", int, "in-context exemplars per prompt"),
-    "--prompt": ("prompt", str, "exemplar choice: seeded, or complex (the most reasoning steps)"),
+    "--prompt": ("prompt", str, "exemplar choice: seeded, complex (the most reasoning steps) or file"),
+    "--prompt-file": ("prompt_file", str, "with --prompt file: the few-shot prefix, e.g. the paper's "
+                                          "lib_prompt/prompt_complex.txt"),
     "--limit": ("limit", int, "answer only the first N questions"),
     "--concurrency": ("concurrency", int, "requests in flight"),
     "--replicas": ("replicas", int, "hf backend: model copies sampling at once, one process each (cuda:0..N-1)"),

@@ -39,16 +39,22 @@ def _stable_int(*parts) -> int:
 
 
 def build_prompts(examples: Sequence, fmt: str, shots: int, pool: Sequence, seed: int = 0,
-                  prompt: str = "seeded") -> list[str]:
+                  prompt: str = "seeded", prefix: Optional[str] = None) -> list[str]:
     """One prompt per example. In-context formats use one fixed k-shot set (the paper's single prompt
     for all questions): drawn from `pool` by `seed` (prompt "seeded"), or the `shots` exemplars of
     `pool` with the most reasoning steps in the complexity-based style (prompt "complex",
     in_context_cot only). A question that is itself one of those exemplars gets its own set with it
-    excluded, so no prompt ever contains its own question."""
+    excluded, so no prompt ever contains its own question. Prompt "file": `prefix` (a prompt file's
+    text) and each question in the paper's "\nQuestion: <q>\nLet's think step by step"."""
     from specialize.engine.data import build_prompt, draw_exemplars
-    from specialize.engine.data.prompts import IN_CONTEXT_FORMATS, build_complex_prompt, complex_exemplars
-    if prompt not in ("seeded", "complex"):
-        raise ValueError(f"teacher.prompt must be 'seeded' or 'complex', got {prompt!r}")
+    from specialize.engine.data.prompts import COMPLEX_TRIGGER, IN_CONTEXT_FORMATS, build_complex_prompt, complex_exemplars
+    if prompt not in ("seeded", "complex", "file"):
+        raise ValueError(f"teacher.prompt must be 'seeded', 'complex' or 'file', got {prompt!r}")
+    if prompt == "file":
+        if fmt != "in_context_cot" or prefix is None:
+            raise ValueError(f"teacher.prompt file is a chain-of-thought few-shot prompt: it needs teacher.format "
+                             f"in_context_cot (got {fmt!r}) and teacher.prompt_file")
+        return [f"{prefix}\nQuestion: {ex.question.strip()}\n{COMPLEX_TRIGGER}" for ex in examples]
     if prompt == "complex":
         if fmt != "in_context_cot":
             raise ValueError(f"teacher.prompt complex is a chain-of-thought few-shot prompt: it needs "
@@ -88,6 +94,9 @@ def hashed_settings(cfg, backend=None) -> dict:
     if d["backend"] != "openai":
         d["api"] = None  # only the openai backend has two APIs
     d["stop"] = resolve_stop(cfg.stop)  # what is really sent, so None and its expansion hash alike
+    if cfg.prompt == "file":
+        from specialize.engine.config import prompt_file_sha256
+        d["prompt_file_sha256"] = prompt_file_sha256(cfg.prompt_file)
     return d
 
 
@@ -128,7 +137,17 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
         settings["exemplar_seed"] = seed  # it picks the exemplars, so the prompts: part of what a folder holds
     store = ShardStore(out_dir, settings)
     pool = list(exemplar_pool) if exemplar_pool is not None else list(examples)
-    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed, prompt=cfg.prompt)
+    prefix = None
+    if cfg.prompt == "file":
+        from specialize.engine.config import read_prompt_file
+        prefix = read_prompt_file(cfg.prompt_file)
+        # a question the file works through as an exemplar would be answered by copying it
+        inside = [ex for ex in examples if ex.question.strip() in prefix]
+        if inside:
+            print(f"teacher: {len(inside)} question(s) are exemplars of {cfg.prompt_file} and are not asked "
+                  f"({', '.join(ex.id for ex in inside[:8])})", flush=True)
+            examples = [ex for ex in examples if ex.question.strip() not in prefix]
+    prompts = build_prompts(examples, cfg.format, cfg.shots, pool, seed, prompt=cfg.prompt, prefix=prefix)
     per_request = max(1, samples_per_request or cfg.samples)
     todo = []
     for ex, prompt in zip(examples, prompts):
