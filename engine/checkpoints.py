@@ -102,6 +102,44 @@ def check_every_rank_can_load(ckpt_dir: Path, rank: int, world: int, zero_stage:
             "filesystem shared by all nodes (and fully written: check that no copy or sync is still running)")
 
 
+def forget_lost_timeline(run: RunDir, step: int, best_step: Optional[int]) -> list[str]:
+    """Resuming from `step`: what the run wrote after it (log and dev-score rows, dev predictions, a
+    best/ exported after it) belongs to steps that will be trained again, and on a GPU the replay need
+    not match bit for bit. Left in place, `specialize select` would take the best of both timelines
+    (maybe a step whose checkpoint never completed) and best/ would disagree with the resumed best_step.
+    Rows and predictions past `step` go; such a best/ is rebuilt from the best_step checkpoint (which
+    rotation keeps) or removed. Rank 0 alone; returns what it did, for the log."""
+    from specialize.engine.io_helpers import read_jsonl
+    done = []
+    for path in (run.train_log, run.dev_scores_path):
+        if path.is_file():
+            rows = read_jsonl(path)
+            kept = [r for r in rows if r.get("step", 0) <= step]
+            if len(kept) < len(rows):
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(path)
+                done.append(f"{len(rows) - len(kept)} row(s) after step {step} dropped from {path.name}")
+    for d in sorted((run.root / "dev").glob("step-*")):
+        if (run.step_of(d) or 0) > step:
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(f"dev predictions {d.name} removed")
+    info_path = run.best / "specialize.json"
+    exported = json.loads(info_path.read_text()).get("step") if info_path.is_file() else None
+    if exported is not None and exported > step:
+        if best_step is not None and run.is_complete(run.checkpoint(best_step)):
+            from specialize.engine.export import export_checkpoint
+            scores = [r for r in read_jsonl(run.dev_scores_path) if r.get("step") == best_step] \
+                if run.dev_scores_path.is_file() else []
+            export_checkpoint(run.checkpoint(best_step), run.root, run.best,
+                              info={**(scores[-1] if scores else {}), "step": best_step, "restored_on_resume": True})
+            done.append(f"best/ (step {exported}, after the resumed step) re-exported from step {best_step}")
+        else:
+            shutil.rmtree(run.best, ignore_errors=True)
+            done.append(f"best/ (step {exported}, after the resumed step) removed")
+    return done
+
+
 class Rotator:
     """Deletes old checkpoints on rank 0 in a background thread: removing 100+ GB can take longer than
     the collective timeout, and the other ranks must not wait for it in a barrier."""

@@ -84,7 +84,7 @@ def export_model(model, tokenizer, out_dir: str | Path, info: Optional[dict] = N
 
 
 def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = None,
-                      out_dir: str | Path | None = None) -> Path:
+                      out_dir: str | Path | None = None, info: Optional[dict] = None) -> Path:
     """A DeepSpeed checkpoint (<run>/checkpoints/step-XXXXXX) as a HF model, offline, in one process.
 
     Called as (checkpoint, run_dir, out_dir) or (checkpoint, out_dir): with two arguments the second is
@@ -120,7 +120,7 @@ def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = N
         model = model_from_state(model_config(recipe.model, len(tokenizer)), state)
     except RuntimeError as err:
         raise RuntimeError(f"{ckpt}: {err}") from None
-    return export_model(model, tokenizer, out_dir, {"checkpoint": str(ckpt)})
+    return export_model(model, tokenizer, out_dir, {**(info or {}), "checkpoint": str(ckpt)})
 
 
 def main(argv: list[str] | None = None) -> int:

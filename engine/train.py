@@ -232,6 +232,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         check_every_rank_can_load,
         check_same_launch,
         choose_resume_tag,
+        forget_lost_timeline,
         mark_complete,
     )
     from specialize.engine.data import COT_FORMATS, draw_exemplars, first_items, load_dataset_by_name
@@ -278,6 +279,11 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
         tag, written = choose_resume_tag(run, rank)  # rank 0 decides; every rank loads the same tag
         if tag is not None:
             check_same_launch(ckpt_root / tag, written, world, zero_stage)
+
+            def forget() -> None:
+                for line in forget_lost_timeline(run, written["step"], written.get("best_step")):
+                    print(f"[train] resume: {line}", flush=True)
+            on_rank0(forget, rank)
 
     seed_everything(t.seed)  # same init on every rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
@@ -338,7 +344,8 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     def open_writer() -> None:
         nonlocal writer
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(run.tensorboard))
+        # purge_step: TensorBoard hides the lost timeline's events past the resumed step
+        writer = SummaryWriter(str(run.tensorboard), purge_step=step + 1 if tag is not None else None)
     on_rank0(open_writer, rank)
     if is_main:
         print(f"[train] {describe(t5)}; {recipe.loss.kind} loss; ZeRO-{zero_stage} "

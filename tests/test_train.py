@@ -213,3 +213,33 @@ def test_zero3_loads_pretrained_weights_into_partitions(world, tmp_path):
         first[zero] = loss_curve(tmp_path / f"run{zero}")[1]
     assert "(built under zero.Init)" in proc.stdout
     assert abs(first[3] - first[0]) <= 1e-4 * abs(first[0]), first
+
+
+def test_a_resume_forgets_what_the_lost_steps_wrote(zero1_run, tmp_path):
+    """Resuming from step 6 of a run that had reached step 12: its rows, dev predictions and best/ from
+    after step 6 would otherwise mix two timelines (select would take the better of both)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from specialize.engine.checkpoints import forget_lost_timeline
+    from specialize.engine.export import export_checkpoint
+    from specialize.engine.rundir import RunDir
+    for best_step in (None, 6):
+        root = tmp_path / f"run{best_step}"
+        shutil.copytree(zero1_run[0], root)
+        run = RunDir(root, find_train=False)
+        assert json.loads((run.best / "specialize.json").read_text())["step"] == STEPS
+        assert read_jsonl(run.dev_scores_path)[-1]["step"] == STEPS
+        said = forget_lost_timeline(run, 6, best_step)
+        assert max(r["step"] for r in read_jsonl(run.train_log)) == 6 and not read_jsonl(run.dev_scores_path)
+        assert not (root / "dev" / f"step-{STEPS:06d}").exists()
+        if best_step is None:
+            assert not run.best.exists() and any("best/ (step 12" in line and "removed" in line for line in said)
+        else:
+            info = json.loads((run.best / "specialize.json").read_text())
+            assert info["step"] == 6 and info["restored_on_resume"]
+            ref = export_checkpoint(run.checkpoint(6), tmp_path / "ref6")
+            a, b = load_file(run.best / "model.safetensors"), load_file(ref / "model.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert forget_lost_timeline(run, 6, best_step) == []  # nothing left to forget
