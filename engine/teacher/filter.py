@@ -62,6 +62,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
     out.mkdir(parents=True, exist_ok=True)
     per_q: dict[str, list[int]] = {}  # qid -> [samples, correct]
+    texts: dict[str, set[str]] = {}  # qid -> its distinct sample texts
     seen, kept_lines = set(), []
     # What the filter would keep on the uncut text (record text + the cut's dropped_text): the
     # share the answer-line cut saves, reported beside the real count.
@@ -78,6 +79,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
         cut = rec.get("cut")
         cut_count += cut is not None
         kept_uncut += ok if cut is None else correct(rec["text"] + cut.get("dropped_text", ""), rec)
+        texts.setdefault(rec["qid"], set()).add(rec["text"])
         counts = per_q.setdefault(rec["qid"], [0, 0])
         counts[0] += 1
         counts[1] += ok
@@ -104,7 +106,11 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               "per_question_mean_accuracy": sum(accs) / len(accs) if accs else 0.0,
               "cut_samples": cut_count, "kept_without_cut": kept_uncut,
               "accuracy_without_cut": kept_uncut / samples if samples else 0.0,
-              "dropped_without_answer_line": no_answer_line, "stopped_by_max_tokens": truncated}
+              "dropped_without_answer_line": no_answer_line, "stopped_by_max_tokens": truncated,
+              # of the questions with several samples, those whose samples are all one text: near all of
+              # them at a temperature > 0 means the server gave every sample of a request one seed
+              "questions_with_samples": sum(n > 1 for n, _ in per_q.values()),
+              "questions_all_samples_identical": sum(per_q[q][0] > 1 and len(t) == 1 for q, t in texts.items())}
     manifest = read_manifest(in_dir) or {}
     _write_atomic(out / MANIFEST, [json.dumps({**manifest, "filtered_from": str(in_dir), "filter": result}, indent=1)])
     if verbose:
@@ -115,6 +121,12 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               f"mean per question {100 * result['per_question_mean_accuracy']:.1f}%")
         print(f"answer-line cut: {cut_count} samples cut; without the cut {kept_uncut}/{samples} would be kept "
               f"({100 * result['accuracy_without_cut']:.1f}%)")
+        multi, same = result["questions_with_samples"], result["questions_all_samples_identical"]
+        temperature = (manifest.get("settings") or {}).get("temperature")
+        if multi and same >= 0.9 * multi and (temperature or 0) > 0:
+            print(f"warning: {same} of the {multi} questions with several samples got the same text in every "
+                  f"sample at temperature {temperature}: does the server give each sample of a request its own "
+                  "seed? (SGLang with n > 1 and a seed may not)")
         if no_answer_line or truncated:
             print(f"{truncated} samples stopped at max_tokens; {no_answer_line} whose last number is the gold "
                   "were dropped for lack of an answer line (raise teacher.max_tokens if many were cut off)")
