@@ -274,3 +274,31 @@ def test_a_server_folder_from_before_the_logprobs_setting_takes_the_declared_kin
             ShardStore(tmp_path / "local", {**old, "backend": "hf", "logprobs": "raw"})
     else:
         assert ("q", 0) in ShardStore(tmp_path / "local", {**old, "backend": "hf", "logprobs": "sampled"}).done
+
+
+def test_the_last_line_is_found_from_the_end_and_the_filter_streams_lines(tmp_path):
+    """The torn-tail check reads a shard from its end in chunks (a shard is ~1.6 GB): its answer equals a
+    plain search at any chunk size; the filter names a corrupt middle line and skips a torn last one."""
+    import random
+
+    from specialize.engine.teacher.records import _last_line_start
+    rng = random.Random(0)
+    for trial in range(200):
+        data = b"".join(rng.choice([b"\n", b"ab", b"c" * rng.randint(1, 30)]) for _ in range(rng.randint(1, 12)))
+        path = tmp_path / f"f{trial}"
+        path.write_bytes(data)
+        body = data[:-1] if data.endswith(b"\n") else data
+        with open(path, "rb") as fh:
+            for chunk in (1, 3, 7, 1 << 20):
+                assert _last_line_start(fh, len(data), chunk) == body.rfind(b"\n") + 1, (data, chunk)
+    store = ShardStore(tmp_path / "in", SETTINGS)
+    store.append([record("q1", 0, "The answer is 12."), record("q2", 0, "The answer is 12.")])
+    store.close()
+    shard = next((tmp_path / "in").glob("samples-*.jsonl"))
+    with open(shard, "ab") as fh:
+        fh.write(b'{"qid": "q3", "sample_ind')  # torn by a crash
+    assert filter_samples(str(tmp_path / "in"), str(tmp_path / "out"), verbose=False)["samples"] == 2
+    lines = shard.read_bytes().split(b"\n")
+    shard.write_bytes(lines[0] + b"\n{garbage}\n" + lines[1] + b"\n")
+    with pytest.raises(ValueError, match=r"samples-00000\.jsonl at byte \d+: not a teacher record"):
+        filter_samples(str(tmp_path / "in"), str(tmp_path / "out"), verbose=False)

@@ -11,12 +11,16 @@ rerunning after a crash or on a grown input is safe.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
-from .records import MANIFEST, SHARD_GLOB, iter_records, read_manifest, shard_name
+import msgspec
+
+from .records import MANIFEST, SHARD_GLOB, iter_record_lines, read_manifest, shard_name
 
 _BUCKETS = ("0%", "(0,25%]", "(25,50%]", "(50,75%]", "(75,100%)", "100%")
 
@@ -30,9 +34,9 @@ def _bucket(acc: float) -> str:
     return _BUCKETS[1 + min(3, int((acc - 1e-12) // 0.25))]
 
 
-def _write_atomic(path: Path, lines) -> None:
+def _write_atomic(path: Path, lines, binary: bool = False) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as fh:
         for line in lines:
             fh.write(line)
         fh.flush()
@@ -46,6 +50,20 @@ def record_order(key: tuple[str, int]) -> tuple:
     qid, index = key
     parts = re.split(r"(\d+)", qid)  # text, number, text, ...: the odd places are the numbers
     return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), index
+
+
+class _Judged(msgspec.Struct):
+    """The fields of a record the filter reads (msgspec skips the top-k, most of each line)."""
+    qid: str
+    sample_index: int
+    gold: str
+    dataset: str
+    text: str
+    finish_reason: Optional[str] = None
+    cut: Optional[dict] = None
+
+
+_JUDGED = msgspec.json.Decoder(_Judged)
 
 
 def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines: int = 20_000) -> dict:
@@ -62,40 +80,56 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
     out.mkdir(parents=True, exist_ok=True)
     per_q: dict[str, list[int]] = {}  # qid -> [samples, correct]
-    texts: dict[str, set[str]] = {}  # qid -> its distinct sample texts
+    texts: dict[str, set[int]] = {}  # qid -> its distinct sample texts (hashed)
+    # kept: (order, shard, offset, length); the lines are copied from the shards at the end, so that
+    # 300k records (~5 GB) are never all in memory
     seen, kept_lines = set(), []
     # What the filter would keep on the uncut text (record text + the cut's dropped_text): the
     # share the answer-line cut saves, reported beside the real count.
     kept_uncut = cut_count = 0
     no_answer_line = truncated = 0  # right by the last number but no answer line; finish_reason "length"
-    for rec in iter_records(in_dir):
-        key = (rec["qid"], rec["sample_index"])
+    for path, offset, line in iter_record_lines(in_dir):
+        try:
+            judged = _JUDGED.decode(line)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            raise ValueError(f"{path} at byte {offset}: not a teacher record ({err})") from None
+        rec = {"qid": judged.qid, "gold": judged.gold, "dataset": judged.dataset}
+        key = (judged.qid, judged.sample_index)
         if key in seen:  # defensive: generate never writes a key twice
             continue
         seen.add(key)
-        ok = correct(rec["text"], rec)
-        no_answer_line += not ok and is_correct(rec["text"], rec["gold"], rec["dataset"])
-        truncated += rec.get("finish_reason") == "length"
-        cut = rec.get("cut")
+        ok = correct(judged.text, rec)
+        no_answer_line += not ok and is_correct(judged.text, rec["gold"], rec["dataset"])
+        truncated += judged.finish_reason == "length"
+        cut = judged.cut
         cut_count += cut is not None
-        kept_uncut += ok if cut is None else correct(rec["text"] + cut.get("dropped_text", ""), rec)
-        texts.setdefault(rec["qid"], set()).add(rec["text"])
+        kept_uncut += ok if cut is None else correct(judged.text + cut.get("dropped_text", ""), rec)
+        texts.setdefault(rec["qid"], set()).add(hash(judged.text))
         counts = per_q.setdefault(rec["qid"], [0, 0])
         counts[0] += 1
         counts[1] += ok
         if ok:
-            kept_lines.append((record_order(key), json.dumps(rec, ensure_ascii=False) + "\n"))
+            kept_lines.append((record_order(key), path, offset, len(line)))
     # The teacher stores records in the order requests finish (a server with many requests in flight,
     # or several hf replicas), so that order changes from run to run. Kept in (question, sample) order,
     # the same samples always align and train alike.
-    kept_lines = [line for _, line in sorted(kept_lines)]
+    kept_lines = [ref for _, *ref in sorted(kept_lines, key=lambda k: k[0])]
     per_q = dict(sorted(per_q.items(), key=lambda item: record_order((item[0], 0))))
     for stale in out.glob(SHARD_GLOB):
         stale.unlink()
     if shard_lines < 1:
         raise ValueError(f"shard_lines must be >= 1, got {shard_lines}")
-    for n, start in enumerate(range(0, max(1, len(kept_lines)), shard_lines)):
-        _write_atomic(out / shard_name(n), kept_lines[start:start + shard_lines])
+    with contextlib.ExitStack() as files:
+        opened: dict = {}
+
+        def copied(refs):
+            for path, offset, length in refs:
+                if path not in opened:
+                    opened[path] = files.enter_context(open(path, "rb"))
+                opened[path].seek(offset)
+                yield opened[path].read(length)
+        for n, start in enumerate(range(0, max(1, len(kept_lines)), shard_lines)):
+            _write_atomic(out / shard_name(n), copied(kept_lines[start:start + shard_lines]), binary=True)
     _write_atomic(out / "per_question.jsonl",
                   (json.dumps({"qid": q, "samples": n, "correct": c, "accuracy": c / n}) + "\n"
                    for q, (n, c) in per_q.items()))
