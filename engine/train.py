@@ -124,26 +124,41 @@ def dev_evaluate(model, tokenizer, dev_sets: dict, recipe: Recipe, exemplars, ra
     (examples rank::world) and the predictions are gathered on every rank.
 
     partitioned (ZeRO-3): the training model generates as it is, each module's weights gathered around
-    its forward (no full copy anywhere); all ranks then run the same number of batches in step."""
-    from specialize.engine.evaluation.evaluate import evaluate_model
+    its forward (no full copy anywhere); all ranks then run the same number of batches in step, and
+    the dev sets go through one generate stream: every forward gathers the weights over all ranks,
+    and with 32 ranks each holds a few questions per set, so set after set cost a stream's forwards
+    (up to max_new_tokens) per set."""
+    from specialize.engine.evaluation.evaluate import evaluate_model, generate_texts, prompt_for, score_predictions
     e = recipe.eval
+    mine = {name: examples[rank::world] for name, examples in dev_sets.items()}
+    if partitioned:
+        flat = [(name, ex) for name, examples in mine.items() for ex in examples]
+        # rank 0's slice is the largest of every set: its batch count is the one every rank runs
+        largest_slice = sum(math.ceil(len(examples) / world) for examples in dev_sets.values())
+        filler = next((examples[0] for examples in dev_sets.values() if examples), None)
+        texts, cut = generate_texts(
+            model, tokenizer, [prompt_for(ex, e.format, exemplars, recipe.data.data_dir) for _, ex in flat],
+            e.batch_size, e.max_new_tokens, e.num_beams, progress=rank == 0, desc="dev", synced_gpus=True,
+            min_batches=math.ceil(largest_slice / e.batch_size),
+            filler_prompt=prompt_for(filler, e.format, exemplars, recipe.data.data_dir) if filler else None)
+        local = {}
+        for name, examples in mine.items():
+            picked = [k for k, (n, _) in enumerate(flat) if n == name]
+            rows = score_predictions([texts[k] for k in picked], examples, name).predictions if examples else []
+            for row, k in zip(rows, picked):
+                row["truncated"] = cut[k]
+            local[name] = rows
+    else:
+        local = {name: evaluate_model(model, tokenizer, examples, name, fmt=e.format, exemplars=exemplars,
+                                      batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                      num_beams=e.num_beams, progress=rank == 0,
+                                      data_dir=recipe.data.data_dir).predictions if examples else []
+                 for name, examples in mine.items()}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, local)
     scores, predictions = {}, {}
-    for name, examples in dev_sets.items():
-        mine = examples[rank::world]
-        preds = []
-        # the largest slice's batch count, which every rank must run when the ranks generate together
-        largest_slice = math.ceil(len(examples) / world)
-        in_step = math.ceil(largest_slice / e.batch_size) if partitioned else 0
-        if mine or in_step:
-            res = evaluate_model(model, tokenizer, mine, name, fmt=e.format, exemplars=exemplars,
-                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                 num_beams=e.num_beams, progress=rank == 0, data_dir=recipe.data.data_dir,
-                                 synced_gpus=partitioned, min_batches=in_step,
-                                 filler=examples[0] if examples else None)
-            preds = res.predictions
-        gathered = [None] * world
-        dist.all_gather_object(gathered, preds)
-        everything = [p for part in gathered for p in part]
+    for name in dev_sets:
+        everything = [p for part in gathered for p in part[name]]
         scores[f"dev/{name}_acc"] = (sum(bool(p["correct"]) for p in everything) / len(everything)
                                      if everything else float("nan"))
         predictions[name] = everything

@@ -384,3 +384,51 @@ def test_a_checkpoint_of_another_world_or_zero_stage_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="under ZeRO-2"):
         check_same_launch(run.checkpoints / tag, written, world=32, zero_stage=2)
     check_same_launch(run.checkpoints / tag, {"step": 4}, world=8, zero_stage=1)  # from before the fields
+
+
+def _dev_eval_rank(rank: int, port: int, tok_dir: str, out: str) -> None:
+    import json as _json
+
+    import torch.distributed as dist
+
+    from specialize.engine.config import Recipe
+    from specialize.engine.data import load_dataset_by_name
+    from specialize.engine.tokenizers import load_tokenizer
+    from specialize.engine.train import dev_evaluate
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tok = load_tokenizer(tok_dir)
+    model = tiny_t5(scaled=False, vocab=len(tok))
+    recipe = Recipe()
+    recipe.eval.format, recipe.eval.max_new_tokens, recipe.eval.batch_size = "zero_shot_cot", 6, 64
+    dev = {"synthetic/dev": load_dataset_by_name("synthetic/dev", sizes=SIZES)[:5],
+           "synthetic/ood_steps": load_dataset_by_name("synthetic/ood_steps", split="dev", sizes=SIZES, ood_dev_size=3)[:3],
+           "synthetic/ood_numbers": load_dataset_by_name("synthetic/ood_numbers", split="dev", sizes=SIZES,
+                                                        ood_dev_size=3)[:1]}
+    calls, generate = [], model.generate
+    model.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    together = dev_evaluate(model, tok, dev, recipe, (), rank, 2, partitioned=True)
+    streams = len(calls)
+    per_set = dev_evaluate(model, tok, dev, recipe, (), rank, 2, partitioned=False)
+    Path(out, f"rank{rank}.json").write_text(_json.dumps({"streams": streams, "together": together,
+                                                          "per_set": per_set}))
+    dist.destroy_process_group()
+
+
+def test_zero3_dev_evaluation_runs_every_dev_set_in_one_generate_stream(world, tmp_path):
+    """Under ZeRO-3 every forward gathers the weights over all ranks: the dev sets share one stream
+    (rank 1 holds no ood_numbers question and still runs it in step), with the same scores and
+    predictions as set by set."""
+    import json as _json
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dev_eval_rank, args=(port, world["tokenizer"], str(tmp_path)), nprocs=2, join=True)
+    ranks = [_json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["streams"] for r in ranks] == [1, 1]  # set by set: 3 on rank 0
+    for r in ranks:
+        assert r["together"] == r["per_set"] == ranks[0]["per_set"]
+    assert [len(ranks[0]["together"][1][n]) for n in ("synthetic/dev", "synthetic/ood_steps", "synthetic/ood_numbers")] \
+        == [5, 3, 1]
