@@ -35,6 +35,10 @@ from specialize.engine.data import (
     ("16-3-4=9", "9"),                                      # binary minus is not a sign
     ("1,2,3", "3"),                                         # not a thousands group
     ("The answer is -(1/3)", "-1/3"),
+    ("The answer is 20-5=15.", "15"),                       # a computation: its result, not its first operand
+    ("The answer is 2.5 x 4 = 10 dollars.", "10"),
+    ("The answer is $15 (= 3 * 5).", "15"),                 # a number first: that number
+    ("The answer is 20.\nQ: 3-1=2", "20"),                  # only the answer line counts
     ("no numbers at all", None),
 ])
 def test_extract_number(text, expected):

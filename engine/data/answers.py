@@ -1,8 +1,9 @@
 """Final-answer extraction and comparison, per dataset.
 
 Math datasets (gsm8k, multiarith, asdiv, svamp, synthetic arithmetic) compare numbers: the number after
-the last "#### ", else the first number after the last "The answer is", else the last number in the
-text; commas, signs, "$", decimals and fractions are understood, and comparison has a small tolerance
+the last "#### ", else the first number after the last "The answer is" (the result after "=" when
+that line starts with a computation: "The answer is 20 - 5 = 15."), else the last number in the text;
+commas, signs, "$", decimals and fractions are understood, and comparison has a small tolerance
 (SVAMP/MultiArith golds are floats). BBH compares per task kind: option letters "(B)", True/False,
 Yes/No, valid/invalid, numbers, word lists (word_sorting) and bracket sequences (dyck_languages).
 """
@@ -24,6 +25,8 @@ _ANSWER_IS = re.compile(r"answer is\s*:?", re.I)
 # The marker of a final-answer line; the teacher's output is cut after the first line holding it.
 ANSWER_IS = _ANSWER_IS
 _HASHES = re.compile(r"####")
+# An answer line that starts with a computation and gives its result after "=".
+_EQUATION = re.compile(r"\s*\$?[\d.,]+\s*[-+*/x\u00d7\u2212]\s*\$?[\d.,(].*=\s*[-\u2212]?\$?\d")
 
 BBH_KINDS = {
     "boolean_expressions": "bool", "causal_judgement": "yesno", "navigate": "yesno",
@@ -125,7 +128,11 @@ def _extract_number(text: str) -> Optional[str]:
             return format_number(found[0][0])
     marks = list(_ANSWER_IS.finditer(text))
     if marks:
-        found = _numbers(text[marks[-1].end():])
+        span = text[marks[-1].end():]
+        line = span.split("\n", 1)[0]
+        if _EQUATION.match(line):  # "The answer is 20 - 5 = 15.": the result, not the first operand
+            span = line[line.rindex("=") + 1:]
+        found = _numbers(span)
         if found:
             return format_number(found[0][0])
     found = _numbers(text)
