@@ -43,14 +43,30 @@ def rank0_state_dict(engine, t5, rank: int) -> Optional[dict]:
     return _host_copy(t5.state_dict()) if rank == 0 else None
 
 
+def has_own_lm_head(state: dict) -> bool:
+    """Whether `state` holds an lm_head apart from the shared embedding, as every T5 v1.1 / FlanT5
+    checkpoint does. transformers >= 5 builds every T5 with lm_head tied to it (T5Config forces
+    tie_word_embeddings) and unties a loaded checkpoint only when the two differ."""
+    head, shared = state.get("lm_head.weight"), state.get("shared.weight")
+    if head is None or shared is None:
+        return False
+    same_memory = head.numel() and head.device == shared.device and head.data_ptr() == shared.data_ptr()
+    return not same_memory and not torch.equal(head, shared.to(head.device))
+
+
 def model_from_state(config, state: dict, device: Optional[torch.device] = None):
     """An ordinary T5ForConditionalGeneration holding `state` (eval mode). Built on the meta device and
-    filled in place, so the only full copy is `state` itself."""
+    filled in place, so the only full copy is `state` itself. An lm_head of its own stays its own:
+    `tie_weights()` would put the input embedding in its place (a FlanT5 export would be another model)."""
     from transformers import T5ForConditionalGeneration
     with torch.device("meta"):
         model = T5ForConditionalGeneration(config)
+    own_head = has_own_lm_head(state)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    model.encoder.embed_tokens.weight = model.shared.weight
+    model.decoder.embed_tokens.weight = model.shared.weight
+    if not own_head:
+        model.lm_head.weight = model.shared.weight
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left or unexpected:
         raise RuntimeError(f"exported weights do not fit the model: missing {left or missing}, "

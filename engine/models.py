@@ -92,6 +92,57 @@ def model_config(model_cfg: ModelConfig, vocab_size: Optional[int] = None):
     return config
 
 
+def _checkpoint_tensor(name_or_path: str, key: str):
+    """One tensor of a checkpoint (local folder or hub id; safetensors or .bin, sharded or not), read alone,
+    or None where the checkpoint does not store it."""
+    import json
+
+    import torch
+    from transformers.utils import cached_file
+
+    def find(filename):
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = find(index_name)
+        filename = json.loads(Path(index).read_text())["weight_map"].get(key) if index else single
+        path = find(filename) if filename else None
+        if path is None:
+            continue
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(key) if key in f.keys() else None
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get(key)
+    return None
+
+
+def checkpoint_has_own_lm_head(name_or_path: str) -> bool:
+    """Whether the checkpoint stores an lm_head apart from its shared embedding (T5 v1.1 and FlanT5 do)."""
+    import torch
+    head = _checkpoint_tensor(name_or_path, "lm_head.weight")
+    if head is None:
+        return False
+    shared = _checkpoint_tensor(name_or_path, "shared.weight")
+    return shared is None or not torch.equal(head, shared)
+
+
+def _t5_class(own_lm_head: bool):
+    """T5ForConditionalGeneration, or for a checkpoint with its own lm_head one that ties only the
+    encoder and decoder embeddings to `shared`. transformers >= 5 builds every T5 with lm_head tied and
+    unties it on load when the checkpoint's two matrices differ; under ZeRO-3 that check compares
+    empty partitions, finds them equal and ties: FlanT5's lm_head was replaced by its embedding."""
+    from transformers import T5ForConditionalGeneration
+    if not own_lm_head:
+        return T5ForConditionalGeneration
+
+    class T5WithOwnLMHead(T5ForConditionalGeneration):
+        _tied_weights_keys = {k: v for k, v in T5ForConditionalGeneration._tied_weights_keys.items()
+                              if k != "lm_head.weight"}
+    return T5WithOwnLMHead
+
+
 def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=None, ds_config: Optional[dict] = None):
     """T5ForConditionalGeneration from `name_or_path` (pretrained weights) or random-init from `config`
     (see model_config). With a ZeRO-3 `ds_config` the model is built under DeepSpeed's zero.Init
@@ -107,7 +158,8 @@ def build_model(model_cfg: ModelConfig, vocab_size: Optional[int] = None, dtype=
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 — transformers sees ZeRO-3 while this object lives
     try:
         if model_cfg.name_or_path:
-            model = T5ForConditionalGeneration.from_pretrained(model_cfg.name_or_path, config=config, dtype=dtype)
+            cls = _t5_class(zero3 and checkpoint_has_own_lm_head(model_cfg.name_or_path))
+            model = cls.from_pretrained(model_cfg.name_or_path, config=config, dtype=dtype)
         elif zero3:
             model = T5ForConditionalGeneration._from_config(config, dtype=dtype)  # zero.Init + gathered init
         else:

@@ -115,3 +115,23 @@ def read_jsonl(path: Path) -> list[dict]:
 def loss_curve(run_dir: Path) -> dict[int, float]:
     """step -> train/loss from train_log.jsonl; a resumed run's later lines win for repeated steps."""
     return {row["step"]: row["train/loss"] for row in read_jsonl(Path(run_dir) / "train_log.jsonl")}
+
+
+def save_untied_t5(model, path: Path, seed: int = 0) -> None:
+    """Save `model` as a T5 v1.1 / FlanT5 checkpoint is stored: an lm_head of its own (random, apart from
+    the shared embedding) and tie_word_embeddings false in config.json. transformers >= 5 builds every
+    T5 tied, so a model of ours saves tied; the real checkpoints a user starts from are not."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    model.save_pretrained(path)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+             if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
+    gen = torch.Generator().manual_seed(seed)
+    state["lm_head.weight"] = torch.randn(state["shared.weight"].shape, generator=gen) * 0.05
+    save_file(state, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    cfg.pop("scale_decoder_outputs", None)
+    (Path(path) / "config.json").write_text(json.dumps(cfg, indent=1))

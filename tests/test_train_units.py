@@ -432,3 +432,27 @@ def test_zero3_dev_evaluation_runs_every_dev_set_in_one_generate_stream(world, t
         assert r["together"] == r["per_set"] == ranks[0]["per_set"]
     assert [len(ranks[0]["together"][1][n]) for n in ("synthetic/dev", "synthetic/ood_steps", "synthetic/ood_numbers")] \
         == [5, 3, 1]
+
+
+def test_an_export_keeps_an_lm_head_of_its_own(tmp_path):
+    """FlanT5 stores its lm_head apart from the embedding. transformers >= 5 builds T5 tied, and the
+    export's tie_weights() put the embedding in the head's place: best/ was another model."""
+    from engine_fixtures import save_untied_t5
+    from transformers import T5ForConditionalGeneration
+
+    from specialize.engine.export import export_model, model_from_state
+    from specialize.engine.models import checkpoint_has_own_lm_head
+    save_untied_t5(tiny_t5(scaled=False), tmp_path / "flan")
+    tiny_t5(scaled=False).save_pretrained(tmp_path / "tied")
+    assert checkpoint_has_own_lm_head(str(tmp_path / "flan")) and not checkpoint_has_own_lm_head(str(tmp_path / "tied"))
+    flan = T5ForConditionalGeneration.from_pretrained(tmp_path / "flan").eval()
+    assert not torch.equal(flan.lm_head.weight, flan.shared.weight)
+    state = {k: v.detach().clone() for k, v in flan.state_dict().items()}
+    exported = export_model(model_from_state(flan.config, state), None, tmp_path / "best")
+    back = T5ForConditionalGeneration.from_pretrained(exported).eval()
+    x, y = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 8, 9]])
+    assert torch.equal(back.lm_head.weight, flan.lm_head.weight)
+    assert torch.allclose(back(input_ids=x, decoder_input_ids=y).logits, flan(input_ids=x, decoder_input_ids=y).logits)
+    tied = T5ForConditionalGeneration.from_pretrained(tmp_path / "tied")
+    again = model_from_state(tied.config, {k: v.detach().clone() for k, v in tied.state_dict().items()})
+    assert again.lm_head.weight is again.shared.weight  # a tied model stays tied
