@@ -49,7 +49,9 @@ def launch_env(environ) -> dict:
     name, (size_var, rank_var, local_var) = found
     if "MASTER_ADDR" not in environ:
         if name in MPI_LAUNCHERS and _has_mpi4py():
-            return {}  # deepspeed.init_distributed finds rank, world and rank 0's address through MPI
+            # deepspeed.init_distributed finds rank, world and rank 0's address through MPI; the GPU is
+            # picked before that, from the launcher's local rank
+            return {"LOCAL_RANK": environ[local_var]} if local_var in environ else {}
         raise ConfigError(
             f"started by {name} as one of {environ[size_var]} processes, without RANK or MASTER_ADDR: export "
             "MASTER_ADDR (the first node's address) and MASTER_PORT to every process"
@@ -75,9 +77,7 @@ def init_distributed(local_rank_arg: int, timeout_s: float = 1800.0) -> tuple[in
 
     import deepspeed
     os.environ.update(launch_env(os.environ))
-    local_names = [names[2] for names in LAUNCHER_VARS.values()]
-    local_rank = int(os.environ.get("LOCAL_RANK", next(
-        (os.environ[v] for v in local_names if v in os.environ), local_rank_arg if local_rank_arg >= 0 else 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg >= 0 else 0))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
