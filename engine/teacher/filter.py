@@ -73,8 +73,10 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
     from specialize.engine.data import is_correct
     from specialize.engine.data.answers import ANSWER_IS
 
-    def correct(text: str, rec: dict) -> bool:
-        return bool(ANSWER_IS.search(text)) and is_correct(text, rec["gold"], rec["dataset"])
+    def states_gold(text: str, record: _Judged) -> bool:
+        """The filter's rule: an answer line, and its answer is the gold."""
+        return bool(ANSWER_IS.search(text)) and is_correct(text, record.gold, record.dataset)
+
     in_dir, out = Path(in_dir), Path(out_dir)
     if not any(in_dir.glob(SHARD_GLOB)):
         raise FileNotFoundError(f"no teacher shards samples-*.jsonl in {in_dir}")
@@ -93,19 +95,20 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
             judged = _JUDGED.decode(line)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             raise ValueError(f"{path} at byte {offset}: not a teacher record ({err})") from None
-        rec = {"qid": judged.qid, "gold": judged.gold, "dataset": judged.dataset}
         key = (judged.qid, judged.sample_index)
         if key in seen:  # defensive: generate never writes a key twice
             continue
         seen.add(key)
-        ok = correct(judged.text, rec)
-        no_answer_line += not ok and is_correct(judged.text, rec["gold"], rec["dataset"])
+        ok = states_gold(judged.text, judged)
+        # right by the last number alone: looked at only where the answer line is missing (rare)
+        no_answer_line += (not ok and not ANSWER_IS.search(judged.text)
+                           and is_correct(judged.text, judged.gold, judged.dataset))
         truncated += judged.finish_reason == "length"
         cut = judged.cut
         cut_count += cut is not None
-        kept_uncut += ok if cut is None else correct(judged.text + cut.get("dropped_text", ""), rec)
-        texts.setdefault(rec["qid"], set()).add(hash(judged.text))
-        counts = per_q.setdefault(rec["qid"], [0, 0])
+        kept_uncut += ok if cut is None else states_gold(judged.text + cut.get("dropped_text", ""), judged)
+        texts.setdefault(judged.qid, set()).add(hash(judged.text))
+        counts = per_q.setdefault(judged.qid, [0, 0])
         counts[0] += 1
         counts[1] += ok
         if ok:

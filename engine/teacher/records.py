@@ -82,14 +82,8 @@ def _drop_torn_tail(path: Path) -> int:
         start = _last_line_start(fh, size)
         fh.seek(start)
         last = fh.read()
-    keep = size
-    if not last.endswith(b"\n"):
-        keep = start
-    else:  # a complete-looking last line can still be garbage if the crash hit mid-sector
-        try:
-            json.loads(last)
-        except ValueError:
-            keep = start
+    # a complete-looking last line can still be garbage if the crash hit mid-sector
+    keep = size if last.endswith(b"\n") and _parses(last) else start
     if keep < size:
         with open(path, "r+b") as fh:
             fh.truncate(keep)
