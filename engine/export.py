@@ -115,7 +115,7 @@ def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = N
         run_dir, out_dir = None, run_dir
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from specialize.engine.models import model_config
+    from specialize.engine.models import model_config, torch_dtype
     from specialize.engine.rundir import RunDir
     from specialize.engine.tokenizers import load_tokenizer
     ckpt = Path(checkpoint_dir)
@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint_dir: str | Path, run_dir: str | Path | None = N
     else:  # ZeRO stage 0: no shards, rank 0's model states hold the whole module
         state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         state = {k: v.float() for k, v in state.items()}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[recipe.train.precision]
+    dtype = torch_dtype(recipe.train.precision)
     for k in list(state):  # one tensor at a time: the fp32 copy of each goes as its cast comes
         v = state.pop(k)
         state[k[len("t5."):] if k.startswith("t5.") else k] = v.to(dtype)  # without the engine's wrapper

@@ -59,6 +59,12 @@ def t5_config(name_or_path: str, **overrides):
                           f"({', '.join(NAMED_CONFIGS)}) nor a loadable config ({err})") from None
 
 
+def torch_dtype(precision: str):
+    """The torch dtype of a train.precision (bf16, fp16, fp32)."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
 def hidden_scale(config) -> float:
     """Factor T5 applies to the decoder output before the lm_head (tied-embedding models: d_model**-0.5).
     Newer transformers keep it as `scale_decoder_outputs`; older ones derive it from `tie_word_embeddings`."""

@@ -255,7 +255,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
     from specialize.engine.export import export_model, model_from_state, rank0_state_dict
     from specialize.engine.io_helpers import append_jsonl
     from specialize.engine.mfu import mfu, peak_tflops
-    from specialize.engine.models import build_model, describe, param_counts
+    from specialize.engine.models import build_model, describe, param_counts, torch_dtype
     from specialize.engine.rundir import RunDir, prepare_run_dir
     from specialize.engine.step_stats import StepStats
     from specialize.engine.tokenizers import load_tokenizer
@@ -301,7 +301,7 @@ def train(recipe: Recipe, resume: bool, local_rank_arg: int = -1) -> int:
             on_rank0(forget, rank)
 
     seed_everything(t.seed)  # same init on every rank
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[t.precision]
+    dtype = torch_dtype(t.precision)
     t5 = build_model(recipe.model, vocab_size=len(tokenizer), dtype=dtype, ds_config=ds_config)
     born_partitioned = hasattr(t5.shared.weight, "ds_id")  # ZeRO-3: zero.Init partitioned it at creation
     model = Distill(t5, recipe.loss)
