@@ -307,6 +307,48 @@ def test_run_recipe_decides_the_synthetic_items(model_dir, tmp_path):
     assert (run / "train" / "test_scores.jsonl").exists()
 
 
+def test_run_scores_with_the_recipes_settings_and_only_what_is_missing(model_dir, shared_data, tmp_path, capsys,
+                                                                         monkeypatch):
+    """`eval --run` after `specialize run`: the format, shots, seed and max_new_tokens are the recipe's
+    (in-context prompts, so the prompts differ from the CLI's zero-shot default); a (step, dataset) already
+    scored is skipped, a new dataset or a new --limit is scored, and the rows of a step add up for select."""
+    import shutil
+
+    from specialize.engine.evaluation import select
+    run = tmp_path / "pipeline-run"
+    for step in (10, 20):
+        shutil.copytree(model_dir, run / "train" / "checkpoints" / f"step-{step:06d}")
+    (run / "train" / "recipe.yaml").write_text(
+        f"data:\n  data_dir: {shared_data}\n  shots: 2\ntrain:\n  seed: 3\n"
+        "eval:\n  format: in_context_cot\n  max_new_tokens: 2\n")
+    prompts = []
+    real = evaluate.prompt_for
+    monkeypatch.setattr(evaluate, "prompt_for", lambda ex, fmt, exemplars=(), data_dir=None:
+                        prompts.append((fmt, len(exemplars))) or real(ex, fmt, exemplars, data_dir))
+    args = ["--run", str(run), "--device", "cpu", "--quiet"]
+    assert evaluate.main([*args, "--datasets", "svamp", "--limit", "2"]) == 0
+    assert set(prompts) == {("in_context_cot", 2)}
+    rows = [json.loads(x) for x in (run / "train" / "test_scores.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+    assert rows[0]["settings"] == {"format": "in_context_cot", "shots": 2, "seed": 3, "max_new_tokens": 2,
+                                   "num_beams": 1}
+    capsys.readouterr()
+    prompts.clear()
+    assert evaluate.main([*args, "--datasets", "svamp", "--limit", "2"]) == 0
+    assert prompts == [] and "nothing left to score" in capsys.readouterr().err
+    assert evaluate.main([*args, "--datasets", "svamp,asdiv", "--limit", "2"]) == 0  # asdiv is new
+    assert len(prompts) == 2 * 2  # two steps x two asdiv items; svamp not again
+    prompts.clear()
+    assert evaluate.main([*args, "--datasets", "svamp", "--limit", "3"]) == 0  # more items: scored again
+    assert len(prompts) == 2 * 3
+    prompts.clear()
+    assert evaluate.main([*args, "--datasets", "svamp", "--limit", "3", "--max-new-tokens", "3"]) == 0
+    assert len(prompts) == 2 * 3  # other settings: scored again
+    scores = select.read_test_scores(run)
+    assert set(scores) == {10, 20} and set(scores[10]) == {"svamp", "asdiv"}
+    capsys.readouterr()
+
+
 def test_cli_teacher_records_without_datasets_scores_every_dataset_in_the_file(tmp_path):
     recs = [{"qid": f"synthetic/train/{i}", "sample_index": 0, "question": "q", "gold": "7", "dataset": "synthetic",
              "text": f"3 + 4 = 7. The answer is {a}."} for i, a in enumerate(["7", "7", "8", "7"])]

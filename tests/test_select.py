@@ -68,10 +68,12 @@ def test_rows_without_a_signal_are_skipped(tmp_path):
     assert {r: c.step for r, c in got.items()} == {"in_dist": 100, "ood": 200, "mean": 200}
 
 
-def test_pipeline_layout_with_train_subdir_and_last_test_line_wins(tmp_path):
+def test_pipeline_layout_with_train_subdir_and_a_steps_test_lines_add_up(tmp_path):
+    """A later line of a step replaces the datasets it holds and keeps the others (`eval --run` writes
+    a line with the datasets a step lacked)."""
     run = tmp_path / "run"
-    write_run(run / "train", DEV, TEST + [{"step": 400, "gsm8k_acc": 0.5}], RECIPE)
-    assert select.select([str(run)])["in_dist"].test == {"gsm8k": 0.5}
+    write_run(run / "train", DEV, TEST + [{"step": 400, "gsm8k_acc": 0.5}, {"step": 400, "svamp_acc": 0.3}], RECIPE)
+    assert select.select([str(run)])["in_dist"].test == {"gsm8k": 0.5, "bbh": 0.2, "svamp": 0.3}
 
 
 def test_cli_table_and_json(tmp_path, capsys):

@@ -15,8 +15,11 @@ Files written by `specialize eval --out DIR`:
   DIR/predictions-<name>.jsonl  one {"id", "prediction", "extracted", "gold", "correct"} per example
 With `--run RUN` every checkpoint kept in RUN/checkpoints/step-*/ is scored (DeepSpeed ones are exported
 to RUN/checkpoints-hf/step-*/ first, once) and one line per step is appended to RUN/test_scores.jsonl:
-{"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int, ...} (read by
-`specialize select` and `specialize plot`); steps already there are skipped, so a rerun resumes.
+{"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int, ..., "settings": {...}}
+(read by `specialize select` and `specialize plot`; a later line adds to a step's earlier ones). A
+(step, dataset) already scored on as many items with the same settings is skipped, so a rerun resumes
+and a new dataset or --limit scores only what is missing. The format, shots, seed, max_new_tokens,
+num_beams, batch size and tokenizer default to the run's recipe.yaml, as the pipeline's eval stage uses them.
 """
 from __future__ import annotations
 
@@ -386,7 +389,8 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     """Score every kept checkpoint of a run on `datasets` (DeepSpeed ones exported to HF first, see
     `checkpoint_steps`; with `pool`, an engine.workers.DevicePool, several at once); append one row per step to
     RUN/test_scores.jsonl ({"step", "<dataset>_acc", "<dataset>_ci": [lo, hi], "<dataset>_n", "<dataset>_split"}).
-    Steps already in the file are skipped (resumable). Returns the rows written."""
+    A (step, dataset) the file already holds on as many items with the same `score_settings` is
+    skipped (resumable; a step's row holds only the datasets it lacked). Returns the rows written."""
     rd = RunDir(run_dir)  # a pipeline run dir opens its train/
     run = rd.root
     steps = checkpoint_steps(run, convert=True)
@@ -394,7 +398,6 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
         raise FileNotFoundError(f"{rd.checkpoints}: no step-*/ dir with an HF model (config.json) or a "
                                 f"complete DeepSpeed checkpoint (complete.json) to evaluate")
     scores_file = rd.test_scores_path
-    done = {row.get("step") for row in rd.test_scores()}
     tok_path = tokenizer or (str(rd.best) if (rd.best / "tokenizer_config.json").exists() else None)
     # The run's own data options: the synthetic world and the GSM8K dev split depend on them, and
     # scoring on differently drawn items could overlap the training data.
@@ -405,8 +408,15 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     exemplars = {name: _exemplars(fmt, shots, seed, data_dir, name, opts) for name in datasets}
     ood_dev_size = opts.get("ood_dev_size", OOD_DEV_SIZE)
     job_device = None if pool is not None else device  # a pool's worker runs on its own device
-    jobs = [(step, str(path), tok_path, job_device, data, exemplars, fmt, data_dir, seed, ood_dev_size, gen)
-            for step, path in sorted(steps.items()) if step not in done]
+    settings = score_settings(fmt, shots, seed, gen)
+    done = scored_before(rd.test_scores())
+    jobs = []
+    for step, path in sorted(steps.items()):
+        left = {name: items for name, items in data.items()
+                if (step, name, len(items), _settings_key(settings)) not in done}
+        if left:
+            jobs.append((step, str(path), tok_path, job_device, left, exemplars, fmt, data_dir, seed, ood_dev_size,
+                         gen, settings))
     # with a pool, the checkpoints are scored side by side; each row is written once it and the
     # earlier steps' are done, so an interrupted run keeps what it scored
     if pool is not None:
@@ -422,8 +432,30 @@ def evaluate_checkpoints(run_dir, datasets: Sequence[str], fmt: str = "zero_shot
     return written
 
 
+def score_settings(fmt: str, shots: int, seed: int, gen: dict) -> dict:
+    """What decides a test_scores.jsonl row's numbers besides the checkpoint and the items (progress
+    bars and batch size do not; shots only for in-context formats)."""
+    return {"format": fmt, "shots": shots if fmt.startswith("in_context") else 0, "seed": seed,
+            "max_new_tokens": gen.get("max_new_tokens", 256), "num_beams": gen.get("num_beams", 1)}
+
+
+def scored_before(rows: Sequence[dict]) -> set:
+    """(step, dataset, n, settings) of every score in test_scores.jsonl rows; rows written before
+    settings were recorded match no settings, so they are scored again."""
+    done = set()
+    for row in rows:
+        settings = row.get("settings")
+        key = _settings_key(settings) if isinstance(settings, dict) else None
+        done.update((row["step"], k[:-4], row.get(f"{k[:-4]}_n"), key) for k in row if k.endswith("_acc"))
+    return done
+
+
+def _settings_key(settings: dict) -> tuple:
+    return tuple(sorted(settings.items()))
+
+
 def _score_step(step: int, path: str, tok_path, device, data: dict, exemplars: dict, fmt: str, data_dir, seed: int,
-                ood_dev_size: int, gen: dict) -> dict:
+                ood_dev_size: int, gen: dict, settings: dict) -> dict:
     """One checkpoint's test_scores.jsonl row (module level, so a DevicePool worker can run it)."""
     model, tok = load_model_and_tokenizer(path, tok_path, device)
     row: dict = {"step": step}
@@ -432,6 +464,7 @@ def _score_step(step: int, path: str, tok_path, device, data: dict, exemplars: d
                            seed=seed, **gen)
         row.update({f"{name}_acc": r.accuracy, f"{name}_ci": [r.ci_low, r.ci_high], f"{name}_n": r.n,
                     f"{name}_split": split_label(name, "test", ood_dev_size)})
+    row["settings"] = settings
     return row
 
 
@@ -447,9 +480,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default=None,
                    help=f"comma list of gsm8k, multiarith, asdiv, svamp, bbh, bbh/<task>, gsm8k_dev, synthetic/<split> "
                         f"(default {DEFAULT_DATASETS}; for teacher records: every dataset in the file)")
-    p.add_argument("--format", default="zero_shot_cot", help=f"one of {', '.join(FORMATS)} (hyphens accepted)")
-    p.add_argument("--shots", type=int, default=4,
-                   help="exemplars for in-context formats, from the training pool (GSM8K train minus dev; synthetic/train)")
+    p.add_argument("--format", default=None,
+                   help=f"one of {', '.join(FORMATS)} (hyphens accepted; default: zero_shot_cot, with --run the "
+                        f"recipe's eval.format)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="exemplars for in-context formats, from the training pool (GSM8K train minus dev; "
+                        "synthetic/train; default 4, with --run the recipe's data.shots)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each dataset")
     p.add_argument("--split", choices=SPLIT_PARTS, default="test",
                    help="for the OOD sets (multiarith, asdiv, svamp, synthetic/ood_*): their test part (default), "
@@ -458,14 +494,18 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"size of each OOD set's dev part (default {OOD_DEV_SIZE}, the recipes' data.ood_dev_size)")
     p.add_argument("--data-dir", default=None, help="local folder laid out like shared/data (default: the hub)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir when the model dir has none")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most generated tokens per answer")
-    p.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy, as the paper reports)")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 32; with --run "
+                                                                 "the recipe's eval.batch_size)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most generated tokens per answer (default 256; with --run the recipe's eval.max_new_tokens)")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="beam width (1 = greedy, as the paper reports; with --run the recipe's eval.num_beams)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--workers", type=int, default=1,
                    help="with --run: checkpoints scored at once, one process each (cuda:0..N-1, or a share "
                         "of the CPU threads each)")
-    p.add_argument("--seed", type=int, default=0, help="exemplar draw and bootstrap seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="exemplar draw and bootstrap seed (default 0; with --run the recipe's train.seed)")
     p.add_argument("--out", default=None, help="output dir for results.json, results.md, predictions-*.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -473,6 +513,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    defaults = CLI_DEFAULTS
+    if args.run:
+        try:
+            defaults = {**CLI_DEFAULTS, **run_eval_options(args.run)}
+        except (OSError, ValueError) as e:
+            print(f"specialize eval: {e}", file=sys.stderr)
+            return 2
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     fmt = args.format.replace("-", "_")
     if fmt not in FORMATS:
         print(f"specialize eval: unknown --format {args.format!r}; known: {', '.join(FORMATS)}", file=sys.stderr)
@@ -493,6 +543,11 @@ def main(argv: list[str]) -> int:
             rows = evaluate_checkpoints(args.run, names, **run_opts)
         for row in rows:
             print(json.dumps(row))
+        if not rows:
+            print(f"specialize eval: nothing left to score: {RunDir(args.run).test_scores_path} already holds "
+                  f"{', '.join(names)} for every checkpoint, on as many items, with format {fmt}, "
+                  f"max_new_tokens {args.max_new_tokens}, num_beams {args.num_beams}, seed {args.seed}",
+                  file=sys.stderr)
         return 0
     if args.out is None:
         print("specialize eval: --out DIR is required with --model / --predictions", file=sys.stderr)
@@ -536,6 +591,24 @@ def _exemplars(fmt: str, shots: int, seed: int, data_dir, dataset: str, opts: Op
         return []
     pool = "synthetic/train" if dataset.startswith("synthetic") else "gsm8k_train"
     return draw_exemplars(load_dataset_by_name(pool, data_dir, **(opts or {})), shots, seed)
+
+
+# The CLI's defaults without --run; with --run the run's recipe.yaml gives them (run_eval_options).
+CLI_DEFAULTS = {"format": "zero_shot_cot", "shots": 4, "seed": 0, "batch_size": 32, "max_new_tokens": 256,
+                "num_beams": 1}
+
+
+def run_eval_options(run_dir) -> dict:
+    """The evaluation settings the pipeline's eval stage uses for that run (stages.score_every_checkpoint),
+    from RUN/recipe.yaml (RUN: the engine's folder or a pipeline run dir), keyed like the CLI's options;
+    {} without a recipe."""
+    recipe = RunDir(run_dir).recipe()
+    if recipe is None:
+        return {}
+    e = recipe.eval
+    opts = {"format": e.format, "shots": recipe.data.shots, "seed": recipe.train.seed, "batch_size": e.batch_size,
+            "max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams, "tokenizer": recipe.model.tokenizer}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def run_data_options(run_dir) -> dict:

@@ -12,7 +12,7 @@ Inputs, per run dir (the engine's <train.output_dir>, or a pipeline run dir hold
   test_scores.jsonl  written by `specialize eval --run RUN` (evaluate.evaluate_checkpoints):
                      {"step": int, "<dataset>_acc": float, "<dataset>_ci": [lo, hi], "<dataset>_n": int,
                       "<dataset>_split": which part was scored, e.g. an OOD set's test part}
-                     per checkpoint; the last line of a step wins
+                     per checkpoint; a step's lines add up, a later score of a dataset wins
   recipe.yaml        train.dev_in_dist / train.dev_ood say which dev set is which
                      (--in-dist / --ood override; without either, gsm8k_dev or synthetic/dev is in-dist)
 """
@@ -55,10 +55,12 @@ def read_dev_scores(run_dir) -> list[dict]:
 
 
 def read_test_scores(run_dir) -> dict[int, dict]:
-    """step -> {dataset: accuracy}; a later line for the same step replaces an earlier one."""
+    """step -> {dataset: accuracy}; the lines of a step add up (`specialize eval --run` writes a line
+    per step with the datasets it lacked), a later score of a dataset replacing an earlier one."""
     out: dict[int, dict] = {}
     for row in RunDir(run_dir).test_scores():
-        out[row["step"]] = {k[:-4]: v for k, v in row.items() if k.endswith("_acc") and isinstance(v, (int, float))}
+        out.setdefault(row["step"], {}).update(
+            {k[:-4]: v for k, v in row.items() if k.endswith("_acc") and isinstance(v, (int, float))})
     return out
 
 
