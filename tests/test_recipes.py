@@ -37,13 +37,49 @@ def test_recipes_exist_with_mini_variants():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
 def test_recipe_header_command_dry_runs(path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # recipe paths (DeepSpeed JSONs) are relative to the repository root
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dry-run")  # the API teachers' stage needs one (next test)
     argv = header_command(path)
     assert argv[0] == path.relative_to(REPO).as_posix()
     load_recipe(path)  # strict: unknown keys / wrong types raise
     assert pipeline.main(argv + ["--dry-run"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    for check in ("deepspeed", "model", "data", "aligned", "loss"):
+    for check in ("stages", "inputs", "deepspeed", "model", "data", "aligned", "loss"):
         assert f"  {check}" in out
+
+
+def test_dry_run_checks_what_the_stages_to_run_read(tmp_path, monkeypatch, capsys, shared_data):
+    """What would stop the real run is a dry-run failure: the API key the teacher stage needs, the local
+    data files of the sets the stages read, and (with --stages) the outputs of a stage left out."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    recipe = ["recipes/headline_flan_t5_base.yaml", "--set", f"output_dir={tmp_path / 'runs'}",
+              "--set", f"teacher.out_dir={tmp_path / 'teacher'}", "--set", f"aligner.out_dir={tmp_path / 'aligned'}"]
+
+    def dry(*extra):
+        code = pipeline.main([*recipe, *extra, "--dry-run"])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, out = dry()
+    assert code == 1 and "OPENAI_API_KEY is not set" in out
+    code, out = dry("--stages", "train", "eval")  # no teacher stage to run: no key needed, but no shards either
+    assert code == 1 and "the train stage reads the align stage's outputs" in out and "--stages" in out
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    code, out = dry("--set", f"data.data_dir={empty}")
+    assert code == 1 and f"data.data_dir {empty}" in out and "gsm8k" in out
+    code, out = dry("--set", f"data.data_dir={shared_data}")
+    assert code == 0, out
+    assert "gsm8k train 7,173" in out and "bbh test 6,511" in out and "API key in $OPENAI_API_KEY" in out
+    # the align stage finished (its marker, with the key of this configuration): train may run alone
+    run = pipeline.expand_runs([recipe[0]], recipe[2::2], [])[0]
+    from specialize.engine.pipeline.stages import mark_done
+    mark_done(run, "align", 1.0)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    code, out = dry("--stages", "train")
+    assert code == 0, out
+    assert "stages         train  (run dir" in out and f"train reads {run.dir('align')}" in out
 
 
 def test_ds_json_files_are_valid_and_referenced():
@@ -69,14 +105,16 @@ def test_sweeps_zip_and_tag_runs(tmp_path):
 
 
 def test_recipes_sharing_a_folder_share_its_stage_key(monkeypatch):
-    """Recipes (and their swept runs, as their header commands run them) that point at one teacher or
+    """Recipes (and their swept runs, as their header commands run them) that point at one toy, teacher or
     aligned folder must agree on what goes in it, or the second `specialize run` refuses the folder."""
     monkeypatch.chdir(REPO)
     groups: dict[tuple[str, str], dict[str, str]] = {}
     for path in RECIPES:
         args = pipeline.build_parser().parse_args(header_command(path))
         for run in pipeline.expand_runs(args.recipes, args.sets, args.sweeps):
-            for stage in ("teacher", "filter", "align"):
+            for stage in ("toy", "teacher", "filter", "align"):
+                if stage not in run.recipe.stages:
+                    continue
                 groups.setdefault((stage, str(run.dir(stage).resolve())), {})[run.name] = \
                     pipeline.stage_key(run, stage)
     shared = {k: v for k, v in groups.items() if len(v) > 1}

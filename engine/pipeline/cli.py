@@ -16,7 +16,9 @@ eval; the plot stage draws across the runs of a recipe.
 `--dry-run` checks the wiring without training: DeepSpeed JSON and batch arithmetic, the student's
 true shapes built on the `meta` device (an 11B model costs no memory), the loss kernel on the true
 hidden size and vocabulary for a few rows, prompt/target formats tokenized at tiny data size, and
-aligned shards written and read back in the layout the engine trains on.
+aligned shards written and read back in the layout the engine trains on; then, for the stages that
+would run (the recipe's or --stages, less the finished ones), the teacher's API key, the local data
+files they read (data.data_dir) and the finished outputs of a stage --stages leaves out.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 try:
                     world = args.world_size or (args.nproc if run.recipe.train.precision == "fp32" else 8)
-                    rows = dry_run(run, world)
+                    rows = dry_run(run, world, args.stages)
                 except (ConfigError, ValueError, RuntimeError, ImportError) as err:
                     failed += 1
                     print(f"[dry-run] {run.name}: FAILED: {err}", file=sys.stderr)

@@ -7,7 +7,11 @@ from specialize.engine.config import (
     ConfigError,
 )
 from specialize.engine.pipeline.runs import STAGES, Run
-from specialize.engine.pipeline.stages import training_pool
+from specialize.engine.pipeline.stages import is_done, load_examples, marker_path, training_pool
+
+# The stage whose finished outputs each stage reads (the teacher reads the toy stage's model only in
+# recipes that have a toy stage).
+READS = {"teacher": "toy", "filter": "teacher", "align": "filter", "train": "align", "eval": "train"}
 
 # ----------------------------------------------------------------------------- dry run
 
@@ -42,6 +46,58 @@ def _meta_model(run: Run):
     return cfg, model
 
 
+def stages_to_run(run: Run, stages: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(the stages a real `specialize run` would run, notes on the inputs they read from stages it would
+    not). Raises ConfigError where that run would fail: a finished stage of another configuration, or
+    an input that is not there (a stage left out by --stages that never finished, a missing folder)."""
+    r = run.recipe
+    wanted = [s for s in r.stages if not stages or s in stages]
+    to_run = [s for s in wanted if s == "plot" or not is_done(run, s)]
+    notes = []
+    for stage in to_run:
+        source = READS.get(stage)
+        if source is None or source in to_run or (source == "toy" and "toy" not in r.stages):
+            continue
+        folder = run.dir(source)
+        if source in r.stages and not is_done(run, source):
+            raise ConfigError(f"{run.source}: the {stage} stage reads the {source} stage's outputs from {folder}, "
+                              f"which holds none finished (no {marker_path(folder, source).name}); run the "
+                              f"{source} stage too (it is left out by --stages)")
+        if not folder.exists():
+            raise ConfigError(f"{run.source}: the {stage} stage reads {folder}, which does not exist (the recipe "
+                              f"has no {source} stage to write it)")
+        notes.append(f"{stage} reads {folder}")
+    return to_run, notes
+
+
+def _check_inputs(run: Run, to_run: list[str]) -> str:
+    """What the stages that will run need from this machine: the teacher's API key, the local data files
+    (data.data_dir) of every set they read. Without data_dir the sets come from the hub at run time,
+    which an offline dry run cannot check."""
+    import os
+    r = run.recipe
+    found = []
+    if "teacher" in to_run and r.teacher.backend == "openai":
+        if not os.environ.get(r.teacher.api_key_env):
+            raise ConfigError(f"{run.source}: teacher.api_key_env: environment variable {r.teacher.api_key_env} "
+                              f"is not set; the teacher stage needs it")
+        found.append(f"API key in ${r.teacher.api_key_env}")
+    if not r.data.data_dir:
+        return "; ".join(found + ["data from the hub at run time (data.data_dir null: not checked offline)"])
+    reads = [("teacher", r.teacher.dataset, r.teacher.split), ("train", r.data.dataset, "train")]
+    reads += [("eval", name, "test") for name in r.eval.datasets]
+    for stage, name, split in reads:
+        if stage not in to_run or name.startswith("synthetic"):
+            continue
+        try:
+            n = len(load_examples(r, name, split))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{run.source}: data.data_dir {r.data.data_dir}: the {stage} stage reads {name} "
+                              f"({split}): {err}") from None
+        found.append(f"{name} {split} {n:,}")
+    return "; ".join(found) or "nothing read from data.data_dir"
+
+
 def _tiny_examples(run: Run, n: int = 6) -> tuple[list, str]:
     """A few training examples: the recipe's own data when it is on disk, else the synthetic stand-in."""
     r = run.recipe
@@ -66,8 +122,10 @@ def _tiny_tokenizer(run: Run, texts: list[str]):
     return train_t5_unigram(texts * 4, vocab_size=200), f"stand-in ({name} not available offline)"
 
 
-def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
-    """Check that the stages wire together; returns (check, detail) rows, raises on the first mismatch."""
+def dry_run(run: Run, world_size: int = 8, stages: list[str] | None = None) -> list[tuple[str, str]]:
+    """Check that the stages wire together and that what the stages to run (`stages`: --stages, default
+    the recipe's; finished ones are skipped as a real run skips them) read is there; returns (check,
+    detail) rows, raises on the first mismatch."""
     import numpy as np
     import torch
 
@@ -78,7 +136,9 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
         raise ConfigError(f"{run.source}: stages: unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
     if "toy" in r.stages and r.teacher.backend != "hf":
         raise ConfigError(f"{run.source}: the toy stage trains a local teacher, so teacher.backend must be hf")
-    rows.append(("stages", " -> ".join(r.stages) + f"  (run dir {run.run_dir})"))
+    to_run, notes = stages_to_run(run, stages)
+    rows.append(("stages", (" -> ".join(to_run) or "none left") + f"  (run dir {run.run_dir})"
+                 + "".join(f"; {note}" for note in notes)))
     rows.append(("deepspeed", _check_deepspeed(run, world_size)))
 
     cfg, model = _meta_model(run)
@@ -153,6 +213,8 @@ def dry_run(run: Run, world_size: int = 8) -> list[tuple[str, str]]:
     rows.append(("loss", f"{r.loss.kind}: {kernel} via FusedLMHead h[{n},{cfg.d_model}] "
                          f"W[{cfg.vocab_size},{cfg.d_model}] K={k} alpha={alpha} -> {loss.item():.3f}"))
     rows.append(("eval", f"{', '.join(r.eval.datasets)} ({r.eval.format}); plots: {', '.join(r.plot.plots) or 'none'}"))
+    # last: the wiring above holds for any machine, this is about this one
+    rows.append(("inputs", _check_inputs(run, to_run)))
     return rows
 
 

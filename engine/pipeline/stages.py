@@ -47,18 +47,18 @@ def _source_data(run: Run) -> dict:
     return source
 
 
-def _marker(path: Path, stage: str) -> Path:
+def marker_path(path: Path, stage: str) -> Path:
     return path / f".done-{stage}.json"
 
 
 def is_stale(run: Run, stage: str) -> bool:
     """The stage's folder holds finished outputs of another configuration."""
-    marker = _marker(run.dir(stage), stage)
+    marker = marker_path(run.dir(stage), stage)
     return marker.exists() and json.loads(marker.read_text()).get("key") != stage_key(run, stage)
 
 
 def is_done(run: Run, stage: str) -> bool:
-    marker = _marker(run.dir(stage), stage)
+    marker = marker_path(run.dir(stage), stage)
     if not marker.exists():
         return False
     if is_stale(run, stage):
@@ -70,9 +70,9 @@ def is_done(run: Run, stage: str) -> bool:
 def mark_done(run: Run, stage: str, seconds: float, info: dict | None = None) -> None:
     out = run.dir(stage)
     out.mkdir(parents=True, exist_ok=True)
-    _marker(out, stage).write_text(json.dumps({"stage": stage, "key": stage_key(run, stage), "seconds": round(seconds, 1),
-                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                               **(info or {})}, indent=1))
+    marker = {"stage": stage, "key": stage_key(run, stage), "seconds": round(seconds, 1),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+    marker_path(out, stage).write_text(json.dumps(marker, indent=1))
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -99,8 +99,9 @@ def training_pool(recipe: Recipe) -> list:
 # ----------------------------------------------------------------------------- stages
 
 def toy_key(run: Run, stage: str) -> list:
-    r = run.recipe
-    return [_source_data(run), r.teacher.model, r.model.name_or_path, r.model.config]
+    """What the toy models depend on: the synthetic world (its sizes and seed). Not the student's
+    model fields: the scaling and start-checkpoint runs use the same toy teacher with other students."""
+    return [_source_data(run)]
 
 
 def stage_toy(run: Run) -> dict:
