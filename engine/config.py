@@ -221,6 +221,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: expected an int >= 0, got {getattr(self, name)}")
         if self.dev_limit is not None and self.dev_limit < 1:
             raise ConfigError(f"train.dev_limit: expected an int >= 1 or null (every dev question), got {self.dev_limit}")
+        if self.precision == "fp16":  # refused when the recipe loads, before any other check can hide why
+            raise ConfigError(
+                "train.precision=fp16: not supported. The loss kernels write the logit gradient during forward, "
+                "in the logits' dtype and before DeepSpeed's loss scale is applied; its elements are about "
+                "1/(vocab x tokens), below fp16's smallest value, so every gradient would silently be zero (and "
+                "T5 activations overflow fp16 besides). Use train.precision=bf16 (Ampere or newer) or fp32.")
 
 
 @dataclass

@@ -78,12 +78,6 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict:
         if enabled not in (None, "auto") and bool(enabled) != want:
             raise ConfigError(f"{where}: {name}.enabled={enabled} disagrees with train.precision={t.precision}")
         block["enabled"] = want
-    if t.precision == "fp16":
-        raise ConfigError(
-            "train.precision=fp16: not supported. The loss kernels write the logit gradient during forward, "
-            "in the logits' dtype and before DeepSpeed's loss scale is applied; its elements are about "
-            "1/(vocab x tokens), below fp16's smallest value, so every gradient would silently be zero (and T5 "
-            "activations overflow fp16 besides). Use train.precision=bf16 (Ampere or newer) or fp32.")
 
     zero = cfg.setdefault("zero_optimization", {})
     stage = zero.get("stage")

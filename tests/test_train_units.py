@@ -199,9 +199,12 @@ def test_ds_config_user_json_must_agree(world, tmp_path):
         build_ds_config(_recipe(world, tmp_path, deepspeed={"zero_stage": 2, "offload": ["param"]}), 2)
     with pytest.raises(ConfigError, match="optimizer"):
         build_ds_config(_recipe(world, tmp_path, deepspeed={"config": {"optimizer": {"type": "Adam"}}}), 2)
-    # fp16: the fused/sparse loss gradients would underflow to zero — refused, naming bf16
+    # fp16: the fused/sparse loss gradients would underflow to zero — refused when the recipe loads, naming
+    # bf16, even beside a DeepSpeed JSON whose own precision disagrees (that mismatch is not the reason)
     with pytest.raises(ConfigError, match=r"fp16.*silently be zero.*bf16"):
         build_ds_config(_recipe(world, tmp_path, train={"precision": "fp16"}), 1)
+    with pytest.raises(ConfigError, match=r"fp16.*silently be zero.*bf16"):
+        _recipe(world, tmp_path, train={"precision": "fp16"}, deepspeed={"config": {"bf16": {"enabled": True}}})
 
 
 # ----------------------------------------------------------------------------- batches
