@@ -214,6 +214,27 @@ def test_cli_scores_teacher_records(tmp_path):
     assert bbh.per_task["navigate"]["accuracy"] == 1.0
 
 
+def test_prediction_files_are_labelled_with_the_part_they_score(tmp_path, shared_data):
+    """Teacher records of the train split say train in the table, not test; {id, prediction} lines of an
+    OOD set say which of its parts they cover."""
+    recs = [{"qid": f"gsm8k/train/{i}", "sample_index": 0, "question": "q", "gold": "7", "dataset": "gsm8k",
+             "text": "The answer is 7."} for i in range(3)]
+    path = tmp_path / "samples-00000.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert evaluate.main(["--predictions", str(path), "--out", str(tmp_path / "rec")]) == 0
+    res = json.loads((tmp_path / "rec" / "results.json").read_text())["datasets"]["gsm8k"]
+    assert res["split"] == "train" and "| gsm8k | train |" in (tmp_path / "rec" / "results.md").read_text()
+    dev = load_dataset_by_name("svamp", shared_data, split="dev")[:2]
+    test = load_dataset_by_name("svamp", shared_data, split="test")[:2]
+    for name, items, want in (("dev", dev, "dev part"), ("test", test, "test part"), ("both", dev + test, "all")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": ex.id, "prediction": "1"}) + "\n" for ex in items))
+        assert evaluate.main(["--predictions", str(path), "--datasets", "svamp", "--data-dir", str(shared_data),
+                              "--out", str(tmp_path / name)]) == 0
+        split = json.loads((tmp_path / name / "results.json").read_text())["datasets"]["svamp"]["split"]
+        assert split.startswith(want), (name, split)
+
+
 def test_bad_prediction_file_names_file_and_line(tmp_path, shared_data):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "multiarith/0", "prediction": "1"}\n{oops\n')

@@ -45,6 +45,7 @@ from specialize.engine.data import (
     extract_answer,
     first_indices,
     first_items,
+    has_ood_split,
     is_correct,
     load_dataset_by_name,
     split_label,
@@ -364,6 +365,26 @@ def read_prediction_file(path, names: Sequence[str], data_dir=None,
     return out
 
 
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def scored_part(name: str, examples: Sequence[Example], data_dir=None, ood_dev_size: int = OOD_DEV_SIZE) -> str:
+    """Which part of `name` examples read from a prediction file are, for the table: the split their
+    ids name (teacher records "gsm8k/train/5#0" are samples of the train split; GSM8K ids name theirs),
+    or for a set split into dev and test parts here, the part the ids lie in ("all" where they span
+    both); else "test" (BBH, the generic families: test sets only)."""
+    named = {ex.id.split("#")[0].split("/")[1] for ex in examples if ex.id.count("/") >= 2}
+    if len(named) == 1 and (named & set(SPLIT_NAMES)):
+        return named.pop()
+    if has_ood_split(name) and examples:
+        ids = {ex.id for ex in examples}
+        for part in ("test", "dev"):
+            if ids <= {ex.id for ex in load_dataset_by_name(name, data_dir, split=part, ood_dev_size=ood_dev_size)}:
+                return split_label(name, part, ood_dev_size)
+        return "all"
+    return "test"
+
+
 def checkpoint_steps(run_dir, convert: bool = False, only: Optional[int] = None) -> dict[int, Path]:
     """step -> HF model dir for RUN/checkpoints/step-XXXXXX/: the dir itself or its hf/ when they hold a
     config.json; with `convert`, a complete DeepSpeed checkpoint (complete.json, as the engine writes) is
@@ -565,6 +586,7 @@ def main(argv: list[str]) -> int:
             keep = first_indices(examples, args.limit)
             texts, examples = [texts[i] for i in keep], [examples[i] for i in keep]
             results[name] = score_predictions(texts, examples, name, args.seed)
+            results[name].split = scored_part(name, examples, args.data_dir, args.ood_dev_size)
         if not results:
             print(f"specialize eval: {args.predictions}: nothing to score for {', '.join(names)}", file=sys.stderr)
             return 2
