@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 
 from .sparse_kl_ce import sparse_kl_ce_rows
-from .utils import check_options, check_teacher_inputs, default_chunk_rows, reduce_rows, row_scale
+from .utils import (
+    check_options,
+    check_teacher_inputs,
+    default_chunk_rows,
+    reduce_rows,
+    row_scale,
+    scale_by_grad_output,
+)
 
 
 def _chunk_loop(h, weight, topk_ids, topk_logprobs, target, hidden_scale, scale, opts, chunk_rows,
@@ -105,8 +112,8 @@ class FusedLinearSparseKLCEFunction(torch.autograd.Function):
             grad_h, grad_w = ctx.saved_tensors
             # Always scale, never test grad_loss == 1 first: that test reads the device from the host
             # (a sync per backward), and DeepSpeed's 1/grad_accum makes it != 1 anyway. x * 1.0 is exact.
-            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+            grad_h = None if grad_h is None else scale_by_grad_output(grad_h, grad_loss)
+            grad_w = None if grad_w is None else scale_by_grad_output(grad_w, grad_loss)
         return (grad_h, grad_w) + (None,) * 12
 
 

@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import TAIL_EPS, TAIL_MODES, check_options, check_teacher_inputs, launch_sizes, reduce_rows, row_scale
+from .utils import (
+    TAIL_EPS,
+    TAIL_MODES,
+    check_options,
+    check_teacher_inputs,
+    launch_sizes,
+    reduce_rows,
+    row_scale,
+    scale_by_grad_output,
+)
 
 
 @triton.jit
@@ -305,12 +314,8 @@ class SparseKLCEFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 11
-        if ctx.reduction == "none":
-            grad = grad * grad_loss.to(grad.dtype)[:, None]
-        else:
-            # always scale, never test grad_loss == 1 first (a host sync per backward); x * 1.0 is exact
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 10
+        # always scale, never test grad_loss == 1 first (a host sync per backward); x * 1.0 is exact
+        return (scale_by_grad_output(grad, grad_loss),) + (None,) * 10
 
 
 def sparse_kl_ce(logits, topk_ids, topk_logprobs, target, alpha=0.5, temperature=1.0, tail="none",

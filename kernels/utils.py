@@ -125,3 +125,25 @@ def reduce_rows(row_loss: torch.Tensor, row_ce: torch.Tensor, row_kl: torch.Tens
     ce = row_ce.sum() / n_valid
     kl = row_kl.sum() / (valid & has_teacher).sum().clamp_min(1)
     return loss, ce, kl
+
+
+# fp32 elements per piece when a gradient is scaled in fp32 (64 MiB of temporary)
+SCALE_PIECE_ELEMENTS = 1 << 24
+
+
+def scale_by_grad_output(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad * grad_output (a 0-dim tensor, or one value per row of grad), multiplied in fp32 and rounded
+    once to grad's dtype. `grad * grad_output.to(grad.dtype)` would first round grad_output itself to
+    bf16: DeepSpeed's 1/grad_accum = 1/3 becomes 0.3340, every gradient 0.2 % too large. The rows are
+    scaled a piece at a time so the fp32 temporary stays bounded (grad may be [N, V] logits). Never
+    reads grad_output on the host (no sync)."""
+    g = grad_output.float()
+    g = g[:, None] if g.dim() == 1 else g
+    if grad.dtype == torch.float32:
+        return grad * g
+    out = torch.empty_like(grad)
+    rows = max(1, SCALE_PIECE_ELEMENTS // max(1, grad[0].numel())) if len(grad) else 1
+    for s in range(0, len(grad), rows):
+        e = min(len(grad), s + rows)
+        out[s:e] = grad[s:e].float() * (g[s:e] if g.dim() else g)
+    return out

@@ -211,3 +211,37 @@ def test_gpu_benchmark_args_and_no_cuda_exit():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the script would run for real")
     assert bench_loss_gpu.main(["--quick"]) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sparse_kl_ce", "fused_linear"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_output_scales_bf16_gradients_in_fp32(fused, reduction):
+    """grad_output = 1/3 (DeepSpeed's 1/grad_accum) on bf16 gradients: each is the gradient for
+    grad_output 1 times 1/3 in fp32, rounded once, bit for bit. Rounding 1/3 itself to bf16 (0.33398)
+    first made every gradient 0.2 % too large. (The fused kernel with reduction="none" recomputes its
+    chunks with the per-row grad_output as the rows' fp32 scale: the same value to within rounding.)"""
+    torch.manual_seed(0)
+    N, H, V, K = 48, 32, 512, 5
+    logits, ids, lp, target = make_inputs(N, V, K)
+    h = (torch.randn(N, H) / 4).to(torch.bfloat16)
+    w = (torch.randn(V, H) / 4).to(torch.bfloat16)
+    third = torch.full((N,) if reduction == "none" else (), 1 / 3)
+
+    def grads(grad_output):
+        if fused:
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = fused_linear_sparse_kl_ce(hh, ww, ids, lp, target, backend="torch", reduction=reduction)
+            loss.backward(grad_output)
+            return [hh.grad, ww.grad]
+        x = logits.to(torch.bfloat16).requires_grad_()
+        sparse_kl_ce(x, ids, lp, target, backend="torch", reduction=reduction).backward(grad_output)
+        return [x.grad]
+
+    for once, thirds in zip(grads(torch.ones_like(third)), grads(third)):
+        if fused and reduction == "none":
+            exact, got = once.double() / 3, thirds.double()
+            scale = ((got * exact).sum() / (exact * exact).sum()).item()
+            assert abs(scale - 1) < 1e-3, scale
+        else:
+            g = third[:, None] if reduction == "none" else third
+            assert torch.equal(thirds, (once.float() * g).to(torch.bfloat16))
