@@ -170,6 +170,9 @@ class LossConfig:
     # Fuse lm_head + loss so the [tokens, vocab] logits never exist.
     fused_linear: bool = True
     chunk_size: Optional[int] = None
+    # Sum the fused kernel's lm_head gradient over its row chunks in fp32 rather than the weight's
+    # dtype: a more exact gradient when there are many chunks, for 2 bytes x vocab x d_model more memory.
+    grad_weight_fp32: bool = False
 
 
 @dataclass
@@ -422,6 +425,9 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 # out of every hash that decides reuse (`specialize run`'s done-markers) or warns on --resume, so
 # raising a timeout or adding a teacher copy never invalidates a run.
 UNHASHED = {"train": ("dist_timeout_s",), "teacher": ("replicas",), "eval": ("workers",)}
+# Fields added after runs existed, hashed only away from their default, so a finished stage of those
+# runs stays done across the upgrade that added them.
+HASHED_WHEN_SET = {"loss": {"grad_weight_fp32": False}}
 
 
 # What the hf backend stored before teacher.logprobs existed: the distribution it sampled from.
@@ -442,6 +448,8 @@ def hashed_dict(recipe: Recipe) -> dict:
     d = recipe_to_dict(recipe)
     for section, names in UNHASHED.items():
         d[section] = {k: v for k, v in d[section].items() if k not in names}
+    for section, defaults in HASHED_WHEN_SET.items():
+        d[section] = {k: v for k, v in d[section].items() if k not in defaults or v != defaults[k]}
     if not logprobs_change_the_samples(d["teacher"]["backend"], d["teacher"]["logprobs"]):
         del d["teacher"]["logprobs"]
     prompt_file = d["teacher"].pop("prompt_file")

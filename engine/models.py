@@ -221,6 +221,7 @@ class FusedLMHead(torch.nn.Linear):
         self.hidden_scale, self.alpha = hidden_scale, loss_cfg.alpha if loss_cfg.kind == "dm" else 1.0
         self.temperature, self.tail = loss_cfg.temperature, loss_cfg.tail
         self.fused, self.chunk_size = loss_cfg.fused_linear, loss_cfg.chunk_size
+        self.grad_weight_dtype = torch.float32 if loss_cfg.grad_weight_fp32 else None
         return self
 
     def forward(self, h, topk_ids=None, topk_logprobs=None, target=None):
@@ -231,7 +232,8 @@ class FusedLMHead(torch.nn.Linear):
         kw = dict(alpha=self.alpha, temperature=self.temperature, tail=self.tail, return_parts=True, validate=False)
         if self.fused:
             return fused_linear_sparse_kl_ce(h, self.weight, topk_ids, topk_logprobs, target,
-                                             hidden_scale=self.hidden_scale, chunk_size=self.chunk_size, **kw)
+                                             hidden_scale=self.hidden_scale, chunk_size=self.chunk_size,
+                                             grad_weight_dtype=self.grad_weight_dtype, **kw)
         return sparse_kl_ce((h * self.hidden_scale) @ self.weight.T, topk_ids, topk_logprobs, target, **kw)
 
 

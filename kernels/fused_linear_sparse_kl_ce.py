@@ -7,10 +7,13 @@ chunk) and accumulated into grad_weight, all during forward; backward only scale
 T5 with tied embeddings multiplies the decoder output by d_model**-0.5 before the lm_head: pass
 that factor as hidden_scale.
 
-grad_weight is accumulated across chunks in the weight's dtype with addmm_ (each chunk's matmul
-accumulates in fp32 inside the GEMM; only the cross-chunk sum rounds to bf16/fp16), as Liger does,
-to avoid an fp32 [V, H] buffer. reduction="none" cannot know grad_output during forward, so it
-recomputes the chunks in backward (one more pass of matmuls).
+grad_weight is accumulated across chunks in the weight's dtype with addmm_ by default (each chunk's
+matmul accumulates in fp32 inside the GEMM; only the cross-chunk sum rounds to bf16/fp16), to avoid
+an fp32 [V, H] buffer. `grad_weight_dtype=torch.float32` keeps that sum in an fp32 buffer instead
+(each chunk's product rounded once to the weight's dtype, the total once at the end): 2 bytes x V x H
+more memory, for many chunks (small chunk_size, long batches) a more exact grad_weight.
+reduction="none" cannot know grad_output during forward, so it recomputes the chunks in backward
+(one more pass of matmuls).
 """
 from __future__ import annotations
 
@@ -28,14 +31,14 @@ from .utils import (
 
 
 def _chunk_loop(h, weight, topk_ids, topk_logprobs, target, hidden_scale, scale, opts, chunk_rows,
-                backend, want_grad_h, want_grad_w):
+                backend, want_grad_h, want_grad_w, grad_weight_dtype=None):
     """Rows (loss, ce, kl) and, if asked, grad_h / grad_weight weighted per row by `scale`."""
     N = h.shape[0]
     row_loss = torch.empty(N, dtype=torch.float32, device=h.device)
     row_ce = torch.empty_like(row_loss)
     row_kl = torch.empty_like(row_loss)
     grad_h = torch.empty_like(h) if want_grad_h else None
-    grad_w = torch.zeros_like(weight) if want_grad_w else None
+    grad_w = torch.zeros_like(weight, dtype=grad_weight_dtype or weight.dtype) if want_grad_w else None
     compute_grad = want_grad_h or want_grad_w
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
@@ -50,15 +53,17 @@ def _chunk_loop(h, weight, topk_ids, topk_logprobs, target, hidden_scale, scale,
             torch.mm(logits, weight, out=grad_h[s:e])
             if hidden_scale != 1.0:
                 grad_h[s:e].mul_(hidden_scale)
-        if want_grad_w:
+        if want_grad_w and grad_w.dtype == logits.dtype:
             grad_w.addmm_(logits.T, h_c)
+        elif want_grad_w:
+            grad_w += logits.T @ h_c
     return row_loss, row_ce, row_kl, grad_h, grad_w
 
 
 class FusedLinearSparseKLCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, topk_ids, topk_logprobs, target, hidden_scale, alpha, temperature, tail,
-                ignore_index, reduction, chunk_size, backend, validate):
+                ignore_index, reduction, chunk_size, backend, validate, grad_weight_dtype):
         if h.dim() != 2:
             raise ValueError(f"h must have shape [N, H], got {tuple(h.shape)}")
         if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
@@ -69,6 +74,8 @@ class FusedLinearSparseKLCEFunction(torch.autograd.Function):
             raise TypeError(f"h must be float32/bfloat16/float16, got {h.dtype}")
         if weight.device != h.device:
             raise ValueError(f"weight is on {weight.device} but h is on {h.device}")
+        if grad_weight_dtype not in (None, torch.float32, weight.dtype):
+            raise TypeError(f"grad_weight_dtype must be None, torch.float32 or the weight's dtype, got {grad_weight_dtype}")
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
         N, H = h.shape
@@ -86,13 +93,13 @@ class FusedLinearSparseKLCEFunction(torch.autograd.Function):
         scale = row_scale(target, ignore_index, reduction)
         row_loss, row_ce, row_kl, grad_h, grad_w = _chunk_loop(
             h, weight, topk_ids, topk_logprobs, target, float(hidden_scale), scale, opts, chunk_rows,
-            backend, want_h and grad_now, want_w and grad_now)
+            backend, want_h and grad_now, want_w and grad_now, grad_weight_dtype)
         valid = target != ignore_index
         has_teacher = (topk_ids >= 0).any(dim=1)
         loss, ce, kl = reduce_rows(row_loss, row_ce, row_kl, has_teacher, valid, reduction)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.weight_dtype = reduction, weight.dtype
         if reduction == "none":
-            ctx.recompute = (float(hidden_scale), opts, chunk_rows, backend)
+            ctx.recompute = (float(hidden_scale), opts, chunk_rows, backend, grad_weight_dtype)
             ctx.save_for_backward(h, weight, topk_ids, topk_logprobs, target)
         else:
             ctx.save_for_backward(grad_h, grad_w)
@@ -104,28 +111,32 @@ class FusedLinearSparseKLCEFunction(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.reduction == "none":
             h, weight, topk_ids, topk_logprobs, target = ctx.saved_tensors
-            hidden_scale, opts, chunk_rows, backend = ctx.recompute
+            hidden_scale, opts, chunk_rows, backend, grad_weight_dtype = ctx.recompute
             *_, grad_h, grad_w = _chunk_loop(h, weight, topk_ids, topk_logprobs, target, hidden_scale,
                                              grad_loss.float().contiguous(), opts, chunk_rows, backend,
-                                             want_h, want_w)
+                                             want_h, want_w, grad_weight_dtype)
         else:
             grad_h, grad_w = ctx.saved_tensors
             # Always scale, never test grad_loss == 1 first: that test reads the device from the host
             # (a sync per backward), and DeepSpeed's 1/grad_accum makes it != 1 anyway. x * 1.0 is exact.
             grad_h = None if grad_h is None else scale_by_grad_output(grad_h, grad_loss)
             grad_w = None if grad_w is None else scale_by_grad_output(grad_w, grad_loss)
-        return (grad_h, grad_w) + (None,) * 12
+        if grad_w is not None:
+            grad_w = grad_w.to(ctx.weight_dtype)  # an fp32 accumulator is rounded once, here
+        return (grad_h, grad_w) + (None,) * 13
 
 
 def fused_linear_sparse_kl_ce(h, weight, topk_ids, topk_logprobs, target, *, hidden_scale=1.0,
                               alpha=0.5, temperature=1.0, tail="none", ignore_index=-100,
                               reduction="mean", return_parts=False, chunk_size=None, backend="auto",
-                              validate=True):
+                              validate=True, grad_weight_dtype=None):
     """sparse_kl_ce((h · hidden_scale) @ weightᵀ, ...) without the [N, V] logits. chunk_size = rows
-    per chunk (default: chunk logits about the size of h). Returns the loss, or (loss, ce, kl)."""
+    per chunk (default: chunk logits about the size of h); grad_weight_dtype: the dtype grad_weight is
+    summed over chunks in (None: the weight's; torch.float32, see the module docstring). Returns the
+    loss, or (loss, ce, kl)."""
     loss, ce, kl = FusedLinearSparseKLCEFunction.apply(
         h, weight, topk_ids, topk_logprobs, target, hidden_scale, alpha, temperature, tail,
-        ignore_index, reduction, chunk_size, backend, validate)
+        ignore_index, reduction, chunk_size, backend, validate, grad_weight_dtype)
     return (loss, ce, kl) if return_parts else loss
 
 
@@ -133,16 +144,17 @@ class FusedLinearSparseKLCELoss(torch.nn.Module):
     """Loss module; the lm_head weight is passed in forward so it can stay tied to the embeddings."""
 
     def __init__(self, hidden_scale=1.0, alpha=0.5, temperature=1.0, tail="none", ignore_index=-100,
-                 reduction="mean", chunk_size=None, backend="auto", validate=True):
+                 reduction="mean", chunk_size=None, backend="auto", validate=True, grad_weight_dtype=None):
         super().__init__()
         check_options(alpha, temperature, tail, reduction)
         self.hidden_scale, self.alpha, self.temperature, self.tail = hidden_scale, alpha, temperature, tail
         self.ignore_index, self.reduction, self.chunk_size = ignore_index, reduction, chunk_size
-        self.backend, self.validate = backend, validate
+        self.backend, self.validate, self.grad_weight_dtype = backend, validate, grad_weight_dtype
 
     def forward(self, h, weight, topk_ids, topk_logprobs, target, return_parts=False):
         return fused_linear_sparse_kl_ce(
             h, weight, topk_ids, topk_logprobs, target, hidden_scale=self.hidden_scale,
             alpha=self.alpha, temperature=self.temperature, tail=self.tail,
             ignore_index=self.ignore_index, reduction=self.reduction, return_parts=return_parts,
-            chunk_size=self.chunk_size, backend=self.backend, validate=self.validate)
+            chunk_size=self.chunk_size, backend=self.backend, validate=self.validate,
+            grad_weight_dtype=self.grad_weight_dtype)

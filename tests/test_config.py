@@ -77,6 +77,17 @@ def test_micro_batch_sizes_per_format(tmp_path):
         recipe_from_dict({"data": {"ood_dev_size": -1}})
 
 
+def test_grad_weight_fp32_enters_the_hash_only_when_set(tmp_path):
+    """A field added after runs existed keeps their stage keys at its default, and changes them when set
+    (the train stage then runs again), while the resolved recipe always shows it."""
+    from specialize.engine.config import hashed_dict, recipe_to_dict
+    default = load_recipe(write(tmp_path, "loss:\n  kind: dm\n"))
+    fp32 = load_recipe(write(tmp_path, "loss:\n  kind: dm\n  grad_weight_fp32: true\n"))
+    assert recipe_to_dict(default)["loss"]["grad_weight_fp32"] is False
+    assert "grad_weight_fp32" not in hashed_dict(default)["loss"]
+    assert hashed_dict(fp32)["loss"]["grad_weight_fp32"] is True
+
+
 def test_teacher_logprobs_enters_the_hash_only_where_it_changes_what_is_computed(tmp_path):
     """For a server teacher.logprobs only declares what the server sends (the samples are the same), and
     the hf backend's "sampled" is what it computed before the setting existed: neither is hashed, so

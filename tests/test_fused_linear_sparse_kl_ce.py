@@ -245,3 +245,54 @@ def test_grad_output_scales_bf16_gradients_in_fp32(fused, reduction):
         else:
             g = third[:, None] if reduction == "none" else third
             assert torch.equal(thirds, (once.float() * g).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fp32_grad_weight_accumulation_is_closer_to_float64(reduction):
+    """grad_weight_dtype=torch.float32 sums grad_weight over many chunks in fp32: against the float64
+    reference its error is that of rounding each chunk's product and the total (about bf16's unit),
+    where the bf16 running sum's grows with the chunk count. The returned gradient keeps the weight's
+    dtype either way."""
+    torch.manual_seed(0)
+    N, H, V, K = 512, 32, 256, 5
+    _, ids, lp, target = make_inputs(N, V, K)
+    h = (torch.randn(N, H) / 2).to(torch.bfloat16)
+    w = (torch.randn(V, H) / 2).to(torch.bfloat16)
+    h64, w64 = h.double(), w.double().requires_grad_()
+    out = reference_linear(h64, w64, 1.0, ids, lp.double(), target, reduction=reduction)[0]
+    out.sum().backward()
+    errors = {}
+    for dtype in (None, torch.float32):
+        ww = w.clone().requires_grad_()
+        loss = fused_linear_sparse_kl_ce(h, ww, ids, lp, target, backend="torch", reduction=reduction,
+                                         chunk_size=2, grad_weight_dtype=dtype)
+        loss.sum().backward()
+        assert ww.grad.dtype == torch.bfloat16
+        errors[dtype] = ((ww.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+    rounding = ((w64.grad.to(torch.bfloat16).double() - w64.grad).norm() / w64.grad.norm()).item()
+    assert errors[torch.float32] < 3 * rounding, (errors, rounding)
+    assert errors[torch.float32] < errors[None] / 3, (errors, rounding)
+
+
+def test_engine_lm_head_passes_loss_grad_weight_fp32_to_the_kernel():
+    """loss.grad_weight_fp32 reaches the kernel through the engine's FusedLMHead: its weight gradient is
+    the kernel's with grad_weight_dtype=torch.float32, bit for bit, and not the default's."""
+    from specialize.engine.config import LossConfig
+    from specialize.engine.models import FusedLMHead
+    torch.manual_seed(0)
+    N, H, V, K = 256, 16, 128, 5
+    _, ids, lp, target = make_inputs(N, V, K)
+    h = torch.randn(N, H).to(torch.bfloat16)
+    grads = {}
+    for fp32 in (False, True):
+        head = FusedLMHead(H, V, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            head.weight.copy_((torch.randn(V, H) / 2).to(torch.bfloat16) if not grads else grads["w"])
+        grads.setdefault("w", head.weight.detach().clone())
+        head.configure(0.5, LossConfig(kind="dm", alpha=0.5, chunk_size=2, grad_weight_fp32=fp32))
+        head(h, ids, lp, target)[0].backward()
+        grads[fp32] = head.weight.grad
+    ww = grads["w"].clone().requires_grad_()
+    fused_linear_sparse_kl_ce(h, ww, ids, lp, target, hidden_scale=0.5, chunk_size=2,
+                              grad_weight_dtype=torch.float32, validate=False).backward()
+    assert torch.equal(grads[True], ww.grad) and not torch.equal(grads[False], ww.grad)
