@@ -8,6 +8,7 @@ Entries (each a module with `main(argv) -> int` taking `--quick`; one that is no
   loss_cpu  fused vs naive loss time/memory specialize.benchmarks.bench_loss_cpu
   engine    engine vs HF tokens/s, MFU, mem specialize.benchmarks.bench_engine (CPU mode)
   teacher   hf teacher samples/s, 1 vs N copies specialize.benchmarks.bench_teacher
+  store     teacher folder open + filter speed  specialize.benchmarks.bench_teacher_store
 The GPU benchmarks (bench_loss_gpu, bench_engine --mode gpu-xl / gpu-xxl) are run by hand on a GPU.
 --out DIR: every entry writes its JSON there and the summary goes to DIR/run.json; without it a full run
 writes to benchmarks/results/ and a --quick run writes nothing (quick figures are not results).
@@ -33,6 +34,7 @@ ENTRIES = {
     "loss_cpu": (("specialize.benchmarks.bench_loss_cpu",), lambda d: ["--out", str(d / "loss_cpu.json")]),
     "engine": (("specialize.benchmarks.bench_engine",), lambda d: ["--out", str(d)]),
     "teacher": (("specialize.benchmarks.bench_teacher",), lambda d: ["--out", str(d / "teacher_cpu.json")]),
+    "store": (("specialize.benchmarks.bench_teacher_store",), lambda d: ["--out", str(d / "teacher_store.json")]),
 }
 
 

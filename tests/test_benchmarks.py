@@ -14,7 +14,7 @@ def test_runner_quick_runs_every_cpu_entry(tmp_path, capsys):
     summary = json.loads((tmp_path / "run.json").read_text())
     status = {r["entry"]: r["status"] for r in summary["entries"]}
     assert set(status) == set(run.ENTRIES)
-    assert status["loss_cpu"] == "ok" and status["engine"] == "ok" and status["teacher"] == "ok"
+    assert status["loss_cpu"] == "ok" and status["engine"] == "ok" and status["teacher"] == "ok" and status["store"] == "ok"
     assert status["aligner"] in ("ok", "not available")
     assert "tokens/s/gpu" in out and "entry" in out
 
@@ -30,6 +30,9 @@ def test_runner_quick_runs_every_cpu_entry(tmp_path, capsys):
     assert json.loads((tmp_path / "loss_cpu.json").read_text())["rows"]
     teacher = json.loads((tmp_path / "teacher_cpu.json").read_text())["rows"]
     assert [r["copies"] for r in teacher] == [1, 2] and all(r["records_equal_one_copy"] for r in teacher)
+    store = json.loads((tmp_path / "teacher_store.json").read_text())
+    assert store["same_done_keys"] and [r["provider"] for r in store["rows"]] == ["open: msgspec", "open: json", "filter"]
+    assert 0 < store["rows"][2]["kept"] < store["records"]
 
 
 def test_runner_rejects_unknown_entry_and_reports_missing_modules(monkeypatch, capsys):
