@@ -130,10 +130,10 @@ class TeacherServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _next_fault(self, path: str, auth: str):
+    def _next_fault(self, path: str, auth: str, seed=None):
         with self._lock:
             fault = self.faults.popleft() if self.faults else None
-            self.log.append({"path": path, "fault": fault, "authorization": auth})
+            self.log.append({"path": path, "fault": fault, "authorization": auth, "seed": seed})
             over = len(self.log) > self.max_requests
         if over:
             threading.Thread(target=self.httpd.shutdown, daemon=True).start()
@@ -190,7 +190,11 @@ class TeacherServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path not in ("/v1/completions", "/v1/chat/completions"):
                     return self._error(404, f"no route {self.path}")
-                fault = server._next_fault(self.path, self.headers.get("Authorization", ""))
+                try:
+                    seed = json.loads(body).get("seed")
+                except ValueError:
+                    seed = None
+                fault = server._next_fault(self.path, self.headers.get("Authorization", ""), seed)
                 if server.delay:
                     time.sleep(server.delay)
                 if fault == "429":

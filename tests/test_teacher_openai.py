@@ -18,7 +18,7 @@ from teacher_server import TeacherServer, client_config, tiny_teacher
 from specialize.engine.config import TeacherConfig
 from specialize.engine.data import load_dataset_by_name
 from specialize.engine.teacher import ResumeError, generate, iter_records
-from specialize.engine.teacher.generate import make_backend
+from specialize.engine.teacher.generate import _stable_int, make_backend
 from specialize.engine.teacher.hf_backend import HFBackend
 
 SECRET = "sk-test-Zq81Xv0-do-not-leak"
@@ -99,6 +99,21 @@ def test_faults_are_retried_and_nothing_leaks(server, questions, tmp_path, capfd
     assert ledger["total"]["completion_tokens"] == sum(len(r["tokens"]) for r in iter_records(tmp_path))
     out, err = capfd.readouterr()
     assert_secret_absent(tmp_path, out, err)
+
+
+def test_a_request_is_retried_with_its_seed_until_a_reply_is_malformed(server, questions, tmp_path):
+    """A request lost in transit (429, 500) is asked again as it was; after a malformed reply it goes with
+    a new seed each time, because a seeded server (vLLM) sends the same broken sample for the same seed.
+    The first attempt keeps the seed teacher folders were made with."""
+    server.faults.clear()
+    server.faults.extend(["429", "500", "short", "nologprobs"])
+    before = len(server.log)
+    s = generate(config(server, max_retries=4, concurrency=1), questions[:1], str(tmp_path), retry_base_delay=0.001,
+                 progress=False)
+    assert (s["stored"], s["failures"]) == (3, 0)
+    seeds = [e["seed"] for e in server.log[before:]]
+    assert len(seeds) == 5 and seeds[0] == seeds[1] == seeds[2] == _stable_int(questions[0].id, 0)
+    assert len(set(seeds[2:])) == 3, seeds
 
 
 def test_persistent_malformed_response_goes_to_failures_not_samples(server, questions, tmp_path, capfd):

@@ -194,19 +194,22 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
 
     async def one(ex, prompt, indices) -> None:
         est_tokens = len(prompt) / 4 + len(indices) * cfg.max_tokens
-        error, kind = None, None
+        error, kind, malformed = None, None, 0
         for attempt in range(cfg.max_retries + 1):
             await limiter.acquire(est_tokens)
             stats["requests"] += 1
             retry_after = None
+            # A request that failed in transit is asked again as it was; after a malformed response a new
+            # seed, since a seeded server (vLLM) would send the same broken sample again.
+            seed = _stable_int(ex.id, indices[0], *(("malformed", malformed) if malformed else ()))
             try:
                 comp = await backend.sample(prompt, len(indices), temperature=cfg.temperature,
                                             max_tokens=cfg.max_tokens, top_logprobs=cfg.top_logprobs,
-                                            seed=_stable_int(ex.id, indices[0]), stop=stop or None)
+                                            seed=seed, stop=stop or None)
             except TransientError as e:
                 error, kind, retry_after = str(e), "transient", e.retry_after
             except MalformedResponse as e:
-                error, kind = str(e), "malformed"
+                error, kind, malformed = str(e), "malformed", malformed + 1
             except TeacherBackendError as e:
                 error, kind = str(e), "fatal"
                 break
