@@ -154,6 +154,9 @@ class TeacherServer:
         for choice in body["choices"]:
             if fault == "nologprobs":
                 choice["logprobs"] = None
+            elif fault == "mergedtopk" and not chat:  # top-k tokens spelled alike: k - 1 keys of the object
+                tops = choice["logprobs"]["top_logprobs"]
+                choice["logprobs"]["top_logprobs"] = [dict(list(d.items())[:k - 1]) for d in tops]
             elif fault == "short":
                 lp = choice["logprobs"]
                 if chat:

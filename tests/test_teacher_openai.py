@@ -116,6 +116,23 @@ def test_a_request_is_retried_with_its_seed_until_a_reply_is_malformed(server, q
     assert len(set(seeds[2:])) == 3, seeds
 
 
+def test_top_k_entries_merged_by_the_completions_api_are_counted_and_warned(server, questions, tmp_path, capsys):
+    """A completions server keys each position's top-k by token text, so tokens spelled alike arrive as one
+    entry: the run counts the positions with fewer entries than asked for and says why."""
+    server.faults.clear()
+    cfg = config(server, concurrency=1)
+    s = generate(cfg, questions[:1], str(tmp_path / "clean"), retry_base_delay=0.001, progress=False)
+    assert s["short_topk_positions"] == 0 and s["topk_positions"] > 0
+    assert "fewer top-k entries" not in capsys.readouterr().out
+    server.faults.append("mergedtopk")
+    s = generate(cfg, questions[:1], str(tmp_path / "merged"), retry_base_delay=0.001, progress=False)
+    positions = sum(len(r["top_logprobs"]) for r in iter_records(tmp_path / "merged"))
+    assert s["short_topk_positions"] == s["topk_positions"] == positions
+    assert f"{positions} of {positions} positions came with fewer top-k entries" in capsys.readouterr().out
+    ledger = json.loads((tmp_path / "merged" / "usage.json").read_text())
+    assert ledger["runs"][-1]["short_topk_positions"] == positions
+
+
 def test_persistent_malformed_response_goes_to_failures_not_samples(server, questions, tmp_path, capfd):
     server.faults.clear()
     cfg = config(server, max_retries=2, concurrency=1)

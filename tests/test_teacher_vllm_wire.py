@@ -105,4 +105,4 @@ def test_tokens_spelled_as_ids_are_refused_by_name(monkeypatch):
             "tokens": ["token_id:220", "token_id:717"], "token_logprobs": [-0.1, -0.2],
             "top_logprobs": [{"token_id:220": -0.1}, {"token_id:717": -0.2}], "text_offset": [0, 1]}}]})
     with pytest.raises(TeacherBackendError, match="return-tokens-as-token-ids"):
-        backend._parse(resp, 1)
+        backend._parse(resp, 1, 1)

@@ -50,6 +50,9 @@ class Completion:
     completion_tokens: int
     model: str
     extra: dict = field(default_factory=dict)
+    # positions whose top-k came with fewer entries than asked for (before the sampled token is added):
+    # a completions server keys top-k by token text, so tokens spelled alike merge into one entry
+    short_topk_positions: int = 0
 
 
 class Backend(Protocol):

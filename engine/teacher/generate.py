@@ -158,7 +158,8 @@ def generate(config, examples: Sequence, out_dir: str, backend=None, *, exemplar
     started = time.time()
     # Owned here, not by _run: a run that stops on an error or Ctrl-C has still paid for its requests,
     # so the ledger records them (a SIGKILL leaves no chance; the provider's own bill is the reference).
-    stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    stats = {"requests": 0, "retries": 0, "samples": 0, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0,
+             "topk_positions": 0, "short_topk_positions": 0}
     ended = False
     try:
         asyncio.run(_run(cfg, backend, store, todo, retry_base_delay, progress, stats))
@@ -218,6 +219,8 @@ async def _run(cfg, backend, store: ShardStore, todo: list, base_delay: float, p
                            for idx, s in zip(indices, comp.samples)]
                 written = store.append(records)
                 stats["samples"] += written
+                stats["topk_positions"] += sum(len(r["top_logprobs"]) for r in records)
+                stats["short_topk_positions"] += comp.short_topk_positions
                 stats["prompt_tokens"] += comp.prompt_tokens
                 stats["completion_tokens"] += comp.completion_tokens
                 cost = _cost(cfg, stats["prompt_tokens"], stats["completion_tokens"])
@@ -275,3 +278,10 @@ def _print_ledger(summary: dict, out_dir: str) -> None:
           f"{summary['failures']} failed requests")
     print(f"teacher usage: prompt {summary['prompt_tokens']} tokens, completion {summary['completion_tokens']} "
           f"tokens" + (f", cost ${cost:.4f}" if cost is not None else "") + f"; ledger in {out_dir}/usage.json")
+    if summary["short_topk_positions"]:
+        print(f"teacher: warning: {summary['short_topk_positions']} of {summary['topk_positions']} positions came with "
+              f"fewer top-k entries than asked for. The completions API sends top-k as an object keyed by token "
+              f"text, so different tokens that decode to the same text (e.g. byte pieces of one character) "
+              f"merge and their probability is lost (a merge in a top-k the server extended with the sampled "
+              f"token is not seen, so this counts at least those hit); the chat API (--api chat) lists every "
+              f"entry.")

@@ -90,17 +90,17 @@ class OpenAIBackend:
         except ValueError as e:  # a body that is not JSON
             raise MalformedResponse(f"response is not valid JSON: {type(e).__name__}") from None
         try:
-            return self._parse(resp, n)
+            return self._parse(resp, n, top_logprobs)
         except MalformedResponse:
             raise
         except _PARSE_ERRORS as e:
             raise MalformedResponse(f"unexpected response shape ({type(e).__name__}: {e})") from None
 
-    def _parse(self, resp, n: int) -> Completion:
+    def _parse(self, resp, n: int, top_logprobs: int) -> Completion:
         choices = sorted(resp.choices, key=lambda c: c.index)
         if len(choices) != n:
             raise MalformedResponse(f"asked for {n} choices, got {len(choices)}")
-        samples = []
+        samples, short = [], 0
         for c in choices:
             what = f"{self.api} choice {c.index}"
             if c.logprobs is None:
@@ -114,6 +114,7 @@ class OpenAIBackend:
                         "(or the request field return_tokens_as_token_ids)")
                 raw = [token_bytes_from_string(t) for t in lp.tokens]
                 tops = [[(_canonical(t), v) for t, v in (d or {}).items()] for d in (lp.top_logprobs or [{}] * len(raw))]
+                short += sum(len(alts) < top_logprobs for alts in tops)
                 logprobs = lp.token_logprobs
             else:
                 text = c.message.content or ""
@@ -127,4 +128,4 @@ class OpenAIBackend:
         completion_tokens = sum(len(s.tokens) for s in samples)
         return Completion(samples=samples, prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                           completion_tokens=int(getattr(usage, "completion_tokens", 0) or completion_tokens),
-                          model=resp.model or self.model)
+                          model=resp.model or self.model, short_topk_positions=short)
