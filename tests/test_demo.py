@@ -244,3 +244,15 @@ def test_the_demo_remakes_stale_stages_only_in_a_folder_it_owns(tmp_path):
     real = tmp_path / "runs"
     (real / "dm" / "train").mkdir(parents=True)
     assert not demo.claim_output_dir(real) and not (real / demo.OWNER_MARK).exists()
+
+
+def test_selection_that_cannot_read_the_runs_says_why(tmp_path):
+    """A run whose recipe.yaml does not load (here: a key this version does not know) is reported with the
+    loader's message, not as "no dev scores were written"."""
+    runs = demo.build_runs(tmp_path / "out", tiny=True)
+    train = runs[0].dir("train")
+    train.mkdir(parents=True)
+    (train / "dev_scores.jsonl").write_text('{"step": 3, "dev/synthetic/dev_acc": 0.5}\n')
+    (train / "recipe.yaml").write_text("loss:\n  a_key_from_a_later_version: 1\n")
+    table = demo._selection_table(runs[:1])
+    assert table.startswith("(no selection: ConfigError:") and "a_key_from_a_later_version" in table

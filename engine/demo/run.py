@@ -89,13 +89,14 @@ def fit_processes(recipe) -> dict:
 
 # ----------------------------------------------------------------------------- reading the runs back
 
-def selection(runs: list[Run]) -> dict:
-    """rule -> Choice (the select module): the checkpoint each dev signal picks, over the given runs."""
+def selection(runs: list[Run]) -> dict | str:
+    """rule -> Choice (the select module): the checkpoint each dev signal picks, over the given runs; or,
+    where the runs cannot be read, why (e.g. no dev scores yet, a recipe.yaml that does not load)."""
     from specialize.engine.evaluation.select import select
     try:
         return select([str(run.dir("train")) for run in runs], rules=["in_dist", "ood"])
-    except (FileNotFoundError, ValueError):
-        return {}
+    except (FileNotFoundError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def scores(run: Run) -> dict:
@@ -340,6 +341,8 @@ def length_lines(runs: list[Run]) -> list[str]:
 def _selection_table(runs: list[Run]) -> str:
     from specialize.engine.evaluation.select import format_table
     choices = selection(runs)
+    if isinstance(choices, str):
+        return f"(no selection: {choices})"
     return format_table(choices) if choices else "(no dev scores were written)"
 
 
