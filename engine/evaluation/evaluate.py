@@ -19,7 +19,8 @@ to RUN/checkpoints-hf/step-*/ first, once) and one line per step is appended to 
 (read by `specialize select` and `specialize plot`; a later line adds to a step's earlier ones). A
 (step, dataset) already scored on as many items with the same settings is skipped, so a rerun resumes
 and a new dataset or --limit scores only what is missing. The format, shots, seed, max_new_tokens,
-num_beams, batch size and tokenizer default to the run's recipe.yaml, as the pipeline's eval stage uses them.
+num_beams and batch size default to the run's recipe.yaml, as the pipeline's eval stage uses them (the
+tokenizer is the run's best/ one, where the checkpoints have none).
 """
 from __future__ import annotations
 
@@ -629,7 +630,7 @@ def run_eval_options(run_dir) -> dict:
         return {}
     e = recipe.eval
     opts = {"format": e.format, "shots": recipe.data.shots, "seed": recipe.train.seed, "batch_size": e.batch_size,
-            "max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams, "tokenizer": recipe.model.tokenizer}
+            "max_new_tokens": e.max_new_tokens, "num_beams": e.num_beams}
     return {k: v for k, v in opts.items() if v is not None}
 
 
