@@ -136,7 +136,7 @@ def test_filter_warns_when_every_sample_of_a_question_is_one_text(tmp_path, caps
     store.append([record(q, i, "The answer is 12.") for q in ("q1", "q2", "q3") for i in range(3)])
     store.close()
     result = filter_samples(str(tmp_path / "in"), str(tmp_path / "out"))
-    assert (result["questions_with_samples"], result["questions_all_samples_identical"]) == (3, 3)
+    assert (result["questions_with_several_samples"], result["questions_all_samples_identical"]) == (3, 3)
     assert "3 of the 3 questions with several samples got the same text" in capsys.readouterr().out
     store = ShardStore(tmp_path / "in2", {**SETTINGS, "temperature": 0.7})
     store.append([record(q, i, f"{i} so the answer is 12.") for q in ("q1", "q2", "q3") for i in range(3)])
@@ -169,7 +169,7 @@ def test_filter_keeps_correct_samples_and_counts_questions(tmp_path, capsys):
                       # uncut, q1's first sample ends on the invented question's answer and is lost
                       "cut_samples": 1, "kept_without_cut": 1, "accuracy_without_cut": 0.2,
                       "dropped_without_answer_line": 1, "stopped_by_max_tokens": 1,
-                      "questions_with_samples": 2, "questions_all_samples_identical": 0}
+                      "questions_with_several_samples": 2, "questions_all_samples_identical": 0}
     kept = list(iter_records(tmp_path / "out"))
     assert [(r["qid"], r["sample_index"]) for r in kept] == [("q1", 0), ("q3", 0)]
     assert all(tuple(r) == RECORD_FIELDS for r in kept)

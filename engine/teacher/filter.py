@@ -146,7 +146,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               "dropped_without_answer_line": no_answer_line, "stopped_by_max_tokens": truncated,
               # of the questions with several samples, those whose samples are all one text: near all of
               # them at a temperature > 0 means the server gave every sample of a request one seed
-              "questions_with_samples": sum(n > 1 for n, _ in per_q.values()),
+              "questions_with_several_samples": sum(n > 1 for n, _ in per_q.values()),
               "questions_all_samples_identical": sum(per_q[q][0] > 1 and len(t) == 1 for q, t in texts.items())}
     manifest = read_manifest(in_dir) or {}
     _write_atomic(out / MANIFEST, [json.dumps({**manifest, "filtered_from": str(in_dir), "filter": result}, indent=1)])
@@ -158,7 +158,7 @@ def filter_samples(in_dir: str, out_dir: str, verbose: bool = True, shard_lines:
               f"mean per question {100 * result['per_question_mean_accuracy']:.1f}%")
         print(f"answer-line cut: {cut_count} samples cut; without the cut {kept_uncut}/{samples} would be kept "
               f"({100 * result['accuracy_without_cut']:.1f}%)")
-        multi, same = result["questions_with_samples"], result["questions_all_samples_identical"]
+        multi, same = result["questions_with_several_samples"], result["questions_all_samples_identical"]
         temperature = (manifest.get("settings") or {}).get("temperature")
         if multi and same >= 0.9 * multi and (temperature or 0) > 0:
             print(f"warning: {same} of the {multi} questions with several samples got the same text in every "
