@@ -458,7 +458,8 @@ def score_settings(fmt: str, shots: int, seed: int, gen: dict) -> dict:
     """What decides a test_scores.jsonl row's numbers besides the checkpoint and the items (progress
     bars and batch size do not; shots only for in-context formats)."""
     return {"format": fmt, "shots": shots if fmt.startswith("in_context") else 0, "seed": seed,
-            "max_new_tokens": gen.get("max_new_tokens", 256), "num_beams": gen.get("num_beams", 1)}
+            "max_new_tokens": gen.get("max_new_tokens", CLI_DEFAULTS["max_new_tokens"]),
+            "num_beams": gen.get("num_beams", CLI_DEFAULTS["num_beams"])}
 
 
 def scored_before(rows: Sequence[dict]) -> set:

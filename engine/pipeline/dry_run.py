@@ -7,7 +7,7 @@ from specialize.engine.config import (
     ConfigError,
 )
 from specialize.engine.pipeline.runs import STAGES, Run
-from specialize.engine.pipeline.stages import is_done, load_examples, marker_path, training_pool
+from specialize.engine.pipeline.stages import is_done, load_examples, marker_path, training_pool, wanted_stages
 
 # The stage whose finished outputs each stage reads (the teacher reads the toy stage's model only in
 # recipes that have a toy stage).
@@ -51,8 +51,7 @@ def stages_to_run(run: Run, stages: list[str] | None = None) -> tuple[list[str],
     not). Raises ConfigError where that run would fail: a finished stage of another configuration, or
     an input that is not there (a stage left out by --stages that never finished, a missing folder)."""
     r = run.recipe
-    wanted = [s for s in r.stages if not stages or s in stages]
-    to_run = [s for s in wanted if s == "plot" or not is_done(run, s)]
+    to_run = [s for s in wanted_stages(run, stages) if s == "plot" or not is_done(run, s)]
     notes = []
     for stage in to_run:
         source = READS.get(stage)

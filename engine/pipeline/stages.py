@@ -384,6 +384,11 @@ STAGE_FUNCS: dict[str, Callable] = {"toy": stage_toy, "teacher": stage_teacher, 
                                     "align": stage_align, "train": stage_train, "eval": stage_eval}
 
 
+def wanted_stages(run: Run, stages: list[str] | None = None) -> list[str]:
+    """The recipe's stages, in its order, that `--stages` keeps (all without it)."""
+    return [s for s in run.recipe.stages if not stages or s in stages]
+
+
 def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str | None = None,
                nproc: int = 1, log: Callable[[str], None] = print,
                stage_funcs: dict[str, Callable] | None = None, resume: bool = False,
@@ -398,7 +403,7 @@ def run_stages(runs: list[Run], stages: list[str] | None = None, launcher: str |
     funcs = {**STAGE_FUNCS, **(stage_funcs or {})}
     rows = []
     for run in runs:
-        wanted = [s for s in run.recipe.stages if not stages or s in stages]
+        wanted = wanted_stages(run, stages)
         unknown = [s for s in run.recipe.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"{run.source}: stages: unknown stage {unknown[0]!r} (known: {', '.join(STAGES)})")
