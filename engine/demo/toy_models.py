@@ -39,6 +39,13 @@ class ToyTrainConfig:
     # Stop early once a held-out greedy accuracy reaches this (checked every `check_every` steps).
     target_accuracy: float = 0.9
     check_every: int = 250
+    # Each batch is cut into this many pieces of neighbouring lengths, each padded to its own longest
+    # row, and their gradients summed into one step. The step is the same (the loss stays the batch's
+    # mean over its labelled tokens); less padding is computed. In the demo's student mix (short
+    # generic tasks beside long math) 58% of the padded tokens are real in one piece, 74% in two; in
+    # the teacher's, 84% and 92%. Measured on one core: 0.35 -> 0.26 s per student step, 0.41 -> 0.34
+    # per teacher step; more pieces were no faster (smaller matmuls).
+    length_pieces: int = 2
 
 
 def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
@@ -49,39 +56,90 @@ def _lr_at(step: int, cfg: ToyTrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _train_step(model, opt, cfg: ToyTrainConfig, step: int, input_ids, attention_mask, labels) -> float:
-    """One optimizer step of either toy loop: the scheduled lr, the loss on the labelled tokens, the
-    gradient clipped to norm 1; returns the loss."""
+def _targets(model, labels: torch.Tensor) -> torch.Tensor:
+    """The labels the logits are scored against: a causal LM's position t predicts token t + 1."""
+    return labels if model.config.is_encoder_decoder else labels[:, 1:]
+
+
+def _label_loss_sum(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Summed cross-entropy over the labelled tokens of one piece (labels -100 elsewhere)."""
+    if model.config.is_encoder_decoder:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             _targets(model, labels).reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+
+
+def _train_step(model, opt, cfg: ToyTrainConfig, step: int, pieces: Sequence[tuple]) -> float:
+    """One optimizer step of either toy loop over a batch given as pieces (input_ids, attention_mask,
+    labels): the scheduled lr; the mean loss over the batch's labelled tokens, each piece's summed loss
+    divided by the whole batch's count, so the summed gradients are the batch's; the gradient clipped to
+    norm 1. Returns the loss."""
     for group in opt.param_groups:
         group["lr"] = _lr_at(step, cfg)
-    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    loss.backward()
+    n_labels = max(1, sum(int((_targets(model, labels) != -100).sum()) for _, _, labels in pieces))
+    total = 0.0
+    for input_ids, attention_mask, labels in pieces:
+        loss = _label_loss_sum(model, input_ids, attention_mask, labels) / n_labels
+        loss.backward()
+        total += loss.item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return total
 
 
-def _causal_batch(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int):
-    """Right-padded ids with labels = -100 on the prompt and padding (loss on the target only)."""
-    eos = tokenizer.eos_token_id
-    rows, labels = [], []
-    for prompt, target in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
-        ids = (p + t)[:max_len]
-        lab = ([-100] * len(p) + t)[:max_len]
-        rows.append(ids)
-        labels.append(lab)
+def _length_pieces(batch: Sequence[int], lengths: Sequence[int], pieces: int) -> list[list[int]]:
+    """`batch` (row indices) sorted by length and cut into `pieces` runs of neighbouring lengths whose
+    sizes differ by at most one (fewer when the batch has fewer rows)."""
+    ordered = sorted(batch, key=lambda i: lengths[i])
+    n = max(1, min(pieces, len(ordered)))
+    bounds = [len(ordered) * k // n for k in range(n + 1)]
+    return [ordered[bounds[k]:bounds[k + 1]] for k in range(n)]
+
+
+def _padded(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask) of token rows."""
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), eos, dtype=torch.long)
-    label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(zip(rows, labels)):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        label_t[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(ids)] = 1
-    return input_ids, mask, label_t
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def _causal_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per (prompt, target) pair, tokenized once: the target ends in EOS and the labels
+    are -100 on the prompt (the loss is on the target only)."""
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    return [((p + t + [eos])[:max_len], ([-100] * len(p) + t + [eos])[:max_len]) for p, t in zip(prompts, targets)]
+
+
+def _causal_batch(rows: Sequence[tuple[list[int], list[int]]], eos: int):
+    """(input_ids, attention_mask, labels) of `_causal_rows`, right-padded; labels -100 on padding."""
+    ids, mask = _padded([r for r, _ in rows], eos)
+    labels, _ = _padded([lab for _, lab in rows], -100)
+    return ids, mask, labels
+
+
+def _seq2seq_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_source: int, max_target: int):
+    """(source ids, target ids) per pair, tokenized once, each truncated and ending in EOS."""
+    src = tokenizer([p for p, _ in pairs], truncation=True, max_length=max_source)["input_ids"]
+    tgt = tokenizer([t for _, t in pairs], truncation=True, max_length=max_target)["input_ids"]
+    return list(zip(src, tgt))
+
+
+def _seq2seq_batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """(input_ids, attention_mask, labels) of `_seq2seq_rows`, right-padded; labels -100 on padding."""
+    ids, mask = _padded([s for s, _ in rows], pad)
+    labels, _ = _padded([t for _, t in rows], -100)
+    return ids, mask, labels
 
 
 def build_toy_teacher(tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 320):
@@ -133,9 +191,13 @@ def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     model.train()
     log, acc, t0 = [], None, time.time()
     bar = tqdm(range(cfg.steps), desc="toy teacher", leave=False, position=bar_position)
+    rows = _causal_rows(pairs, tokenizer, max_len)
+    lengths = [len(ids) for ids, _ in rows]
     for step in bar:
-        batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
-        loss = _train_step(model, opt, cfg, step, *_causal_batch(batch, tokenizer, max_len))
+        batch = rng.sample(range(len(rows)), min(cfg.batch_size, len(rows)))
+        pieces = [_causal_batch([rows[i] for i in piece], tokenizer.eos_token_id)
+                  for piece in _length_pieces(batch, lengths, cfg.length_pieces)]
+        loss = _train_step(model, opt, cfg, step, pieces)
         bar.set_postfix(loss=f"{loss:.3f}")
         if check is not None and ((step + 1) % cfg.check_every == 0 or step + 1 == cfg.steps):
             acc = greedy_accuracy_causal(model, tokenizer, *check)
@@ -156,15 +218,6 @@ def build_toy_student(tokenizer, config_name: str = "tiny", **overrides):
     return T5ForConditionalGeneration(cfg)
 
 
-def _seq2seq_batch(pairs: Sequence[tuple[str, str]], tokenizer, max_source: int, max_target: int):
-    src = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_source)
-    tgt = tokenizer([t for _, t in pairs], return_tensors="pt", padding=True, truncation=True,
-                    max_length=max_target)["input_ids"]
-    tgt[tgt == tokenizer.pad_token_id] = -100
-    return src["input_ids"], src["attention_mask"], tgt
-
-
 def train_toy_student(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str | Path, cfg: ToyTrainConfig,
                       config_name: str = "tiny", overrides: dict | None = None,
                       max_source: int = 256, max_target: int = 192) -> dict:
@@ -176,9 +229,13 @@ def train_toy_student(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     model.train()
     log, t0 = [], time.time()
     bar = tqdm(range(cfg.steps), desc="toy student", leave=False)
+    rows = _seq2seq_rows(pairs, tokenizer, max_source, max_target)
+    lengths = [len(src) + len(tgt) for src, tgt in rows]
     for step in bar:
-        batch = rng.sample(list(pairs), min(cfg.batch_size, len(pairs)))
-        loss = _train_step(model, opt, cfg, step, *_seq2seq_batch(batch, tokenizer, max_source, max_target))
+        batch = rng.sample(range(len(rows)), min(cfg.batch_size, len(rows)))
+        pieces = [_seq2seq_batch([rows[i] for i in piece], tokenizer.pad_token_id)
+                  for piece in _length_pieces(batch, lengths, cfg.length_pieces)]
+        loss = _train_step(model, opt, cfg, step, pieces)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % cfg.check_every == 0:
             log.append({"step": step + 1, "loss": loss, "seconds": time.time() - t0})
