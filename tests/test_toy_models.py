@@ -74,7 +74,7 @@ def test_causal_pieces_take_the_whole_batch_step(n_pieces):
     mask = pad_sequence([torch.ones_like(x) for x in ids], batch_first=True)
     ref_loss, ref_grad = hf_reference(model, full, mask, pad_sequence(labels, batch_first=True, padding_value=-100))
 
-    loss, grad = pieces_step(model, batch, lambda piece: tm._causal_batch([rows[i] for i in piece], eos),
+    loss, grad = pieces_step(model, batch, lambda piece: tm._padded_batch([rows[i] for i in piece], eos),
                              [len(r) for r, _ in rows], n_pieces)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
@@ -94,7 +94,7 @@ def test_seq2seq_pieces_take_the_whole_batch_step(n_pieces):
     labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
     ref_loss, ref_grad = hf_reference(model, src["input_ids"], src["attention_mask"], labels)
 
-    loss, grad = pieces_step(model, batch, lambda piece: tm._seq2seq_batch([rows[i] for i in piece], tok.pad_token_id),
+    loss, grad = pieces_step(model, batch, lambda piece: tm._padded_batch([rows[i] for i in piece], tok.pad_token_id),
                              [len(s) + len(t) for s, t in rows], n_pieces)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 
@@ -101,15 +102,14 @@ def _length_pieces(batch: Sequence[int], lengths: Sequence[int], pieces: int) ->
     return [ordered[bounds[k]:bounds[k + 1]] for k in range(n)]
 
 
-def _padded(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, attention mask) of token rows."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return ids, mask
+def _padded_batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
+    """(input_ids, attention_mask, labels) of `_causal_rows` or `_seq2seq_rows`: inputs right-padded
+    with `pad`, labels with -100."""
+    inputs = [torch.tensor(ids) for ids, _ in rows]
+    ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
+    mask = pad_sequence([torch.ones_like(x) for x in inputs], batch_first=True)
+    labels = pad_sequence([torch.tensor(lab) for _, lab in rows], batch_first=True, padding_value=-100)
+    return ids, mask, labels
 
 
 def _causal_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -121,25 +121,11 @@ def _causal_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_len: int) -> l
     return [((p + t + [eos])[:max_len], ([-100] * len(p) + t + [eos])[:max_len]) for p, t in zip(prompts, targets)]
 
 
-def _causal_batch(rows: Sequence[tuple[list[int], list[int]]], eos: int):
-    """(input_ids, attention_mask, labels) of `_causal_rows`, right-padded; labels -100 on padding."""
-    ids, mask = _padded([r for r, _ in rows], eos)
-    labels, _ = _padded([lab for _, lab in rows], -100)
-    return ids, mask, labels
-
-
 def _seq2seq_rows(pairs: Sequence[tuple[str, str]], tokenizer, max_source: int, max_target: int):
     """(source ids, target ids) per pair, tokenized once, each truncated and ending in EOS."""
     src = tokenizer([p for p, _ in pairs], truncation=True, max_length=max_source)["input_ids"]
     tgt = tokenizer([t for _, t in pairs], truncation=True, max_length=max_target)["input_ids"]
     return list(zip(src, tgt))
-
-
-def _seq2seq_batch(rows: Sequence[tuple[list[int], list[int]]], pad: int):
-    """(input_ids, attention_mask, labels) of `_seq2seq_rows`, right-padded; labels -100 on padding."""
-    ids, mask = _padded([s for s, _ in rows], pad)
-    labels, _ = _padded([t for _, t in rows], -100)
-    return ids, mask, labels
 
 
 def build_toy_teacher(tokenizer, n_layer: int = 4, n_embd: int = 128, n_head: int = 4, n_positions: int = 320):
@@ -195,7 +181,7 @@ def train_toy_teacher(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     lengths = [len(ids) for ids, _ in rows]
     for step in bar:
         batch = rng.sample(range(len(rows)), min(cfg.batch_size, len(rows)))
-        pieces = [_causal_batch([rows[i] for i in piece], tokenizer.eos_token_id)
+        pieces = [_padded_batch([rows[i] for i in piece], tokenizer.eos_token_id)
                   for piece in _length_pieces(batch, lengths, cfg.length_pieces)]
         loss = _train_step(model, opt, cfg, step, pieces)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -233,7 +219,7 @@ def train_toy_student(pairs: Sequence[tuple[str, str]], tokenizer, out_dir: str 
     lengths = [len(src) + len(tgt) for src, tgt in rows]
     for step in bar:
         batch = rng.sample(range(len(rows)), min(cfg.batch_size, len(rows)))
-        pieces = [_seq2seq_batch([rows[i] for i in piece], tokenizer.pad_token_id)
+        pieces = [_padded_batch([rows[i] for i in piece], tokenizer.pad_token_id)
                   for piece in _length_pieces(batch, lengths, cfg.length_pieces)]
         loss = _train_step(model, opt, cfg, step, pieces)
         bar.set_postfix(loss=f"{loss:.3f}")
